@@ -1,0 +1,293 @@
+"""The LLaMA architecture in one file: read it top to bottom.
+
+LLaMA (Touvron et al., 2023) is a decoder-only transformer with three changes to GPT-2:
+pre-normalisation with RMSNorm, the SwiGLU feed-forward network, and rotary position embeddings
+(RoPE) instead of learned absolute positions. Llama 2 adds grouped-query attention (several query
+heads share one key/value head) to its 70B model.
+
+Names follow the paper and map one-to-one to Hugging Face's `LlamaForCausalLM`
+(`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`), so LoRA targets read
+the same here as in the LoRA paper and in PEFT.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    name: str = ""
+    block_size: int = 2048  # the longest sequence the model is trained on (its context)
+    vocab_size: int = 32000  # tokens the tokenizer knows
+    padding_multiple: int = 64  # the embedding table is padded to a multiple of this, for fast matmuls
+    padded_vocab_size: Optional[int] = None  # derived from the two above unless given
+    n_layer: int = 32
+    n_head: int = 32  # query heads
+    n_query_groups: Optional[int] = None  # key/value heads: n_head = MHA, 1 = MQA, in between = GQA
+    n_embd: int = 4096
+    intermediate_size: Optional[int] = None  # SwiGLU hidden size; derived from n_embd unless given
+    norm_eps: float = 1e-5
+    rope_base: int = 10000
+    extra: dict = field(default_factory=dict)  # free-form notes (e.g. the Hugging Face repo it came from)
+
+    def __post_init__(self):
+        if self.padded_vocab_size is None:
+            m = self.padding_multiple
+            self.padded_vocab_size = (self.vocab_size + m - 1) // m * m
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.intermediate_size is None:
+            # The paper's SwiGLU size: 2/3 of 4 * n_embd, rounded up to a multiple of 256 (11008 for 7B).
+            hidden = int(2 * (4 * self.n_embd) / 3)
+            self.intermediate_size = (hidden + 255) // 256 * 256
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Config":
+        if name not in PRESETS:
+            raise ValueError(f"Unknown model name {name!r}. Known presets: {', '.join(PRESETS)}")
+        return cls(**{"name": name, **PRESETS[name], **overrides})
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "Config":
+        with open(path) as f:
+            values = json.load(f)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown Config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def to_file(self, path: Union[str, Path]) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+
+# Published shapes. The 13B+ LLaMA sizes and Llama 2 follow the papers; TinyLlama and OpenLLaMA their model cards.
+PRESETS = {
+    "7B": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
+    "13B": dict(n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6),
+    "30B": dict(n_layer=60, n_head=52, n_embd=6656, norm_eps=1e-6),
+    "65B": dict(n_layer=80, n_head=64, n_embd=8192, norm_eps=1e-6),
+    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096),
+    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120),
+    "Llama-2-70b": dict(
+        block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672
+    ),
+    "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
+    "open_llama_3b": dict(n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
+    "open_llama_7b": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
+    # Small models for CPU runs and tests. `tiny` (about 0.9M parameters) is what the CPU demo pretrains.
+    "tiny": dict(block_size=256, vocab_size=512, n_layer=4, n_head=4, n_embd=128, intermediate_size=352),
+    "micro": dict(  # the smallest useful model, with grouped-query attention, for fast tests
+        block_size=64, vocab_size=256, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64
+    ),
+    # The fixed CPU configuration used by the benchmark scripts in benchmarks/.
+    "bench-8x512": dict(block_size=256, n_layer=8, n_head=8, n_embd=512),
+}
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight. Unlike LayerNorm: no mean subtraction, no bias."""
+
+    def __init__(self, size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # the mean of squares in fp32: bf16 would lose the small values
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def build_rope_cache(seq_len: int, head_size: int, base: int = 10000, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angle m * theta_i for position m and frequency theta_i = base^(-2i/d).
+
+    Returns two (seq_len, head_size) tensors; each frequency appears twice, once per half of the head.
+    """
+    theta = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device).float() / head_size))  # (hs/2,)
+    positions = torch.arange(seq_len, device=device).float()
+    angles = torch.outer(positions, theta)  # (seq_len, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (seq_len, hs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i + d/2}) of a query or key by the angle of its position.
+
+    A rotation keeps the vector's norm, and q_m . k_n then depends only on m - n: attention sees
+    relative positions. This is the "rotate half" layout of Hugging Face's weights; Meta's original
+    weights pair neighbours (x_2i, x_2i+1) instead, which checkpoints/convert_meta.py permutes.
+    """
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (-x2, x1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far, so decoding a token costs one position, not all."""
+
+    def __init__(self, batch_size: int, n_query_groups: int, max_seq_length: int, head_size: int, device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_query_groups, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # input_pos: (B, T); k, v: (B, n_query_groups, T, hs). Each row writes at its own positions.
+        rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
+        self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k, self.v  # the whole cache; the mask hides the positions not written yet
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_query_groups = config.n_query_groups
+        self.head_size = config.head_size
+        kv_size = config.n_query_groups * config.head_size
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, kv_size, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, kv_size, bias=False)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, C = x.shape  # (batch, sequence, n_embd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, n_groups, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache(input_pos, k, v)  # (B, n_groups, max_seq_length, hs)
+        y = self.attend(q, k, v, mask)  # (B, n_head, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o_proj(y)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs) + causal mask) v, with each key/value head shared by a group of query heads."""
+        if self.n_query_groups != self.n_head:
+            group = self.n_head // self.n_query_groups
+            k = k.repeat_interleave(group, dim=1)  # (B, n_head, S, hs)
+            v = v.repeat_interleave(group, dim=1)
+        if mask is None:  # a whole sequence at once (training): the fused causal kernel
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)  # not tied to embed
+        cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
+        self.register_buffer("cos", cos, persistent=False)  # not in checkpoints: derived from the config
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """For training from scratch: weights ~ N(0, 0.02), and the two projections that write into the
+        residual stream (o_proj, down_proj) scaled by 1/sqrt(2 n_layer), as in GPT-2, so the residual
+        stream's variance does not grow with depth."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if any(module is block.attn.o_proj or module is block.mlp.down_proj for block in self.blocks):
+                std /= math.sqrt(2 * self.config.n_layer)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def reset_rope_cache(self) -> None:
+        """Recompute cos/sin (e.g. after the model was built on the meta device and loaded with assign=True)."""
+        device = self.lm_head.weight.device
+        cos, sin = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+        self.cos, self.sin = cos, sin
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
+        """Preallocate keys/values for `max_seq_length` positions (at most block_size) in every layer."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} is longer than the context ({self.config.block_size})")
+        device = device or self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        c = self.config
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, padded_vocab_size).
+
+        Without input_pos the T tokens are positions 0..T-1 (training, or a plain forward).
+        With input_pos ((T,) shared by all rows, or (B, T), one set of positions per row) the keys and
+        values are written into the KV cache at those positions, and each query attends to every cached
+        position up to its own.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"Cannot forward a sequence of {T} tokens: the context is {self.config.block_size}")
+            cos, sin, mask = self.cos[:T], self.sin[:T], None  # (T, hs)
+        else:
+            kv_cache = self.blocks[0].attn.kv_cache
+            if kv_cache is None:
+                raise RuntimeError("input_pos needs a KV cache: call model.set_kv_cache(batch_size, max_seq_length)")
+            input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
+            cos, sin = self.cos[input_pos].unsqueeze(1), self.sin[input_pos].unsqueeze(1)  # (B, 1, T, hs)
+            cache_pos = torch.arange(kv_cache.k.size(2), device=idx.device)  # (max_seq_length,)
+            mask = (cache_pos <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, max_seq_length): key pos <= query pos
+        x = self.embed(idx)  # (B, T, n_embd)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, input_pos)
+        return self.lm_head(self.norm(x))  # (B, T, padded_vocab_size)

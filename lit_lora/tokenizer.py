@@ -1,0 +1,85 @@
+"""Text <-> token ids with a SentencePiece model (LLaMA's `tokenizer.model`)."""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Union
+
+import sentencepiece as spm
+import torch
+
+
+class Tokenizer:
+    def __init__(self, model_path: Union[str, Path]):
+        model_path = Path(model_path)
+        if model_path.is_dir():
+            model_path = model_path / "tokenizer.model"
+        if not model_path.is_file():
+            raise FileNotFoundError(
+                f"No tokenizer at {model_path}. A checkpoint folder holds tokenizer.model beside lit_model.pth: "
+                "see howto/download_weights.md, or train one with Tokenizer.train(...)."
+            )
+        self.model_path = model_path
+        self.processor = spm.SentencePieceProcessor(model_file=str(model_path))
+        self.bos_id = self.processor.bos_id()
+        self.eos_id = self.processor.eos_id()
+        self.pad_id = self.processor.pad_id()  # -1 for LLaMA: it has no padding token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.vocab_size()
+
+    def checksum(self) -> str:
+        """A fingerprint of the tokenizer file: prepared data records it, so finetuning can refuse
+        data that was tokenized by another tokenizer."""
+        return hashlib.sha256(self.model_path.read_bytes()).hexdigest()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False, max_length: int = -1) -> torch.Tensor:
+        ids = self.processor.encode(text)
+        if bos:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        if max_length > 0:
+            ids = ids[:max_length]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: Union[torch.Tensor, Iterable[int]]) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.processor.decode(list(ids))
+
+    @staticmethod
+    def train(texts_or_file: Union[str, Path, Iterable[str]], vocab_size: int, model_prefix: Union[str, Path]) -> "Tokenizer":
+        """Train a small LLaMA-style tokenizer (BPE, byte fallback, unk=0 bos=1 eos=2, no pad) and load it.
+
+        `texts_or_file` is a text file (one sentence per line) or an iterable of strings. Writes
+        `<model_prefix>.model` (and `.vocab`). With byte fallback every string round-trips, even one
+        with characters never seen in training; `vocab_size` must leave room for the 256 byte tokens.
+        """
+        model_prefix = Path(model_prefix)
+        model_prefix.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(texts_or_file, (str, Path)):
+            texts = Path(texts_or_file).read_text(encoding="utf-8").splitlines()
+        else:
+            texts = list(texts_or_file)
+        # Train under a temporary prefix, then rename: a failed training leaves no half-written model.
+        with tempfile.TemporaryDirectory(dir=model_prefix.parent) as tmp:
+            tmp_prefix = os.path.join(tmp, "spm")
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts),
+                model_prefix=tmp_prefix,
+                vocab_size=vocab_size,
+                model_type="bpe",
+                byte_fallback=True,
+                character_coverage=1.0,
+                hard_vocab_limit=False,  # a small corpus may not fill vocab_size; that is fine
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                split_digits=True,  # one token per digit, as LLaMA's tokenizer does
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )
+            for suffix in (".model", ".vocab"):
+                os.replace(tmp_prefix + suffix, str(model_prefix) + suffix)
+        return Tokenizer(str(model_prefix) + ".model")

@@ -1,0 +1,116 @@
+"""Checkpoint I/O and the figures every script reports (parameters, memory).
+
+A checkpoint folder is the unit every script reads and full finetuning writes:
+    lit_model.pth       the model's state dict
+    model_config.json   the `Config` it was built from
+    tokenizer.model     the SentencePiece tokenizer
+"""
+
+import os
+import resource
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from lit_lora.model import LLaMA, Config
+
+CHECKPOINT_FILES = ("lit_model.pth", "model_config.json", "tokenizer.model")
+HOW_TO_GET_A_CHECKPOINT = (
+    "Download and convert weights with `python checkpoints/download.py --repo_id ORG/NAME` and "
+    "`python checkpoints/convert_hf.py` (see howto/download_weights.md), or pretrain a small one with "
+    "`python finetune/full.py --from_scratch true` (see howto/finetune_full.md)."
+)
+
+
+def check_checkpoint_dir(checkpoint_dir: Union[str, Path]) -> Path:
+    """Fail early, naming the folder, what it lacks and how to get it."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"Checkpoint folder {str(checkpoint_dir)!r} does not exist. {HOW_TO_GET_A_CHECKPOINT}")
+    missing = [name for name in CHECKPOINT_FILES if not (checkpoint_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Checkpoint folder {str(checkpoint_dir)!r} lacks {', '.join(missing)}. {HOW_TO_GET_A_CHECKPOINT}"
+        )
+    return checkpoint_dir
+
+
+def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = None) -> LLaMA:
+    """Build the model on the meta device (no memory) and point its parameters at the checkpoint's
+    tensors, memory-mapped from disk: loading 7B never needs two copies in RAM.
+
+    The tensors stay on the CPU, in the checkpoint's dtype unless `dtype` is given; moving the model to a
+    GPU (e.g. by `fabric.setup`) then reads them from disk once.
+    """
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    config = Config.from_file(checkpoint_dir / "model_config.json")
+    with torch.device("meta"):
+        model = LLaMA(config)
+    state_dict = torch.load(checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True, map_location="cpu")
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.reset_rope_cache()  # cos/sin are not in the checkpoint: build them on the weights' device
+    return model
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint_dir(model: LLaMA, tokenizer_path: Union[str, Path], checkpoint_dir: Union[str, Path],
+                        state_dict: Optional[dict] = None) -> Path:
+    """Write a whole checkpoint folder (see the module docstring) that `load_model` and every script read.
+
+    The files are written into a temporary folder that is renamed into place at the end.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=checkpoint_dir.parent, prefix=f".{checkpoint_dir.name}."))
+    try:
+        torch.save(state_dict if state_dict is not None else model.state_dict(), tmp_dir / "lit_model.pth")
+        model.config.to_file(tmp_dir / "model_config.json")
+        shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
+        if checkpoint_dir.exists():
+            shutil.rmtree(checkpoint_dir)
+        os.replace(tmp_dir, checkpoint_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return checkpoint_dir
+
+
+def num_parameters(module: nn.Module, trainable: Optional[bool] = None) -> int:
+    """Parameters of `module`: all of them, or only the (non-)trainable ones. Works on the meta device."""
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+
+
+def peak_memory_bytes(device: Optional[torch.device] = None) -> int:
+    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size (RSS)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports kilobytes, macOS bytes
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+from lit_lora.model import Config, LLaMA, apply_rope, build_rope_cache
+from lit_lora.utils import load_model, num_parameters
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return LLaMA(Config.from_name("micro", **overrides)).eval()
+
+
+@pytest.mark.parametrize("n_query_groups", [4, 2, 1])  # multi-head, grouped-query, multi-query
+def test_causality(n_query_groups):
+    model = tiny_model(n_query_groups=n_query_groups)
+    idx = torch.randint(0, 256, (2, 16))
+    t = 9
+    changed = idx.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % 256
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert (a[:, : t + 1] - b[:, : t + 1]).abs().max().item() < 1e-6  # the past never sees the future
+    assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max().item() > 1e-3  # ...but the future sees the change
+
+
+@pytest.mark.parametrize("n_query_groups", [4, 2, 1])
+def test_kv_cache_token_by_token_equals_full_forward(n_query_groups):
+    model = tiny_model(n_query_groups=n_query_groups)
+    idx = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=3, max_seq_length=32)
+        # a prefill of 5 tokens, then one token at a time
+        steps = [model(idx[:, :5], torch.arange(5))]
+        for pos in range(5, 20):
+            steps.append(model(idx[:, pos : pos + 1], torch.tensor([pos])))
+    incremental = torch.cat(steps, dim=1)
+    assert incremental.shape == full.shape == (3, 20, 256)
+    assert (incremental - full).abs().max().item() < 1e-5
+
+
+def test_kv_cache_with_positions_per_row():
+    """(B, T) positions: each row of the batch writes and attends at its own positions."""
+    model = tiny_model()
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=2, max_seq_length=16)
+        model(idx[:, :6], torch.arange(6))
+        # row 0 advances to position 6, row 1 re-feeds position 5 (overwriting it with the same token)
+        out = model(torch.stack([idx[0, 6:7], idx[1, 5:6]]), torch.tensor([[6], [5]]))
+    assert (out[0, 0] - full[0, 6]).abs().max().item() < 1e-5
+    assert (out[1, 0] - full[1, 5]).abs().max().item() < 1e-5
+
+
+def test_kv_cache_is_explicit():
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="set_kv_cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+    model.set_kv_cache(1, 8)
+    assert model.blocks[0].attn.kv_cache.k.shape == (1, 2, 8, 8)  # (B, n_query_groups, max_seq_length, head_size)
+    model.clear_kv_cache()
+    assert all(block.attn.kv_cache is None for block in model.blocks)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model.set_kv_cache(1, 65)
+
+
+def test_rope_preserves_norm_and_depends_on_relative_distance():
+    head_size = 16
+    cos, sin = build_rope_cache(64, head_size)
+    torch.manual_seed(0)
+    q, k = torch.randn(head_size), torch.randn(head_size)
+
+    def at(x, pos):
+        return apply_rope(x, cos[pos], sin[pos])
+
+    for pos in (0, 5, 63):
+        assert torch.allclose(at(q, pos).norm(), q.norm(), atol=1e-5)
+    # q at m, k at n: the score depends only on m - n
+    for distance in (0, 3, 17):
+        scores = torch.tensor([at(q, n + distance) @ at(k, n) for n in (0, 7, 30)])
+        assert (scores - scores[0]).abs().max().item() < 1e-4
+    by_distance = torch.tensor([at(q, d) @ at(k, 0) for d in range(12)])
+    assert by_distance.max() - by_distance.min() > 0.1  # ...and does depend on it
+    assert torch.equal(at(q, 0), q)  # position 0 is no rotation
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("7B", 6_738_415_616),
+        ("13B", 13_015_864_320),
+        ("Llama-2-7b", 6_738_415_616),
+        ("Llama-2-70b", 68_976_648_192),
+        ("TinyLlama-1.1B", 1_100_048_384),
+    ],
+)
+def test_preset_parameter_counts_on_meta_device(name, expected):
+    with torch.device("meta"):
+        model = LLaMA(Config.from_name(name))
+    assert num_parameters(model) == expected
+
+
+def test_presets_and_shapes():
+    c = Config.from_name("7B")
+    assert (c.intermediate_size, c.padded_vocab_size, c.n_query_groups, c.head_size) == (11008, 32000, 32, 128)
+    c = Config.from_name("Llama-2-70b")
+    assert (c.n_query_groups, c.block_size, c.intermediate_size) == (8, 4096, 28672)
+    tiny = Config.from_name("tiny")
+    with torch.device("meta"):
+        n = num_parameters(LLaMA(tiny))
+    assert 300_000 <= n <= 5_000_000 and tiny.vocab_size >= 256
+    with pytest.raises(ValueError, match="Known presets: 7B"):
+        Config.from_name("8B")
+
+
+def test_config_file_round_trip(tmp_path):
+    c = Config.from_name("TinyLlama-1.1B", block_size=1024)
+    c.to_file(tmp_path / "model_config.json")
+    assert Config.from_file(tmp_path / "model_config.json") == c
+    (tmp_path / "bad.json").write_text('{"n_layer": 2, "n_layers": 3}')
+    with pytest.raises(ValueError, match="n_layers"):
+        Config.from_file(tmp_path / "bad.json")
+
+
+def test_init_for_training_from_scratch():
+    model = LLaMA(Config.from_name("tiny"))
+    assert abs(model.blocks[0].attn.q_proj.weight.std().item() - 0.02) < 0.002
+    expected = 0.02 / (2 * model.config.n_layer) ** 0.5
+    assert abs(model.blocks[1].mlp.down_proj.weight.std().item() - expected) < 0.002
+    assert torch.equal(model.norm.weight, torch.ones(128))
+
+
+def test_load_model_from_checkpoint_folder(checkpoint_dir):
+    model = load_model(checkpoint_dir).eval()
+    reference_state = torch.load(checkpoint_dir / "lit_model.pth", weights_only=True)
+    reference = LLaMA(model.config).eval()
+    reference.load_state_dict(reference_state)
+    idx = torch.randint(0, model.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx), reference(idx))
+    assert model.cos.device.type == "cpu" and not model.cos.is_meta
+
+
+def test_load_model_names_what_is_missing(tmp_path, checkpoint_dir):
+    with pytest.raises(FileNotFoundError, match="does not exist.*convert_hf.py"):
+        load_model(tmp_path / "nowhere")
+    (checkpoint_dir / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer.model"):
+        load_model(checkpoint_dir)
