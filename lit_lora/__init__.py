@@ -1,0 +1,1 @@
+"""lit-lora: a readable LLaMA with LoRA, LLaMA-Adapter and full finetuning."""
