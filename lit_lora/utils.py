@@ -114,3 +114,19 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def default_precision() -> str:
+    """bf16 weights on a GPU that supports bfloat16, fp32 otherwise (CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-true"
+    return "32-true"
+
+
+def dtype_from_precision(precision: str) -> torch.dtype:
+    """The dtype of the weights for a Fabric precision string ('bf16-mixed' keeps fp32 weights)."""
+    dtypes = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16,
+              "bf16-mixed": torch.float32, "16-mixed": torch.float32}
+    if precision not in dtypes:
+        raise ValueError(f"Unknown precision {precision!r}; choose one of {', '.join(dtypes)}")
+    return dtypes[precision]

@@ -1,0 +1,193 @@
+"""Sampling from a LLaMA: one token at a time, with the KV cache.
+
+Decoding is two phases. The *prefill* runs the whole prompt through the model once, filling the KV cache.
+Each *decode* step then feeds only the newest token at its position; attention reads the earlier keys and
+values from the cache, so a step costs one position, not the whole sequence. At batch size 1 a step reads
+every weight once for very little arithmetic: decoding is bound by memory bandwidth, not FLOPs.
+
+Batched prompts of different lengths are right-padded. Every row keeps its own positions (the model takes
+(B, T) positions), so a row is computed exactly as if it were alone: the padding it wrote into the cache
+sits at positions the row has not reached yet, hidden by the causal mask, and is overwritten as it goes.
+"""
+
+import sys
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from lit_lora.model import LLaMA
+from lit_lora.tokenizer import Tokenizer
+from lit_lora.utils import default_precision, dtype_from_precision, format_bytes, peak_memory_bytes
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, vocab): greedy at temperature 0, else sample from
+    softmax(logits / temperature) restricted to the top_k tokens and to the smallest set whose
+    probability reaches top_p (nucleus sampling)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.inference_mode()
+def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+                    seed: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Yield one (B,) tensor of new tokens per step, until every row has produced `eos_id` or
+    `max_new_tokens` tokens. A row that has finished yields `eos_id` again while the others go on.
+
+    The model must have a KV cache of batch size len(prompts) and at least
+    max(prompt lengths) + max_new_tokens positions (see `generate`, which sets it up).
+    """
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    B, T = len(prompts), int(lengths.max())
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        idx[row, : len(prompt)] = prompt  # right padding
+
+    logits = model(idx, torch.arange(T, device=device))  # prefill: (B, T, vocab)
+    logits = logits[torch.arange(B, device=device), lengths - 1]  # each row's last prompt position: (B, vocab)
+    input_pos = lengths.clone()  # (B,): where each row's next token goes
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = sample(logits[..., : model.config.vocab_size], temperature, top_k, top_p, generator)  # (B,)
+        if eos_id is not None:
+            token = token.masked_fill(finished, eos_id)
+            finished |= token == eos_id
+        yield token
+        if finished.all() or step == max_new_tokens - 1:
+            return
+        logits = model(token.unsqueeze(1), input_pos.unsqueeze(1))[:, -1]  # decode one position: (B, vocab)
+        input_pos += 1
+
+
+def generate(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, **kwargs) -> list[torch.Tensor]:
+    """The new tokens of each prompt (EOS and anything after it left out), with a fresh KV cache."""
+    prompt_length = max(len(p) for p in prompts)
+    model.set_kv_cache(batch_size=len(prompts), max_seq_length=prompt_length + max_new_tokens)
+    try:
+        steps = list(generate_stream(model, prompts, max_new_tokens, **kwargs))
+    finally:
+        model.clear_kv_cache()
+    if not steps:
+        return [torch.empty(0, dtype=torch.long) for _ in prompts]
+    tokens = torch.stack(steps, dim=1).cpu()  # (B, steps)
+    eos_id = kwargs.get("eos_id")
+    outputs = []
+    for row in tokens:
+        if eos_id is not None and (row == eos_id).any():
+            row = row[: int((row == eos_id).nonzero()[0])]
+        outputs.append(row)
+    return outputs
+
+
+def check_prompt_length(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
+    """The number of new tokens that fit in the context: an error if the prompt alone does not fit,
+    fewer new tokens (with a warning) if prompt + max_new_tokens does not."""
+    block_size = model.config.block_size
+    if prompt_length >= block_size:
+        raise ValueError(
+            f"The prompt is {prompt_length} tokens, but the model's context is {block_size}: shorten the prompt."
+        )
+    if prompt_length + max_new_tokens > block_size:
+        fitting = block_size - prompt_length
+        print(f"Warning: {prompt_length} prompt tokens + {max_new_tokens} new tokens exceed the context "
+              f"({block_size}); generating at most {fitting} tokens.", file=sys.stderr)
+        return fitting
+    return max_new_tokens
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor]) -> Iterator[str]:
+    """Turn a stream of single tokens into a stream of text pieces.
+
+    SentencePiece decodes a token differently alone than in context (the leading space of '▁word', bytes of a
+    multi-byte character), so decode everything so far and emit what is new. Stops before EOS.
+    """
+    ids: list[int] = []
+    printed = ""
+    for token in tokens:
+        token_id = int(token.reshape(-1)[0])
+        if token_id == tokenizer.eos_id:
+            break
+        ids.append(token_id)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            continue
+        yield text[len(printed):]
+        printed = text
+
+
+def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100,
+                       temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
+                       num_samples: int = 1, seed: Optional[int] = None, show_prompt: bool = False) -> list[str]:
+    """What every generate script does with one prompt string: stream `num_samples` continuations to
+    stdout (after the prompt itself if `show_prompt`) and report time, tokens/s and peak memory on stderr.
+    Returns the generated texts."""
+    device = model.lm_head.weight.device
+    encoded = tokenizer.encode(prompt, bos=True).to(device)
+    max_new_tokens = check_prompt_length(model, len(encoded), max_new_tokens)
+    texts = []
+    for i in range(num_samples):
+        model.set_kv_cache(batch_size=1, max_seq_length=len(encoded) + max_new_tokens)
+        start, n_tokens, pieces = time.perf_counter(), 0, []
+        if show_prompt:
+            print(prompt, end="", flush=True)
+
+        def counted(stream):
+            nonlocal n_tokens
+            for token in stream:
+                n_tokens += 1
+                yield token
+
+        stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
+                                 None if seed is None else seed + i)
+        for piece in stream_text(tokenizer, counted(stream)):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        model.clear_kv_cache()
+        elapsed = time.perf_counter() - start
+        texts.append("".join(pieces))
+        print(f"Sample {i + 1}: {n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s; "
+              f"peak memory {format_bytes(peak_memory_bytes(device))}", file=sys.stderr)
+    return texts
+
+
+def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[str], str], **kwargs) -> None:
+    """A chat-like loop: read an instruction, stream the answer, repeat (Ctrl-D or an empty line to quit)."""
+    while True:
+        try:
+            instruction = input(">> Instruction: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not instruction.strip():
+            return
+        generate_and_print(model, tokenizer, make_prompt(instruction), **kwargs)
+
+
+def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:
+    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; optionally
+    compile it (worth it for long generations on a GPU: the first calls are slow while it compiles)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
+    model.reset_rope_cache()  # cos/sin back in fp32 on the device: positions need more precision than bf16
+    if compile:
+        model = torch.compile(model)
+    return model

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from lit_lora.generation import check_prompt_length, generate, sample, stream_text
+from lit_lora.model import Config, LLaMA
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LLaMA(Config.from_name("micro")).eval()
+
+
+def greedy_by_recomputation(model, prompt, n):
+    """The slow reference: run the whole sequence again for every new token, no cache."""
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            next_token = model(seq.unsqueeze(0))[0, -1].argmax()
+            seq = torch.cat([seq, next_token.view(1)])
+    return seq[len(prompt):]
+
+
+def test_greedy_with_kv_cache_equals_full_recomputation(model):
+    prompt = torch.randint(0, 256, (7,))
+    (tokens,) = generate(model, [prompt], max_new_tokens=30, temperature=0.0)
+    assert tokens.shape == (30,)
+    assert torch.equal(tokens, greedy_by_recomputation(model, prompt, 30))
+
+
+def test_top_k_1_equals_greedy(model):
+    prompt = torch.randint(0, 256, (5,))
+    (greedy,) = generate(model, [prompt], max_new_tokens=20, temperature=0.0)
+    (top1,) = generate(model, [prompt], max_new_tokens=20, temperature=1.5, top_k=1, seed=3)
+    assert torch.equal(greedy, top1)
+
+
+def test_seed_makes_sampling_reproducible(model):
+    prompt = torch.randint(0, 256, (5,))
+    a = generate(model, [prompt], max_new_tokens=25, temperature=2.0, seed=42)[0]
+    b = generate(model, [prompt], max_new_tokens=25, temperature=2.0, seed=42)[0]
+    c = generate(model, [prompt], max_new_tokens=25, temperature=2.0, seed=43)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone(model):
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,)) for n in (3, 11, 6)]
+    batched = generate(model, prompts, max_new_tokens=15, temperature=0.0)
+    for prompt, tokens in zip(prompts, batched):
+        (alone,) = generate(model, [prompt], max_new_tokens=15, temperature=0.0)
+        assert torch.equal(tokens, alone)
+
+
+def test_stops_at_eos(model):
+    prompt = torch.randint(0, 256, (4,))
+    (free,) = generate(model, [prompt], max_new_tokens=12, temperature=0.0)
+    eos_id = int(free[5])
+    first = int((free == eos_id).nonzero()[0])  # the first time greedy decoding produces that token
+    (stopped,) = generate(model, [prompt], max_new_tokens=12, temperature=0.0, eos_id=eos_id)
+    assert torch.equal(stopped, free[:first])
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, 1.0, top_p=0.7, generator=generator) for _ in range(400)])
+    assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+    draws = torch.stack([sample(logits, 1.0, top_p=0.5, generator=generator) for _ in range(50)])
+    assert set(draws.flatten().tolist()) == {0}
+    draws = torch.stack([sample(logits, 1.0, top_k=3, generator=generator) for _ in range(1000)])
+    assert set(draws.flatten().tolist()) == {0, 1, 2}
+
+
+def test_stream_text_equals_decoding_everything(tokenizer):
+    text = "The model learns 42 things: Zürich ✓ 東京"
+    ids = tokenizer.encode(text, bos=False, eos=True)
+    pieces = list(stream_text(tokenizer, iter(ids)))
+    assert "".join(pieces) == text
+    assert len(pieces) > 5  # it streamed, piece by piece
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_prompt_longer_than_the_context(model, capsys):
+    with pytest.raises(ValueError, match="context is 64"):
+        check_prompt_length(model, 64, 10)
+    assert check_prompt_length(model, 60, 10) == 4
+    assert "generating at most 4 tokens" in capsys.readouterr().err
+    assert check_prompt_length(model, 10, 10) == 10
+
+
+def test_generate_base_script(checkpoint_dir, capsys):
+    from generate.base import main
+
+    main(prompt="The model", checkpoint_dir=checkpoint_dir, max_new_tokens=8, num_samples=2, seed=1)
+    out, err = capsys.readouterr()
+    assert out.count("The model") == 2
+    assert "Sample 2: " in err and "tokens/s" in err and "peak memory" in err
+    with pytest.raises(FileNotFoundError, match="convert_hf.py"):
+        main(checkpoint_dir=checkpoint_dir.parent / "missing")
