@@ -12,7 +12,9 @@ sits at positions the row has not reached yet, hidden by the causal mask, and is
 
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 
@@ -182,6 +184,37 @@ def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[
         generate_and_print(model, tokenizer, make_prompt(instruction), **kwargs)
 
 
+@dataclass
+class GenerateArgs:
+    """Options shared by every generate script (each script adds what its method needs).
+
+    Args:
+        prompt: The text to continue (base model) or the instruction to answer (finetuned models).
+        checkpoint_dir: Folder with lit_model.pth, model_config.json and tokenizer.model.
+        max_new_tokens: Generate at most this many tokens (fewer if EOS comes first).
+        temperature: 0 is greedy decoding; higher values sample more freely.
+        top_k: Sample only among the k most likely tokens (None: all).
+        top_p: Sample only from the smallest set of tokens whose probability reaches p (1.0: off).
+        num_samples: How many answers to generate.
+        seed: Random seed for sampling (None: not reproducible).
+        precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
+        compile: torch.compile the model (faster long generations on a GPU, after a slow first call).
+        interactive: Read prompts from the terminal in a loop instead of using --prompt.
+    """
+
+    prompt: str = "Hello, my name is"
+    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B")
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: Optional[int] = 200
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: Optional[int] = 1234
+    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
+    compile: bool = False
+    interactive: bool = False
+
+
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:
     """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; optionally
     compile it (worth it for long generations on a GPU: the first calls are slow while it compiles)."""
@@ -191,3 +224,16 @@ def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compil
     if compile:
         model = torch.compile(model)
     return model
+
+
+def run(model: LLaMA, args: GenerateArgs, make_prompt: Callable[[str], str] = lambda text: text,
+        show_prompt: bool = False) -> list[str]:
+    """What every generate script does once its model is built: answer --prompt, or loop with --interactive."""
+    model = prepare_for_generation(model, args.precision, args.compile)
+    tokenizer = Tokenizer(args.checkpoint_dir)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
+    if args.interactive:
+        interactive_loop(model, tokenizer, make_prompt, **options)
+        return []
+    return generate_and_print(model, tokenizer, make_prompt(args.prompt), show_prompt=show_prompt, **options)

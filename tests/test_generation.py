@@ -93,10 +93,11 @@ def test_prompt_longer_than_the_context(model, capsys):
 
 def test_generate_base_script(checkpoint_dir, capsys):
     from generate.base import main
+    from lit_lora.generation import GenerateArgs
 
-    main(prompt="The model", checkpoint_dir=checkpoint_dir, max_new_tokens=8, num_samples=2, seed=1)
+    main(GenerateArgs(prompt="The model", checkpoint_dir=checkpoint_dir, max_new_tokens=8, num_samples=2, seed=1))
     out, err = capsys.readouterr()
     assert out.count("The model") == 2
     assert "Sample 2: " in err and "tokens/s" in err and "peak memory" in err
     with pytest.raises(FileNotFoundError, match="convert_hf.py"):
-        main(checkpoint_dir=checkpoint_dir.parent / "missing")
+        main(GenerateArgs(checkpoint_dir=checkpoint_dir.parent / "missing"))
