@@ -77,6 +77,9 @@ class Tokenizer:
                 hard_vocab_limit=False,  # a small corpus may not fill vocab_size; that is fine
                 unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 split_digits=True,  # one token per digit, as LLaMA's tokenizer does
+                normalization_rule_name="identity",  # keep the text as it is: newlines, double spaces
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
                 num_threads=os.cpu_count() or 1,
                 minloglevel=2,
             )

@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -61,38 +61,33 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> None:
     """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint_dir(model: LLaMA, tokenizer_path: Union[str, Path], checkpoint_dir: Union[str, Path],
                         state_dict: Optional[dict] = None) -> Path:
     """Write a whole checkpoint folder (see the module docstring) that `load_model` and every script read.
 
-    The files are written into a temporary folder that is renamed into place at the end.
+    Each file is written atomically; other files in the folder (logs, say) are left alone.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=checkpoint_dir.parent, prefix=f".{checkpoint_dir.name}."))
-    try:
-        torch.save(state_dict if state_dict is not None else model.state_dict(), tmp_dir / "lit_model.pth")
-        model.config.to_file(tmp_dir / "model_config.json")
-        shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
-        if checkpoint_dir.exists():
-            shutil.rmtree(checkpoint_dir)
-        os.replace(tmp_dir, checkpoint_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    atomic_save(state_dict if state_dict is not None else model.state_dict(), checkpoint_dir / "lit_model.pth")
+    atomic_write(checkpoint_dir / "model_config.json", model.config.to_file)
+    atomic_write(checkpoint_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
     return checkpoint_dir
+
+
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Call write(temporary path) for a file beside `path`, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def num_parameters(module: nn.Module, trainable: Optional[bool] = None) -> int:

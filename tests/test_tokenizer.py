@@ -16,7 +16,7 @@ def test_round_trip_and_special_tokens(tokenizer):
 
 
 def test_byte_fallback_round_trips_unseen_characters(tokenizer):
-    text = "Zürich ✓ 東京"
+    text = "Zürich ✓ 東京\n\n### Response:\n  two  spaces\tand a tab"
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
