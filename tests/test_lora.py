@@ -1,0 +1,156 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_lora.lora import (LORA_TARGETS, LoRALinear, apply_lora, load_lora, lora_state_dict, mark_only_lora_as_trainable,
+                           merge_lora, read_lora_file, save_lora, unmerge_lora)
+from lit_lora.model import Config, LLaMA
+from lit_lora.utils import num_parameters
+
+
+def base_model(name="micro", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return LLaMA(Config.from_name(name, **overrides))
+
+
+def randomize_lora(model, seed=1):
+    """A trained LoRA has B != 0; give it random values so merges and saves have something to move."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_fresh_lora_model_equals_base_exactly(train_mode):
+    model = base_model()
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        reference = model.eval()(idx)
+        apply_lora(model, r=4, alpha=8, dropout=0.5, targets=("q", "k", "v", "o", "gate", "up", "down", "head"))
+        model.train(train_mode)  # dropout only touches the LoRA path, whose B is zero
+        assert torch.equal(model(idx), reference)
+
+
+def test_layer_computes_w0_x_plus_scaled_b_a_x():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5, bias=False)
+    lora = LoRALinear.from_linear(linear, r=2, alpha=6, dropout=0.0)
+    assert lora.weight.data_ptr() == linear.weight.data_ptr()  # W0 is shared, not copied
+    torch.nn.init.normal_(lora.lora_B)
+    x = torch.randn(3, 6)
+    expected = x @ linear.weight.T + 3.0 * (x @ lora.lora_A.T @ lora.lora_B.T)  # scaling = alpha / r = 3
+    assert torch.allclose(lora(x), expected, atol=1e-6)
+    assert lora.lora_A.shape == (2, 6) and lora.lora_B.shape == (5, 2)
+
+
+def test_merge_equals_unmerged_and_is_idempotent():
+    model = base_model().eval()
+    apply_lora(model, targets=("q", "v", "down", "head"))
+    randomize_lora(model)
+    w0 = model.blocks[0].attn.q_proj.weight.clone()
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        unmerged = model(idx)
+        merge_lora(model)
+        merged = model(idx)
+        merge_lora(model)  # a second merge changes nothing
+        merged_twice = model(idx)
+    assert (merged - unmerged).abs().max().item() < 1e-5
+    assert torch.equal(merged, merged_twice)
+    assert not torch.equal(model.blocks[0].attn.q_proj.weight, w0)
+    unmerge_lora(model)
+    unmerge_lora(model)
+    assert (model.blocks[0].attn.q_proj.weight - w0).abs().max().item() < 1e-6
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_only_lora_tensors_change_in_an_optimizer_step():
+    model = base_model()
+    apply_lora(model, targets=("q", "v", "head"))
+    mark_only_lora_as_trainable(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx = torch.randint(0, 256, (2, 12))
+    for _ in range(2):  # at step 1 only B moves (A's gradient is B^T ... = 0); at step 2 both do
+        logits = model(idx)
+        F.cross_entropy(logits[:, :-1].reshape(-1, 256), idx[:, 1:].reshape(-1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name  # bit-identical W0, norms, embeddings
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("k", "o", "head"), tuple(LORA_TARGETS)])
+def test_trainable_parameter_count(targets):
+    model = base_model()
+    r = 4
+    shapes = []  # (d_in, d_out) of every adapted matrix
+    for target in targets:
+        if target == "head":
+            shapes.append((model.lm_head.in_features, model.lm_head.out_features))
+        else:
+            for block in model.blocks:
+                linear = block.get_submodule(LORA_TARGETS[target])
+                shapes.append((linear.in_features, linear.out_features))
+    apply_lora(model, r=r, targets=targets)
+    mark_only_lora_as_trainable(model)
+    assert num_parameters(model, trainable=True) == sum(r * (d_in + d_out) for d_in, d_out in shapes)
+
+
+def test_7b_with_r8_on_q_and_v_trains_4_2_million_parameters():
+    with torch.device("meta"):
+        model = LLaMA(Config.from_name("7B"))
+    apply_lora(model, r=8, targets=("q", "v"))
+    mark_only_lora_as_trainable(model)
+    assert num_parameters(model, trainable=True) == 4_194_304  # 32 layers * 2 * 8 * (4096 + 4096)
+    assert num_parameters(model, trainable=False) == 6_738_415_616
+    assert 4_194_304 * 2 / 1e6 == pytest.approx(8.39, abs=0.01)  # MB in bf16
+
+
+def test_bad_targets_and_double_application():
+    with pytest.raises(ValueError, match="valid targets are q, k, v, o, gate, up, down, head"):
+        apply_lora(base_model(), targets=("q", "query"))
+    model = apply_lora(base_model())
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(model)
+
+
+def test_save_load_round_trip_needs_no_repeated_flags(tmp_path):
+    model = apply_lora(base_model(), r=4, alpha=32, dropout=0.1, targets=("q", "k", "up"))
+    randomize_lora(model)
+    save_lora(model, tmp_path / "lora.pth")
+    saved = read_lora_file(tmp_path / "lora.pth")
+    assert set(saved["lora"]) == set(lora_state_dict(model)) and all("lora_" in k for k in saved["lora"])
+    assert saved["lora_config"] == {"r": 4, "alpha": 32, "dropout": 0.1, "targets": ("q", "k", "up")}
+
+    fresh = load_lora(base_model(), tmp_path / "lora.pth")  # the same base weights, no LoRA flags
+    assert fresh.lora_config == model.lora_config
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(idx), model.eval()(idx))
+    assert list(tmp_path.iterdir()) == [tmp_path / "lora.pth"]  # written atomically, no temporary left
+
+
+def test_mismatched_loads_fail_clearly(tmp_path):
+    model = apply_lora(base_model())
+    save_lora(model, tmp_path / "lora.pth")
+    with pytest.raises(ValueError, match="n_embd is 32, this model's is 64"):
+        load_lora(base_model(n_embd=64), tmp_path / "lora.pth")
+
+    checkpoint = torch.load(tmp_path / "lora.pth", weights_only=True)
+    checkpoint["lora"]["blocks.1.attn.v_proj.lora_A"] = torch.zeros(8, 31)
+    torch.save(checkpoint, tmp_path / "edited.pth")
+    with pytest.raises(ValueError, match=r"blocks.1.attn.v_proj.lora_A has shape \(8, 31\).*\(8, 32\)"):
+        load_lora(base_model(), tmp_path / "edited.pth")
+
+    del checkpoint["lora"]["blocks.1.attn.v_proj.lora_A"]
+    torch.save(checkpoint, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="missing tensors.*blocks.1.attn.v_proj.lora_A"):
+        load_lora(base_model(), tmp_path / "partial.pth")
+    with pytest.raises(FileNotFoundError, match="finetune/lora.py"):
+        load_lora(base_model(), tmp_path / "nothing.pth")
