@@ -1,0 +1,278 @@
+"""Instruction data: the prompt template, preparing datasets, and batching them for training.
+
+The data path: JSON/JSONL records {instruction, input, output} -> the Alpaca prompt template -> tokens, with
+the prompt's labels masked to -100 so the loss is on the response only -> data/<name>/{train,test}.pt ->
+shuffled, right-padded micro batches in the training loop.
+"""
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from lit_lora.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
+
+# The Alpaca template (Taori et al., 2023). Training, evaluation and every generate script use
+# `format_prompt`, so a model never sees a prompt at inference that it was not trained on.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading records
+
+
+def load_records(path: Union[str, Path], instruction_key: str = "instruction", input_key: str = "input",
+                 output_key: str = "output") -> list[dict]:
+    """Records from a JSON list or a JSONL file (one object per line), as {instruction, input, output}.
+
+    A missing input counts as empty; a missing instruction or output, or a value that is not a string, is an
+    error naming the record (and line) and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No data file at {path}")
+    text = path.read_text(encoding="utf-8")
+    raw: list[tuple[str, object]] = []  # (where, record)
+    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{"):
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((f"record {len(raw)} (line {line_number})", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}). "
+                                 "A JSONL file holds one JSON object per line.") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
+        raw = [(f"record {i}", record) for i, record in enumerate(data)]
+    if not raw:
+        raise ValueError(f"{path} holds no records: an empty dataset cannot be prepared")
+
+    records = []
+    for where, record in raw:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, {where}: expected an object with fields, found {type(record).__name__}")
+        out = {}
+        for field, key in (("instruction", instruction_key), ("input", input_key), ("output", output_key)):
+            value = record.get(key, "" if field == "input" else None)
+            if value is None:
+                raise ValueError(f"{path}, {where}: missing the field {key!r} ({field}); "
+                                 f"its fields are {sorted(record)}. Name the right one with --{field}_key")
+            if not isinstance(value, str):
+                raise ValueError(f"{path}, {where}: field {key!r} must be a string, found {type(value).__name__}")
+            out[field] = value
+        records.append(out)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizing and preparing
+
+
+def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True) -> Optional[dict]:
+    """BOS + prompt + response + EOS as input_ids; labels equal, with the prompt set to -100 if mask_inputs.
+
+    Prompt and response are encoded as one text, exactly as the model will read them, and the prompt alone
+    tells how many tokens to mask. A too-long example loses the end of its response, never its EOS (the
+    model must learn to stop). An example whose prompt leaves no room for a response token is dropped
+    (None): it would have nothing to learn.
+    """
+    prompt = format_prompt(record["instruction"], record.get("input", ""))
+    prompt_length = len(tokenizer.encode(prompt, bos=True, eos=False))
+    input_ids = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
+    if prompt_length > max_seq_length - 2:
+        return None
+    truncated = len(input_ids) > max_seq_length
+    if truncated:
+        input_ids = torch.cat([input_ids[: max_seq_length - 1], input_ids[-1:]])  # keep the EOS at the end
+    labels = input_ids.clone()
+    if mask_inputs:
+        labels[:prompt_length] = IGNORE_INDEX
+    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[str, Path], max_seq_length: int,
+            test_split_size: Union[int, float] = 0.1, seed: int = 42, mask_inputs: bool = True,
+            source: Union[str, Path] = "", checkpoint_dir: Union[str, Path] = "") -> dict:
+    """Shuffle, split, tokenize and write train.pt, test.pt and prepare_config.json, all or nothing.
+
+    test_split_size is a count of examples (an int, e.g. 2000) or a fraction (a float below 1, e.g. 0.1).
+    Returns the summary that is also printed and saved in prepare_config.json.
+    """
+    start = time.perf_counter()
+    n = len(records)
+    n_test = test_split_size if isinstance(test_split_size, int) else round(n * test_split_size)
+    if not 0 <= n_test < n:
+        raise ValueError(f"A test split of {test_split_size} leaves no training examples out of {n} records: "
+                         "make --test_split_size smaller")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    splits = {"test": [records[i] for i in order[:n_test]], "train": [records[i] for i in order[n_test:]]}
+
+    prepared, dropped, truncated = {}, 0, 0
+    for split, split_records in splits.items():
+        prepared[split] = []
+        for record in split_records:
+            example = tokenize_example(record, tokenizer, max_seq_length, mask_inputs)
+            if example is None:
+                dropped += 1
+                continue
+            truncated += example.pop("truncated")
+            prepared[split].append(example)
+    kept = prepared["train"] + prepared["test"]
+    if not prepared["train"]:
+        raise ValueError(f"No training example fits in max_seq_length={max_seq_length} ({dropped} dropped): "
+                         "raise --max_seq_length")
+    lengths = sorted(len(e["input_ids"]) for e in kept)
+    loss_tokens = sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in kept)
+    summary = {
+        "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
+        "mask_inputs": mask_inputs, "seed": seed, "test_split_size": n_test,
+        "tokenizer_checksum": tokenizer.checksum(), "tokenizer_vocab_size": tokenizer.vocab_size,
+        "train_examples": len(prepared["train"]), "test_examples": len(prepared["test"]),
+        "dropped": dropped, "truncated": truncated,
+        "length_min": lengths[0], "length_mean": round(sum(lengths) / len(lengths), 1),
+        "length_p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "length_max": lengths[-1],
+        "loss_token_share": round(loss_tokens / sum(lengths), 4),
+    }
+    write_prepared(Path(destination_path), prepared, summary)
+    print(f"Prepared {destination_path} in {time.perf_counter() - start:.1f} s: "
+          f"{summary['train_examples']:,} train + {summary['test_examples']:,} test examples kept, "
+          f"{dropped} dropped (prompt too long), {truncated} truncated (EOS kept)\n"
+          f"  tokens per example: min {summary['length_min']}, mean {summary['length_mean']}, "
+          f"p95 {summary['length_p95']}, max {summary['length_max']}; "
+          f"{100 * summary['loss_token_share']:.1f}% of tokens carry loss")
+    return summary
+
+
+def write_prepared(destination: Path, prepared: dict, summary: dict) -> None:
+    """Write into a temporary folder beside the destination, then swap it in: never a half-written dataset."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    try:
+        torch.save(prepared["train"], tmp / "train.pt")
+        torch.save(prepared["test"], tmp / "test.pt")
+        (tmp / "prepare_config.json").write_text(json.dumps(summary, indent=2))
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_prepared(data_dir: Union[str, Path], tokenizer: Optional[Tokenizer] = None) -> tuple[list, list, dict]:
+    """train, test and the preparation settings; refuses data tokenized by another tokenizer."""
+    data_dir = Path(data_dir)
+    files = [data_dir / name for name in ("train.pt", "test.pt", "prepare_config.json")]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"No prepared data in {data_dir} (missing {', '.join(missing)}). Prepare it first, e.g. "
+            f"`python prepare_data/alpaca.py --destination_path {data_dir}` (see howto/prepare_dataset.md)."
+        )
+    config = json.loads(files[2].read_text())
+    if tokenizer is not None and config["tokenizer_checksum"] != tokenizer.checksum():
+        raise ValueError(
+            f"{data_dir} was prepared with another tokenizer ({config.get('checkpoint_dir') or 'unknown'}), not "
+            f"{tokenizer.model_path}. Prepare it again with --checkpoint_dir set to the model you finetune."
+        )
+    train = torch.load(files[0], weights_only=True)
+    test = torch.load(files[1], weights_only=True)
+    return train, test, config
+
+
+@dataclass
+class PrepareArgs:
+    """Options shared by the prepare_data/ scripts (each script sets its dataset's defaults).
+
+    Args:
+        data_file: A local copy of the data; when not given, the script downloads it (json_data.py requires it).
+        checkpoint_dir: The model folder whose tokenizer.model tokenizes the data.
+        destination_path: Where train.pt, test.pt and prepare_config.json go.
+        max_seq_length: Longer examples lose the end of their response (EOS kept); examples whose prompt
+            alone does not fit are dropped.
+        test_split_size: Examples held out for validation: a count (2000) or a fraction (0.1).
+        seed: Seeds the shuffle before the split.
+        mask_inputs: Set the prompt's labels to -100, so the loss is on the response only.
+    """
+
+    data_file: Optional[Path] = None
+    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B")
+    destination_path: Path = Path("data/alpaca")
+    max_seq_length: int = 256
+    test_split_size: Union[int, float] = 0.1
+    seed: int = 42
+    mask_inputs: bool = True
+
+
+def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, Path]) -> dict:
+    """What every prepare_data/ script ends with: tokenize with the checkpoint's tokenizer and write."""
+    return prepare(records, Tokenizer(args.checkpoint_dir), args.destination_path, args.max_seq_length,
+                   args.test_split_size, args.seed, args.mask_inputs, source, args.checkpoint_dir)
+
+
+def download(url: str, path: Path) -> Path:
+    """Fetch `url` to `path` (once: an existing file is reused), through a temporary file."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Downloading {url} to {path}")
+    tmp = path.with_name(path.name + ".part")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"Could not download {url} ({e}). Download it yourself and pass --data_file") from None
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def collate(examples: list[dict], max_seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a micro batch to its longest example: (B, T) input_ids (pad 0) and labels (pad -100).
+
+    Right padding needs no attention mask: causal attention never looks forward, so real tokens never
+    see the padding after them, and the padding's labels carry no loss.
+    """
+    length = min(max(len(e["input_ids"]) for e in examples), max_seq_length)
+    input_ids = torch.zeros(len(examples), length, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = example["input_ids"][:length]
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(ids)] = example["labels"][:length]
+    return input_ids, labels

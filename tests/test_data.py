@@ -1,0 +1,166 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_lora.data import (IGNORE_INDEX, collate, format_prompt, load_prepared, load_records, prepare,
+                           tokenize_example)
+from lit_lora.tokenizer import Tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k-alpaca.json"
+
+RECORDS = [
+    {"instruction": "Add the numbers.", "input": "12 and 30", "output": "42"},
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
+    {"instruction": "Say hello.", "output": "Hello!"},
+] * 4
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_template_with_and_without_input():
+    with_input = format_prompt("Add the numbers.", "12 and 30")
+    assert with_input.endswith("### Instruction:\nAdd the numbers.\n\n### Input:\n12 and 30\n\n### Response:\n")
+    assert "paired with an input" in with_input
+    without = format_prompt("Say hello.")
+    assert without.endswith("### Instruction:\nSay hello.\n\n### Response:\n")
+    assert "### Input" not in without and "paired with an input" not in without
+
+
+@pytest.mark.parametrize("record", RECORDS[:2])
+def test_masking_puts_ignore_index_exactly_on_the_prompt(tokenizer, record):
+    example = tokenize_example(record, tokenizer, max_seq_length=256)
+    prompt = format_prompt(record["instruction"], record["input"])
+    prompt_length = len(tokenizer.encode(prompt, bos=True))
+    assert torch.equal(example["input_ids"], tokenizer.encode(prompt + record["output"], bos=True, eos=True))
+    assert (example["labels"][:prompt_length] == IGNORE_INDEX).all()
+    assert torch.equal(example["labels"][prompt_length:], example["input_ids"][prompt_length:])
+    assert tokenizer.decode(example["labels"][prompt_length:]) == record["output"]  # exactly the response
+    unmasked = tokenize_example(record, tokenizer, max_seq_length=256, mask_inputs=False)
+    assert torch.equal(unmasked["labels"], unmasked["input_ids"])
+
+
+def test_truncation_keeps_eos_and_drops_examples_without_room(tokenizer):
+    record = {"instruction": "Say hello.", "input": "", "output": "hello " * 50}
+    prompt_length = len(tokenizer.encode(format_prompt("Say hello."), bos=True))
+    example = tokenize_example(record, tokenizer, max_seq_length=prompt_length + 5)
+    assert example["truncated"] and len(example["input_ids"]) == prompt_length + 5
+    assert example["input_ids"][-1].item() == tokenizer.eos_id
+    assert example["labels"][-1].item() == tokenizer.eos_id
+    assert ((example["labels"] != IGNORE_INDEX).sum()).item() == 5
+    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length + 2)["input_ids"].shape == (prompt_length + 2,)
+    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length + 1) is None  # only EOS would fit
+
+
+def test_prepare_writes_splits_settings_and_counts(tmp_path, tokenizer, capsys):
+    long = {"instruction": "word " * 200, "input": "", "output": "x"}  # the prompt alone is too long: dropped
+    summary = prepare(RECORDS + [long], tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=3)
+    train, test, config = load_prepared(tmp_path / "data", tokenizer)
+    assert len(train) + len(test) == 12 and summary["dropped"] == 1
+    assert config["tokenizer_checksum"] == tokenizer.checksum() and config["max_seq_length"] == 256
+    assert config["test_split_size"] == 3 and summary == config
+    assert 0 < config["loss_token_share"] < 0.5
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepare_config.json", "test.pt", "train.pt"]
+    out = capsys.readouterr().out
+    assert "1 dropped" in out and "p95" in out and "carry loss" in out
+    # a fraction, and the same seed gives the same split
+    prepare(RECORDS, tokenizer, tmp_path / "again", max_seq_length=256, test_split_size=0.25, seed=7)
+    prepare(RECORDS, tokenizer, tmp_path / "again2", max_seq_length=256, test_split_size=0.25, seed=7)
+    a, b = load_prepared(tmp_path / "again")[1], load_prepared(tmp_path / "again2")[1]
+    assert len(a) == 3 and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+
+
+def test_data_from_another_tokenizer_is_refused(tmp_path, tokenizer):
+    prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=2)
+    other = Tokenizer.train(["one two three four", "five six seven"] * 30, vocab_size=300, model_prefix=tmp_path / "o")
+    with pytest.raises(ValueError, match="prepared with another tokenizer.*--checkpoint_dir"):
+        load_prepared(tmp_path / "data", other)
+    with pytest.raises(FileNotFoundError, match="prepare_data/alpaca.py"):
+        load_prepared(tmp_path / "nothing")
+
+
+def test_bad_input_names_the_file_line_record_and_field(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]')
+    with pytest.raises(ValueError, match=r"bad.json, line 3, column \d+: not valid JSON"):
+        load_records(bad)
+    bad_lines = tmp_path / "bad.jsonl"
+    bad_lines.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", output}\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 3: not valid JSON"):
+        load_records(bad_lines)
+    missing = write_json(tmp_path / "missing.json", [RECORDS[0], {"instruction": "a", "answer": "b"}])
+    with pytest.raises(ValueError, match=r"record 1: missing the field 'output'.*--output_key"):
+        load_records(missing)
+    not_string = tmp_path / "types.jsonl"
+    not_string.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 42}\n')
+    with pytest.raises(ValueError, match=r"record 1 \(line 2\): field 'output' must be a string, found int"):
+        load_records(not_string)
+    with pytest.raises(ValueError, match="holds no records"):
+        load_records(write_json(tmp_path / "empty.json", []))
+
+
+def test_a_failed_preparation_leaves_nothing_behind(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="leaves no training examples"):
+        prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=12)
+    with pytest.raises(ValueError, match="No training example fits"):
+        prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=4, test_split_size=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dolly_field_mapping(tmp_path, tokenizer):
+    from prepare_data.dolly import DollyArgs, main
+
+    lines = [{"instruction": f"Summarise {i}.", "context": f"Text {i}", "response": f"Summary {i}", "category": "x"}
+             for i in range(6)]
+    data_file = tmp_path / "dolly.jsonl"
+    data_file.write_text("\n".join(json.dumps(line) for line in lines))
+    records = load_records(data_file, input_key="context", output_key="response")
+    assert records[2] == {"instruction": "Summarise 2.", "input": "Text 2", "output": "Summary 2"}
+    main(DollyArgs(data_file=data_file, checkpoint_dir=tokenizer.model_path.parent,
+                   destination_path=tmp_path / "dolly", test_split_size=2))
+    train, test, config = load_prepared(tmp_path / "dolly", tokenizer)
+    assert (len(train), len(test), config["max_seq_length"]) == (4, 2, 1024)
+    text = tokenizer.decode(train[0]["input_ids"])
+    assert "### Input:\nText" in text and "### Response:\nSummary" in text
+
+
+def test_json_script_and_inspect_marks_exactly_the_loss_tokens(tmp_path, tokenizer, capsys):
+    from prepare_data.inspect_data import main as inspect
+    from prepare_data.json_data import JSONArgs, main
+
+    data_file = write_json(tmp_path / "mine.json", [{"question": f"What is {i} + 1?", "answer": str(i + 1)}
+                                                   for i in range(10)])
+    main(JSONArgs(data_file=data_file, checkpoint_dir=tokenizer.model_path.parent, destination_path=tmp_path / "d",
+                  instruction_key="question", output_key="answer", test_split_size=0.2))
+    train, test, _ = load_prepared(tmp_path / "d", tokenizer)
+    assert (len(train), len(test)) == (8, 2)
+    text = inspect(data_dir=tmp_path / "d", index=1, checkpoint_dir=tokenizer.model_path.parent)
+    answer = tokenizer.decode(train[1]["input_ids"][train[1]["labels"] != IGNORE_INDEX])
+    assert text.startswith("<s>Below is an instruction") and text.count("[[") == 1
+    assert text.endswith("### Response:\n[[" + answer + "</s>]]")
+    assert "carry loss" in capsys.readouterr().out
+    with pytest.raises(IndexError, match="has 8 train examples"):
+        inspect(data_dir=tmp_path / "d", index=8, checkpoint_dir=tokenizer.model_path.parent)
+
+
+def test_collate_right_pads():
+    examples = [{"input_ids": torch.tensor([1, 5, 6]), "labels": torch.tensor([-100, 5, 6])},
+                {"input_ids": torch.tensor([1, 7, 8, 9, 2]), "labels": torch.tensor([-100, -100, 8, 9, 2])}]
+    input_ids, labels = collate(examples, max_seq_length=16)
+    assert input_ids.tolist() == [[1, 5, 6, 0, 0], [1, 7, 8, 9, 2]]
+    assert labels.tolist() == [[-100, 5, 6, -100, -100], [-100, -100, 8, 9, 2]]
+    assert collate(examples, max_seq_length=4)[0].shape == (2, 4)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_file(), reason="../shared/data/gsm8k-alpaca.json is not here (a user's clone)")
+def test_real_alpaca_format_data(tmp_path, tokenizer):
+    records = load_records(SHARED_DATA)
+    assert len(records) == 7473 and all(r["input"] == "" for r in records[:50])
+    prepare(records[:200], tokenizer, tmp_path / "gsm8k", max_seq_length=512, test_split_size=20)
+    train, test, config = load_prepared(tmp_path / "gsm8k", tokenizer)
+    assert len(train) + len(test) + config["dropped"] == 200
+    assert all(e["input_ids"][-1].item() == tokenizer.eos_id for e in train)
