@@ -1,0 +1,63 @@
+"""Finetune every weight of a LLaMA (or pretrain a small one from scratch).
+
+    python finetune/full.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca --devices 4
+
+Every parameter trains, so the optimizer keeps two AdamW moments per weight: for 7B that is about 4 bytes
+(bf16 weight + grad) + 8 bytes (fp32 moments in bf16-true: 4) per parameter, which is why full finetuning
+needs FSDP over several GPUs (sharded by Block). The result is a whole checkpoint folder in out_dir
+(lit_model.pth, model_config.json, tokenizer.model) that generate/full.py and every other script load.
+
+With --from_scratch true, the model starts from random weights of the --model_name preset, and
+checkpoint_dir only has to hold tokenizer.model: the CPU demo pretrains its tiny base model this way.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import CLI
+
+from lit_lora.model import Config, LLaMA
+from lit_lora.tokenizer import Tokenizer
+from lit_lora.train import TrainArgs, fit, launch_fabric
+from lit_lora.utils import load_model, save_checkpoint_dir
+
+
+@dataclass
+class FullArgs(TrainArgs):
+    """Finetune (or pretrain) all weights.
+
+    Args:
+        from_scratch: Start from random weights of the --model_name preset instead of checkpoint_dir's weights.
+        model_name: The Config preset to build with --from_scratch (e.g. tiny); the vocabulary comes from the tokenizer.
+        activation_checkpointing: With FSDP: recompute each Block's activations in the backward pass (less memory, more time).
+    """
+
+    out_dir: Path = Path("out/full/alpaca")
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.0
+    global_batch_size: int = 128
+    micro_batch_size: int = 4
+    epochs: float = 3
+    warmup_steps: int = 100
+    from_scratch: bool = False
+    model_name: Optional[str] = None
+    activation_checkpointing: bool = False
+
+
+def main(args: FullArgs) -> dict:
+    fabric = launch_fabric(args, multi_device_strategy="fsdp", activation_checkpointing=args.activation_checkpointing)
+    tokenizer = Tokenizer(args.checkpoint_dir)
+    if args.from_scratch:
+        if args.model_name is None:
+            raise ValueError("--from_scratch true needs --model_name, a preset such as tiny (see lit_lora/model.py)")
+        with fabric.init_module():
+            model = LLaMA(Config.from_name(args.model_name, vocab_size=tokenizer.vocab_size))
+    else:
+        model = load_model(args.checkpoint_dir)
+    return fit(fabric, model, args,
+               save_weights=lambda m, folder: save_checkpoint_dir(m, tokenizer.model_path, folder))
+
+
+if __name__ == "__main__":
+    main(CLI(FullArgs, as_positional=False))

@@ -1,0 +1,52 @@
+"""Finetune a LLaMA with LoRA: only the low-rank matrices A and B of the targeted linears train.
+
+    python finetune/lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca
+
+Defaults are the Alpaca-LoRA reference setup (lr 3e-4, batch 128, r 8, alpha 16, dropout 0.05, q and v, 3 epochs).
+The result is out_dir/lit_lora_finetuned.pth: the LoRA tensors and their hyperparameters, a few MB.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jsonargparse import CLI
+
+from lit_lora.lora import apply_lora, mark_only_lora_as_trainable, save_lora
+from lit_lora.train import TrainArgs, fit, launch_fabric
+from lit_lora.utils import load_model
+
+
+@dataclass
+class LoRAArgs(TrainArgs):
+    """Finetune with LoRA (Hu et al., 2021). Every flag and its default is listed below.
+
+    Args:
+        lora_r: Rank r of the update B A.
+        lora_alpha: The update is scaled by alpha / r.
+        lora_dropout: Dropout on the input of the LoRA path.
+        lora_targets: Which linears get LoRA: any of q, k, v, o, gate, up, down, head; e.g. --lora_targets [q,k,v,o].
+    """
+
+    out_dir: Path = Path("out/lora/alpaca")
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    global_batch_size: int = 128
+    micro_batch_size: int = 4
+    epochs: float = 3
+    warmup_steps: int = 100
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q", "v")
+
+
+def main(args: LoRAArgs) -> dict:
+    fabric = launch_fabric(args)
+    model = load_model(args.checkpoint_dir)  # meta device + memory-mapped weights: no second copy
+    apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+    mark_only_lora_as_trainable(model)  # W0 stays frozen: no gradients, no optimizer state for it
+    return fit(fabric, model, args, save_weights=lambda m, folder: save_lora(m, folder / "lit_lora_finetuned.pth"))
+
+
+if __name__ == "__main__":
+    main(CLI(LoRAArgs, as_positional=False))

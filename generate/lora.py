@@ -1,0 +1,42 @@
+"""Answer an instruction with a LoRA-finetuned model: the base checkpoint plus a LoRA file.
+
+    python generate/lora.py --lora_path out/lora/alpaca/lit_lora_finetuned.pth --prompt "What do llamas eat?"
+
+r, alpha and the targets are read from the LoRA file. LoRA is merged into the weights once before decoding
+(W = W0 + alpha/r B A), so the finetuned model decodes exactly as fast as the base model.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jsonargparse import CLI
+
+from lit_lora.data import format_prompt
+from lit_lora.generation import GenerateArgs, run
+from lit_lora.lora import load_lora, merge_lora
+from lit_lora.utils import load_model
+
+
+@dataclass
+class LoRAGenerateArgs(GenerateArgs):
+    """Generate with a LoRA-finetuned model.
+
+    Args:
+        lora_path: The LoRA file written by finetune/lora.py.
+        input: Optional input (context) for the instruction, as in the Alpaca template.
+    """
+
+    prompt: str = "What food do llamas eat?"
+    lora_path: Path = Path("out/lora/alpaca/lit_lora_finetuned.pth")
+    input: str = ""
+
+
+def main(args: LoRAGenerateArgs) -> list[str]:
+    model = load_model(args.checkpoint_dir)
+    load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
+    merge_lora(model)
+    return run(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+
+
+if __name__ == "__main__":
+    main(CLI(LoRAGenerateArgs, as_positional=False))

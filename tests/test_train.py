@@ -1,0 +1,173 @@
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import lit_lora.train as train_module
+from lit_lora.data import prepare
+from lit_lora.lora import read_lora_file
+from lit_lora.train import global_batch_indices, learning_rate_at
+from tests.conftest import make_checkpoint
+
+WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish", "moon", "rain"]
+
+
+@pytest.fixture
+def setup(tmp_path, tokenizer_path, tokenizer):
+    """A micro base model with a 256-token context and a small prepared instruction dataset."""
+    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_path, block_size=256)
+    records = [{"instruction": "Repeat the word twice.", "input": w, "output": f"{w} {w}"} for w in WORDS]
+    records += [{"instruction": "Say the word.", "input": "", "output": w} for w in WORDS]
+    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=4, seed=0)
+    return checkpoint_dir, tmp_path / "data", tmp_path
+
+
+def lora_args(checkpoint_dir, data_dir, out_dir, **overrides):
+    from finetune.lora import LoRAArgs
+
+    values = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, precision="32-true",
+                  learning_rate=2e-2, global_batch_size=8, micro_batch_size=4, max_steps=6, warmup_steps=1,
+                  eval_interval=3, eval_examples=4, eval_max_new_tokens=4, save_interval=3, lora_r=4,
+                  lora_targets=("q", "v", "head"))
+    values.update(overrides)
+    return LoRAArgs(**values)
+
+
+def logged(out_dir, column):
+    (log_file,) = (Path(out_dir) / "logs").glob("version_*/metrics.csv")
+    with open(log_file) as f:
+        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    lrs = [learning_rate_at(step, 1.0, warmup_steps=4, max_steps=20, min_lr=0.1) for step in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # monotone cosine decay
+    assert learning_rate_at(20, 1.0, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_each_epoch_sees_every_example_once():
+    n, batch = 10, 4
+    stream = [i for step in range(5) for i in global_batch_indices(step, n, batch, seed=3)]  # 20 = two epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]  # reshuffled each epoch
+    assert global_batch_indices(3, n, batch, seed=3) == global_batch_indices(3, n, batch, seed=3)
+
+
+def test_lora_end_to_end(setup, capsys):
+    from finetune.lora import main
+    from generate.lora import LoRAGenerateArgs, main as generate
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    out_dir = tmp_path / "out"
+    summary = main(lora_args(checkpoint_dir, data_dir, out_dir, max_steps=12))
+    losses = logged(out_dir, "loss")
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3  # it learns
+    assert len(logged(out_dir, "val_loss")) == 4  # steps 3, 6, 9 and the end
+    for name in ("lit_lora_finetuned.pth", "state.pth", "hyperparameters.json", "step-000003/lit_lora_finetuned.pth"):
+        assert (out_dir / name).is_file(), name
+    lora_file = read_lora_file(out_dir / "lit_lora_finetuned.pth")
+    assert lora_file["lora_config"]["targets"] == ("q", "v", "head") and lora_file["lora_config"]["r"] == 4
+    assert summary["trainable_parameters"] < summary["total_parameters"] / 2
+    assert summary["peak_memory_bytes"] > 0 and summary["weights_bytes"] == (out_dir / "lit_lora_finetuned.pth").stat().st_size
+    out = capsys.readouterr().out
+    assert "step 12/12 | loss" in out and "tokens/s | ETA" in out and "val ppl" in out and "peak memory" in out
+
+    texts = generate(LoRAGenerateArgs(checkpoint_dir=checkpoint_dir, lora_path=out_dir / "lit_lora_finetuned.pth",
+                                      prompt="Say the word.", max_new_tokens=5, temperature=0.0))
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def weights(out_dir):
+    return read_lora_file(Path(out_dir) / "lit_lora_finetuned.pth")["lora"]
+
+
+@pytest.mark.parametrize("interrupt_at_call", [5, 6])  # the first micro batch of step 3, or its second
+def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, interrupt_at_call):
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    full = main(lora_args(checkpoint_dir, data_dir, tmp_path / "full", lora_dropout=0.1, max_steps=4, save_interval=0))
+
+    calls = {"n": 0}
+    real_loss_sum = train_module.loss_sum
+
+    def interrupting_loss_sum(logits, labels):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at_call:  # 2 micro batches per step: call 5 opens step 3
+            raise KeyboardInterrupt
+        return real_loss_sum(logits, labels)
+
+    monkeypatch.setattr(train_module, "loss_sum", interrupting_loss_sum)
+    with pytest.raises(SystemExit) as exit_info:
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", lora_dropout=0.1, max_steps=4, save_interval=0,
+                       eval_interval=0))
+    assert exit_info.value.code == 130
+    assert torch.load(tmp_path / "resumed" / "state.pth", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train_module, "loss_sum", real_loss_sum)
+
+    resumed = main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", lora_dropout=0.1, max_steps=4,
+                             save_interval=0, resume="auto"))
+    assert resumed["steps"] == 2 and resumed["final_loss"] == full["final_loss"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_loss_is_normalised_over_the_whole_accumulated_batch(setup):
+    """One global batch of 8 as 8 micro batches of 1 or as 2 of 4: the same loss and the same update.
+    (Averaging per micro batch would weigh examples with few response tokens more.)"""
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    runs = [main(lora_args(checkpoint_dir, data_dir, tmp_path / f"micro{m}", micro_batch_size=m, max_steps=1,
+                           lora_dropout=0.0, eval_interval=0, save_interval=0)) for m in (1, 4)]
+    assert runs[0]["final_loss"] == pytest.approx(runs[1]["final_loss"], abs=1e-5)
+    a, b = weights(tmp_path / "micro1"), weights(tmp_path / "micro4")
+    assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    calls = {"n": 0}
+    real_loss_sum = train_module.loss_sum
+
+    def nan_at_step_3(logits, labels):
+        calls["n"] += 1
+        loss = real_loss_sum(logits, labels)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(train_module, "loss_sum", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3.*last good checkpoint"):
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", max_steps=6, save_interval=2, eval_interval=0))
+    assert (tmp_path / "out" / "step-000002" / "lit_lora_finetuned.pth").is_file()
+    assert torch.load(tmp_path / "out" / "state.pth", weights_only=True)["step"] == 2
+    assert not (tmp_path / "out" / "lit_lora_finetuned.pth").exists()
+
+
+def test_clear_errors(setup, tmp_path_factory):
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    with pytest.raises(FileNotFoundError, match="missing.*does not exist.*convert_hf.py"):
+        main(lora_args(tmp_path / "missing", data_dir, tmp_path / "o1"))
+    with pytest.raises(FileNotFoundError, match="No prepared data in .*nodata.*prepare_data/alpaca.py"):
+        main(lora_args(checkpoint_dir, tmp_path / "nodata", tmp_path / "o2"))
+    with pytest.raises(ValueError, match="Unknown LoRA target.*'query'.*valid targets are q, k, v, o"):
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "o3", lora_targets=("q", "query")))
+    other_tokenizer = tmp_path_factory.mktemp("other")
+    make_checkpoint(other_tokenizer / "ckpt", _other_tokenizer(other_tokenizer), block_size=256)
+    with pytest.raises(ValueError, match="prepared with another tokenizer"):
+        main(lora_args(other_tokenizer / "ckpt", data_dir, tmp_path / "o4"))
+    with pytest.raises(ValueError, match="global_batch_size \\(8\\) must be divisible by micro_batch_size \\(3\\)"):
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "o5", micro_batch_size=3))
+
+
+def _other_tokenizer(folder):
+    from lit_lora.tokenizer import Tokenizer
+
+    Tokenizer.train(["completely different text here"] * 50 + ["more words to learn"] * 50, 300, folder / "tok")
+    return folder / "tok.model"
