@@ -184,7 +184,11 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs, save_weights: Callabl
     out_dir = Path(args.out_dir)
     tokenizer = Tokenizer(args.checkpoint_dir)
     train_data, test_data, data_config = load_prepared(args.data_dir, tokenizer)
-    max_seq_length = min(args.max_seq_length or data_config["max_seq_length"], model.config.block_size)
+    max_seq_length = args.max_seq_length or data_config["max_seq_length"]
+    if max_seq_length > model.config.block_size:
+        fabric.print(f"Warning: examples of up to {max_seq_length} tokens are cut to the model's context "
+                     f"({model.config.block_size})")
+        max_seq_length = model.config.block_size
     world_size = fabric.world_size
     per_device = args.global_batch_size // world_size
     if args.global_batch_size % (args.micro_batch_size * world_size):
@@ -310,13 +314,14 @@ def evaluate_and_report(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, 
         total += loss_sum(model(input_ids), labels)
         count += (labels[:, 1:] != IGNORE_INDEX).sum()
     val_loss = float(fabric.all_reduce(total, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum").clamp(min=1))
+    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
+    fabric.print(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
     prompt = tokenizer.encode(format_prompt(args.eval_instruction), bos=True).to(fabric.device)
     new_tokens = min(args.eval_max_new_tokens, model.config.block_size - len(prompt))
-    (answer,) = generate(model, [prompt], max_new_tokens=max(new_tokens, 0), temperature=0.0, eos_id=tokenizer.eos_id)
+    if new_tokens > 0:
+        (answer,) = generate(model, [prompt], max_new_tokens=new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
+        fabric.print(f"  {args.eval_instruction!r} -> {tokenizer.decode(answer)!r}")
     model.train()
-    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
-    fabric.print(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}\n"
-                 f"  {args.eval_instruction!r} -> {tokenizer.decode(answer)!r}")
     return val_loss
 
 

@@ -171,3 +171,32 @@ def _other_tokenizer(folder):
 
     Tokenizer.train(["completely different text here"] * 50 + ["more words to learn"] * 50, 300, folder / "tok")
     return folder / "tok.model"
+
+
+def test_full_finetuning_from_scratch_writes_a_checkpoint_folder(setup, tokenizer_path, capsys):
+    from finetune.full import FullArgs, main
+    from generate.base import main as generate_base
+    from generate.full import FullGenerateArgs, main as generate_full
+    from lit_lora.generation import GenerateArgs
+    from lit_lora.tokenizer import Tokenizer
+    from lit_lora.utils import load_model
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    tokenizer_only = tmp_path / "tokenizer_only"
+    tokenizer_only.mkdir()
+    (tokenizer_only / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    out_dir = tmp_path / "full"
+    summary = main(FullArgs(checkpoint_dir=tokenizer_only, data_dir=data_dir, out_dir=out_dir, from_scratch=True,
+                            model_name="tiny", precision="32-true", learning_rate=1e-2, global_batch_size=8,
+                            micro_batch_size=4, max_steps=10, warmup_steps=2, eval_interval=0, eval_examples=4,
+                            eval_max_new_tokens=3, save_interval=5))
+    assert summary["trainable_parameters"] == summary["total_parameters"]
+    losses = logged(out_dir, "loss")
+    assert losses[-1] < 0.6 * losses[0]
+    model = load_model(out_dir)  # out_dir is a checkpoint folder: every script loads it
+    assert model.config.name == "tiny" and model.config.vocab_size == Tokenizer(tokenizer_path).vocab_size
+    assert (out_dir / "step-000005" / "lit_model.pth").is_file()
+    assert len(generate_full(FullGenerateArgs(checkpoint_dir=out_dir, prompt="Say the word.", max_new_tokens=3))) == 1
+    assert len(generate_base(GenerateArgs(checkpoint_dir=out_dir, prompt="cat", max_new_tokens=3))) == 1
+    with pytest.raises(ValueError, match="--from_scratch true needs --model_name"):
+        main(FullArgs(checkpoint_dir=tokenizer_only, data_dir=data_dir, out_dir=tmp_path / "x", from_scratch=True))

@@ -1,0 +1,35 @@
+"""Answer an instruction with a fully finetuned model (the checkpoint folder finetune/full.py writes).
+
+    python generate/full.py --checkpoint_dir out/full/alpaca --prompt "What do llamas eat?"
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jsonargparse import CLI
+
+from lit_lora.data import format_prompt
+from lit_lora.generation import GenerateArgs, run
+from lit_lora.utils import load_model
+
+
+@dataclass
+class FullGenerateArgs(GenerateArgs):
+    """Generate with a fully finetuned model.
+
+    Args:
+        input: Optional input (context) for the instruction, as in the Alpaca template.
+    """
+
+    prompt: str = "What food do llamas eat?"
+    checkpoint_dir: Path = Path("out/full/alpaca")
+    input: str = ""
+
+
+def main(args: FullGenerateArgs) -> list[str]:
+    model = load_model(args.checkpoint_dir)
+    return run(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+
+
+if __name__ == "__main__":
+    main(CLI(FullGenerateArgs, as_positional=False))
