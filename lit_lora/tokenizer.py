@@ -63,7 +63,9 @@ class Tokenizer:
         if isinstance(texts_or_file, (str, Path)):
             texts = Path(texts_or_file).read_text(encoding="utf-8").splitlines()
         else:
-            texts = list(texts_or_file)
+            # Train on lines, as LLaMA's tokenizer was: no piece spans a newline, which is encoded as the
+            # byte token <0x0A> (so "\nk" never becomes one token that hides the letter k)
+            texts = [line for text in texts_or_file for line in text.split("\n")]
         # Train under a temporary prefix, then rename: a failed training leaves no half-written model.
         with tempfile.TemporaryDirectory(dir=model_prefix.parent) as tmp:
             tmp_prefix = os.path.join(tmp, "spm")
