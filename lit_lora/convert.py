@@ -29,16 +29,24 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from lit_lora.lora import (LORA_TARGETS, SHAPE_FIELDS, apply_lora, load_lora, lora_state_dict, merge_lora,
+                           read_lora_file, save_lora)
 from lit_lora.model import LLaMA, Config
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_save, format_bytes, load_model, peak_memory_bytes
+from lit_lora.utils import format_bytes, load_model, peak_memory_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names. Each table maps the names of one format to ours; the inverse direction is the same table read backwards.
 # ---------------------------------------------------------------------------------------------------------------
 
-HF_TO_LIT = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"}
+HF_TO_LIT = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 HF_LAYER_TO_LIT = {  # inside model.layers.{i} <-> blocks.{i}
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn.q_proj.weight",
@@ -52,7 +60,11 @@ HF_LAYER_TO_LIT = {  # inside model.layers.{i} <-> blocks.{i}
 }
 HF_IGNORED = ("self_attn.rotary_emb.inv_freq",)  # a buffer some old checkpoints saved; we compute it (build_rope_cache)
 
-META_TO_LIT = {"tok_embeddings.weight": "embed.weight", "norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+META_TO_LIT = {
+    "tok_embeddings.weight": "embed.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
 META_LAYER_TO_LIT = {  # inside layers.{i} <-> blocks.{i}
     "attention_norm.weight": "attn_norm.weight",
     "attention.wq.weight": "attn.q_proj.weight",
@@ -154,7 +166,7 @@ def apply_preset(inferred: Config, preset: str, source: str) -> Config:
     for field in CHECKED_FIELDS:
         if getattr(config, field) != getattr(inferred, field):
             raise ValueError(f"Preset {preset!r} does not match {source}: its {field} is {getattr(config, field)}, "
-                             f"{source} says {getattr(inferred, field)}. Leave the preset out to use {source} as it is.")
+                             f"{source} says {getattr(inferred, field)}")
     return config
 
 
@@ -330,8 +342,9 @@ def hf_files_to_download(repo_files: list[str]) -> list[str]:
         if weights:
             break
     else:
-        raise ValueError(f"The repo has no weights convert_hf.py can read ({', '.join(single for single, _ in HF_WEIGHTS)}, "
-                         f"or their shards); it holds {sorted(repo_files)[:20]}")
+        readable = ", ".join(single for single, _ in HF_WEIGHTS)
+        raise ValueError(f"The repo has no weights convert_hf.py can read ({readable}, or their shards); "
+                         f"it holds {sorted(repo_files)[:20]}")
     for needed in ("config.json", "tokenizer.model"):
         if needed not in repo_files:
             raise ValueError(f"The repo has no {needed}, which convert_hf.py needs"
@@ -361,8 +374,6 @@ def find_hf_weight_files(hf_dir: Path) -> list[Path]:
 def read_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of one weight file, one at a time: safetensors reads each tensor when asked, .bin is mmapped."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
@@ -430,7 +441,8 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
                                 "(e.g. llama/7B or llama-2-7b) from Meta's download")
     if not (meta_dir / "params.json").is_file():
         raise FileNotFoundError(f"No params.json in {meta_dir}: it comes with the consolidated.*.pth files")
-    tokenizer_path = next((p for p in (meta_dir / "tokenizer.model", meta_dir.parent / "tokenizer.model") if p.is_file()), None)
+    candidates = (meta_dir / "tokenizer.model", meta_dir.parent / "tokenizer.model")  # llama-2-7b/ or llama/7B/
+    tokenizer_path = next((path for path in candidates if path.is_file()), None)
     if tokenizer_path is None:
         raise FileNotFoundError(f"No tokenizer.model in {meta_dir} or {meta_dir.parent}: it comes with Meta's download")
     params = json.loads((meta_dir / "params.json").read_text())
@@ -464,14 +476,10 @@ def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str
                          lora_path: Union[str, Path, None] = None, dtype: Optional[str] = None) -> Path:
     """A lit-lora checkpoint folder (with a LoRA merged in, if given) -> a folder that
     `transformers.LlamaForCausalLM.from_pretrained` loads: config.json, model.safetensors, tokenizer.model."""
-    from safetensors.torch import save_file
-
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     torch_dtype = dtype_from_name(dtype)
     model = load_model(checkpoint_dir)  # memory-mapped: the checkpoint file is never written to
     if lora_path is not None:
-        from lit_lora.lora import load_lora, merge_lora
-
         load_lora(model, lora_path)
         merge_lora(model)  # W0 + alpha/r B A: copy-on-write, so only the merged matrices take new memory
     state_dict = {}
@@ -505,11 +513,8 @@ PEFT_SUPPORTED_VALUES = {"peft_type": "LORA", "bias": "none", "use_dora": False,
 PEFT_UNSUPPORTED_FIELDS = ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
 
 
-def peft_target_modules() -> dict[str, str]:
-    """Our LoRA targets -> PEFT's target_modules: our module names are Hugging Face's ('q' -> 'q_proj')."""
-    from lit_lora.lora import LORA_TARGETS
-
-    return {target: path.rsplit(".", 1)[-1] for target, path in LORA_TARGETS.items()}
+# Our LoRA targets -> PEFT's target_modules: our module names are Hugging Face's ('q' -> 'q_proj', 'head' -> 'lm_head').
+PEFT_TARGET_MODULES = {target: path.rsplit(".", 1)[-1] for target, path in LORA_TARGETS.items()}
 
 
 def lit_to_peft_key(name: str) -> str:
@@ -534,10 +539,6 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
                         base_model_name_or_path: Optional[str] = None) -> Path:
     """A lit-lora LoRA file -> a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) that
     `peft.PeftModel.from_pretrained` loads onto the base model exported by export_hf_checkpoint."""
-    from safetensors.torch import save_file
-
-    from lit_lora.lora import SHAPE_FIELDS, read_lora_file
-
     output_dir = Path(output_dir)
     lora_file = read_lora_file(lora_path)
     base, lora_config = lora_file["base_config"], lora_file["lora_config"]
@@ -548,7 +549,6 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
                 raise ValueError(f"{lora_path} was trained on another base model: its {field} is {base.get(field)}, "
                                  f"{checkpoint_dir}'s is {getattr(config, field)}")
         base = asdict(config)
-    modules = peft_target_modules()
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -556,7 +556,7 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
         "r": lora_config["r"],
         "lora_alpha": lora_config["alpha"],
         "lora_dropout": lora_config["dropout"],
-        "target_modules": [modules[target] for target in lora_config["targets"]],
+        "target_modules": [PEFT_TARGET_MODULES[target] for target in lora_config["targets"]],
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -576,8 +576,6 @@ def read_peft_adapter(peft_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"No adapter_config.json in {peft_dir}: is it a PEFT adapter folder?")
     adapter_config = json.loads((peft_dir / "adapter_config.json").read_text())
     if (peft_dir / "adapter_model.safetensors").is_file():
-        from safetensors.torch import load_file
-
         tensors = load_file(str(peft_dir / "adapter_model.safetensors"))
     elif (peft_dir / "adapter_model.bin").is_file():
         tensors = torch.load(peft_dir / "adapter_model.bin", weights_only=True, map_location="cpu")
@@ -590,8 +588,6 @@ def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, P
                         output_path: Union[str, Path]) -> Path:
     """A PEFT LoRA adapter for a Llama model -> a lit-lora LoRA file for the base model in `checkpoint_dir`
     (r, alpha, dropout and targets come from adapter_config.json)."""
-    from lit_lora.lora import apply_lora, lora_state_dict, save_lora
-
     peft_dir, checkpoint_dir, output_path = Path(peft_dir), Path(checkpoint_dir), Path(output_path)
     adapter_config, peft_tensors = read_peft_adapter(peft_dir)
     source = peft_dir / "adapter_config.json"
@@ -604,7 +600,7 @@ def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, P
             raise ValueError(f"{source}: {field} = {json.dumps(adapter_config[field])} is not supported "
                              "(one rank and alpha for every adapted layer of every block)")
     modules = adapter_config.get("target_modules")
-    targets_of = {module: target for target, module in peft_target_modules().items()}
+    targets_of = {module: target for target, module in PEFT_TARGET_MODULES.items()}
     if not isinstance(modules, list) or any(m not in targets_of for m in modules):
         raise ValueError(f"{source}: target_modules = {json.dumps(modules)} is not supported: give a list of "
                          f"{', '.join(targets_of)}")
@@ -613,7 +609,8 @@ def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, P
     with torch.device("meta"):  # shapes only: the base weights are not needed
         model = LLaMA(config)
     apply_lora(model, r=adapter_config["r"], alpha=adapter_config["lora_alpha"],
-               dropout=adapter_config.get("lora_dropout", 0.0), targets=tuple(targets_of[m] for m in modules))
+               dropout=adapter_config.get("lora_dropout", 0.0),
+               targets=tuple(t for t in LORA_TARGETS if PEFT_TARGET_MODULES[t] in modules))  # in our order
     expected = lora_state_dict(model)
     tensors = {}
     for key, tensor in peft_tensors.items():

@@ -14,15 +14,19 @@ import pytest
 import torch
 import torch.nn as nn
 from jsonargparse import CLI
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_lora.convert import (config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint, export_hf_checkpoint,
-                              hf_files_to_download, permute_meta_qk)
+                              export_peft_adapter, hf_files_to_download, import_peft_adapter, permute_meta_qk)
+from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
 from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
 from lit_lora.utils import load_model, save_checkpoint_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings(  # the libraries' own deprecation notes, not ours
+    "ignore::FutureWarning", "ignore:Setting `save_embedding_layers`:UserWarning")
 
 
 def run_script(name: str, *args: str):
@@ -100,7 +104,8 @@ def same_logits(hf: LlamaForCausalLM, lit: LLaMA, vocab_size: int) -> float:
 @pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_hf_checkpoint_converts_to_the_same_logits(tmp_path, tokenizer_path, tokenizer, fmt, sharded, n_kv_heads, capsys):
+def test_hf_checkpoint_converts_to_the_same_logits(tmp_path, tokenizer_path, tokenizer, fmt, sharded, n_kv_heads,
+                                                   capsys):
     hf = hf_model(tokenizer.vocab_size, n_kv_heads)
     hf_dir = make_hf_dir(tmp_path / "org" / "tiny-llama", hf, tokenizer_path, fmt, sharded)
     index = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}[fmt]
@@ -154,7 +159,8 @@ def test_model_name_preset_names_the_model_and_must_agree(tmp_path, tokenizer_pa
 # ColumnParallelLinear splits its output rows (dim 0), RowParallelLinear its input columns (dim 1),
 # ParallelEmbedding its embedding columns (dim 1); the RMSNorm weights are whole in every shard.
 META_NAMES = {
-    "embed.weight": ("tok_embeddings.weight", 1), "norm.weight": ("norm.weight", None), "lm_head.weight": ("output.weight", 0),
+    "embed.weight": ("tok_embeddings.weight", 1), "norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", 0),
     "attn_norm.weight": ("attention_norm.weight", None), "mlp_norm.weight": ("ffn_norm.weight", None),
     "attn.q_proj.weight": ("attention.wq.weight", 0), "attn.k_proj.weight": ("attention.wk.weight", 0),
     "attn.v_proj.weight": ("attention.wv.weight", 0), "attn.o_proj.weight": ("attention.wo.weight", 1),
@@ -261,7 +267,8 @@ def make_lit_checkpoint(folder: Path, tokenizer_path: Path, tokenizer) -> LLaMA:
 def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, tokenizer_path, tokenizer):
     model = make_lit_checkpoint(tmp_path / "lit", tokenizer_path, tokenizer)
     run_script("export_hf", "--checkpoint_dir", tmp_path / "lit", "--output_dir", tmp_path / "hf")
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert files == ["config.json", "model.safetensors", "tokenizer.model"]
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.vocab_size == model.config.padded_vocab_size
     assert same_logits(hf, model, tokenizer.vocab_size) < 1e-4
@@ -273,6 +280,106 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, tokenize
     with safe_open(str(tmp_path / "hf16" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA -> merged Hugging Face model, LoRA <-> PEFT adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
+
+
+def make_lora(tmp_path: Path, tokenizer_path: Path, tokenizer, targets=ALL_TARGETS) -> LLaMA:
+    """A base checkpoint in tmp_path/lit and a LoRA for it in tmp_path/lora.pth, with B != 0 as after training."""
+    model = make_lit_checkpoint(tmp_path / "lit", tokenizer_path, tokenizer)
+    apply_lora(model, r=4, alpha=8, dropout=0.1, targets=targets)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    save_lora(model, tmp_path / "lora.pth")
+    return model.eval()
+
+
+def test_export_hf_merges_the_lora(tmp_path, tokenizer_path, tokenizer):
+    lora_model = make_lora(tmp_path, tokenizer_path, tokenizer)
+    base_bytes = (tmp_path / "lit" / "lit_model.pth").read_bytes()
+    run_script("export_hf", "--checkpoint_dir", tmp_path / "lit", "--lora_path", tmp_path / "lora.pth",
+               "--output_dir", tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert same_logits(hf, lora_model, tokenizer.vocab_size) < 1e-4
+    base = load_model(tmp_path / "lit")
+    assert same_logits(hf, base, tokenizer.vocab_size) > 1e-2  # the LoRA changed the function ...
+    assert (tmp_path / "lit" / "lit_model.pth").read_bytes() == base_bytes  # ... but not the base checkpoint
+
+
+def test_lora_exported_to_peft_loads_in_peft_and_imports_back(tmp_path, tokenizer_path, tokenizer):
+    lora_model = make_lora(tmp_path, tokenizer_path, tokenizer)
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf")  # the base model, in Hugging Face format
+    run_script("export_peft", "--lora_path", tmp_path / "lora.pth", "--output_dir", tmp_path / "peft",
+               "--checkpoint_dir", tmp_path / "lit")
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj", "lm_head"]
+    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (4, 8, 0.1)
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), framework="pt") as f:
+        assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in f.keys()
+        assert "base_model.model.lm_head.lora_A.weight" in f.keys()
+
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "hf"), tmp_path / "peft").eval()
+    assert same_logits(peft_model, lora_model, tokenizer.vocab_size) < 1e-4
+
+    run_script("import_peft", "--peft_dir", tmp_path / "peft", "--checkpoint_dir", tmp_path / "lit",
+               "--output_path", tmp_path / "imported.pth")
+    original, imported = read_lora_file(tmp_path / "lora.pth"), read_lora_file(tmp_path / "imported.pth")
+    assert imported["lora_config"] == original["lora_config"]
+    assert imported["base_config"] == original["base_config"]
+    assert imported["lora"].keys() == original["lora"].keys()
+    for name, tensor in original["lora"].items():
+        assert torch.equal(imported["lora"][name], tensor), name
+
+
+def test_adapter_trained_with_peft_imports_with_the_same_logits(tmp_path, tokenizer_path, tokenizer):
+    """An adapter written by peft itself (here: random B, as after training) on our exported base."""
+    make_lit_checkpoint(tmp_path / "lit", tokenizer_path, tokenizer)
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf")
+    peft_config = LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["k_proj", "up_proj", "lm_head"],
+                             task_type="CAUSAL_LM")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "hf"), peft_config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    import_peft_adapter(tmp_path / "peft", tmp_path / "lit", tmp_path / "imported.pth")
+    lit = load_lora(load_model(tmp_path / "lit"), tmp_path / "imported.pth")
+    assert lit.lora_config.targets == ("k", "up", "head") and lit.lora_config.alpha == 6
+    assert same_logits(peft_model.eval(), lit, tokenizer.vocab_size) < 1e-4
+
+
+@pytest.mark.parametrize("field, value", [("use_dora", True), ("use_rslora", True), ("target_modules", "all-linear"),
+                                          ("target_modules", ["q_proj", "embed_tokens"]), ("peft_type", "IA3"),
+                                          ("rank_pattern", {"q_proj": 16})])
+def test_unsupported_peft_adapter_field_is_named(tmp_path, tokenizer_path, tokenizer, field, value):
+    make_lora(tmp_path, tokenizer_path, tokenizer, targets=("q", "v"))
+    export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), field: value}))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {field} = "):
+        import_peft_adapter(tmp_path / "peft", tmp_path / "lit", tmp_path / "imported.pth")
+    assert not (tmp_path / "imported.pth").exists()
+
+
+def test_export_peft_checks_the_base_model(tmp_path, tokenizer_path, tokenizer):
+    make_lora(tmp_path, tokenizer_path, tokenizer)
+    other = tmp_path / "other"
+    wider = LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size, n_embd=64))
+    save_checkpoint_dir(wider, tokenizer_path, other)
+    with pytest.raises(ValueError, match="trained on another base model: its n_embd is 32, .*other's is 64"):
+        export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=other)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,7 +415,7 @@ def test_hf_folder_errors(tmp_path, tokenizer_path, tokenizer):
         convert_hf_checkpoint(empty)
 
     hf_dir = make_hf_dir(tmp_path / "sharded", hf, tokenizer_path, "safetensors", sharded=True)
-    with pytest.raises(ValueError, match="Cannot store weights as dtype 'int8': choose one of float32, float16, bfloat16"):
+    with pytest.raises(ValueError, match="dtype 'int8': choose one of float32, float16, bfloat16"):
         convert_hf_checkpoint(hf_dir, tmp_path / "out", dtype="int8")
     shard = sorted(hf_dir.glob("model-*.safetensors"))[1]
     shard.unlink()
@@ -341,11 +448,12 @@ def test_download_fetches_only_what_convert_needs(tmp_path, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
     monkeypatch.setitem(sys.modules, "huggingface_hub.utils", utils)
 
-    run_script("download", "--repo_id", "meta-llama/Llama-2-7b-hf", "--access_token", "hf_x", "--checkpoint_dir", tmp_path)
-    assert calls == {"repo_id": "meta-llama/Llama-2-7b-hf", "local_dir": tmp_path / "meta-llama/Llama-2-7b-hf",
-                     "token": "hf_x", "allow_patterns": ["config.json", "tokenizer.model", "model-00001-of-00002.safetensors",
-                                                         "model-00002-of-00002.safetensors", "model.safetensors.index.json"]}
-    assert f"python checkpoints/convert_hf.py --hf_dir {tmp_path / 'meta-llama/Llama-2-7b-hf'}" in capsys.readouterr().out
+    repo_id, local_dir = "meta-llama/Llama-2-7b-hf", tmp_path / "meta-llama" / "Llama-2-7b-hf"
+    run_script("download", "--repo_id", repo_id, "--access_token", "hf_x", "--checkpoint_dir", tmp_path)
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert calls == {"repo_id": repo_id, "local_dir": local_dir, "token": "hf_x",
+                     "allow_patterns": ["config.json", "tokenizer.model", *shards]}
+    assert f"python checkpoints/convert_hf.py --hf_dir {local_dir}" in capsys.readouterr().out
 
     # .bin only where there are no safetensors; a repo without tokenizer.model is refused before any download
     assert hf_files_to_download(["config.json", "tokenizer.model", "pytorch_model.bin", "training_args.bin"]) == [
