@@ -21,7 +21,7 @@ def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path 
     Args:
         repo_id: The repository, ORG/NAME (e.g. meta-llama/Llama-2-7b-hf, openlm-research/open_llama_3b).
         access_token: A Hugging Face token (https://huggingface.co/settings/tokens) for gated repos such as
-            Llama 2; by default the HF_TOKEN environment variable or a `huggingface-cli login` is used.
+            Llama 2; by default the HF_TOKEN environment variable or the token saved by `hf auth login`.
         checkpoint_dir: The folder that holds one sub-folder per repository.
     """
     try:
