@@ -1,0 +1,466 @@
+"""checkpoints/: Hugging Face and Meta weights -> lit-lora -> Hugging Face, all on tiny random models made here.
+
+The references are independent of lit_lora/convert.py: transformers' own LlamaForCausalLM for the Hugging Face
+format, and for Meta's format the names, shard split and interleaved RoPE written out below from Meta's model.py.
+"""
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from jsonargparse import CLI
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lit_lora.convert import (config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint, export_hf_checkpoint,
+                              export_peft_adapter, hf_files_to_download, import_peft_adapter, permute_meta_qk)
+from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
+from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
+from lit_lora.utils import load_model, save_checkpoint_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings(  # the libraries' own deprecation notes, not ours
+    "ignore::FutureWarning", "ignore:Setting `save_embedding_layers`:UserWarning")
+
+
+def run_script(name: str, *args: str):
+    """Run checkpoints/<name>.py's command line in this process: the flags as a user types them."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "checkpoints" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return CLI(module.main, as_positional=False, args=[str(a) for a in args])
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Weights large enough that any mix-up (a swapped name, a wrong permutation, a norm left out) shows in the
+    logits; norms away from 1 so they count too."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            else:
+                param.normal_(0, 0.1)
+    return model.eval()
+
+
+def hf_model(vocab_size: int, n_kv_heads: int = 4, hidden: int = 64, intermediate: int = 128, rope_theta: float = 500.0,
+             seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=n_kv_heads,
+                         intermediate_size=intermediate, vocab_size=vocab_size, max_position_embeddings=128,
+                         rms_norm_eps=1e-5, rope_theta=rope_theta, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return randomize(LlamaForCausalLM(config), seed)
+
+
+def save_hf_bin(model: LlamaForCausalLM, folder: Path, n_shards: int) -> None:
+    """The .bin layout of Hugging Face repos (what save_pretrained(safe_serialization=False) wrote before
+    transformers 5): pytorch_model.bin, or pytorch_model-0000i-of-0000n.bin shards and their index. Like old
+    checkpoints, it also holds the rotary_emb.inv_freq buffers, which conversion must skip."""
+    model.config.save_pretrained(folder)
+    state_dict = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state_dict["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    if n_shards == 1:
+        torch.save(state_dict, folder / "pytorch_model.bin")
+        return
+    names = list(state_dict)
+    weight_map = {}
+    for i in range(n_shards):
+        shard = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+        part = names[i::n_shards]
+        torch.save({name: state_dict[name] for name in part}, folder / shard)
+        weight_map.update({name: shard for name in part})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in state_dict.values())}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def make_hf_dir(folder: Path, model: LlamaForCausalLM, tokenizer_path: Path, fmt: str = "safetensors",
+                sharded: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        model.save_pretrained(folder, max_shard_size="40KB" if sharded else "50GB")
+    else:
+        save_hf_bin(model, folder, n_shards=3 if sharded else 1)
+    (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    return folder
+
+
+def same_logits(hf: LlamaForCausalLM, lit: LLaMA, vocab_size: int) -> float:
+    idx = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (hf(idx).logits - lit.eval()(idx)).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face -> lit
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_hf_checkpoint_converts_to_the_same_logits(tmp_path, tokenizer_path, tokenizer, fmt, sharded, n_kv_heads,
+                                                   capsys):
+    hf = hf_model(tokenizer.vocab_size, n_kv_heads)
+    hf_dir = make_hf_dir(tmp_path / "org" / "tiny-llama", hf, tokenizer_path, fmt, sharded)
+    index = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}[fmt]
+    assert (hf_dir / index).is_file() == sharded
+    hf_files = sorted(p.name for p in hf_dir.iterdir())
+
+    run_script("convert_hf", "--hf_dir", hf_dir)  # by default the lit files go beside the Hugging Face ones
+
+    assert sorted(p.name for p in hf_dir.iterdir()) == sorted({*hf_files, "lit_model.pth", "model_config.json"})
+    lit = load_model(hf_dir)
+    config = lit.config
+    assert (config.n_query_groups, config.rope_base, config.norm_eps, config.block_size) == (n_kv_heads, 500, 1e-5, 128)
+    assert config.padded_vocab_size == config.vocab_size == tokenizer.vocab_size
+    assert config.name == "tiny-llama"
+    assert same_logits(hf, lit, tokenizer.vocab_size) < 1e-4
+    out = capsys.readouterr().out
+    n_files = len(list(hf_dir.glob(f"*.{fmt}")))
+    assert n_files > 1 if sharded else n_files == 1
+    assert f"[{n_files}/{n_files}]" in out and "peak memory" in out
+
+
+def test_convert_hf_dtype_and_output_dir(tmp_path, tokenizer_path, tokenizer):
+    hf = hf_model(tokenizer.vocab_size)
+    hf_dir = make_hf_dir(tmp_path / "hf", hf, tokenizer_path)
+    out = convert_hf_checkpoint(hf_dir, tmp_path / "lit", dtype="bfloat16")
+    assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.json", "tokenizer.model"]
+    state_dict = torch.load(out / "lit_model.pth", weights_only=True)
+    assert {t.dtype for t in state_dict.values()} == {torch.bfloat16}
+    expected = hf.state_dict()["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16)
+    assert torch.equal(state_dict["blocks.1.mlp.down_proj.weight"], expected)
+    assert not list(tmp_path.glob(".lit.*"))  # the temporary folder is gone
+
+
+def test_model_name_preset_names_the_model_and_must_agree(tmp_path, tokenizer_path, tokenizer):
+    # The shapes of the `micro` preset: 32 wide, 4 heads in 2 key/value groups, SwiGLU 64, RoPE base 10000.
+    hf = hf_model(tokenizer.vocab_size, n_kv_heads=2, hidden=32, intermediate=64, rope_theta=10000.0)
+    hf_dir = make_hf_dir(tmp_path / "hf", hf, tokenizer_path)
+    out = convert_hf_checkpoint(hf_dir, tmp_path / "lit", model_name="micro")
+    config = Config.from_file(out / "model_config.json")
+    assert (config.name, config.block_size, config.vocab_size) == ("micro", 64, tokenizer.vocab_size)  # not 128
+    assert same_logits(hf, load_model(out), tokenizer.vocab_size) < 1e-4
+    with pytest.raises(ValueError, match="'tiny' does not match config.json: its n_layer is 4, config.json says 2"):
+        convert_hf_checkpoint(hf_dir, tmp_path / "lit2", model_name="tiny")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Meta -> lit
+# ----------------------------------------------------------------------------------------------------------------
+
+# Meta's names for lit-lora's tensors, and how fairscale's model parallelism splits them (Meta's model.py):
+# ColumnParallelLinear splits its output rows (dim 0), RowParallelLinear its input columns (dim 1),
+# ParallelEmbedding its embedding columns (dim 1); the RMSNorm weights are whole in every shard.
+META_NAMES = {
+    "embed.weight": ("tok_embeddings.weight", 1), "norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", 0),
+    "attn_norm.weight": ("attention_norm.weight", None), "mlp_norm.weight": ("ffn_norm.weight", None),
+    "attn.q_proj.weight": ("attention.wq.weight", 0), "attn.k_proj.weight": ("attention.wk.weight", 0),
+    "attn.v_proj.weight": ("attention.wv.weight", 0), "attn.o_proj.weight": ("attention.wo.weight", 1),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0), "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+}
+
+
+def to_meta_layout(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Our rotate-half query/key rows -> Meta's interleaved ones: within a head, row c * hs/2 + j -> row 2j + c."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def make_meta_dir(folder: Path, model: LLaMA, tokenizer_path: Path, n_shards: int = 2) -> Path:
+    """llama/tokenizer.model + llama/<size>/consolidated.0i.pth + params.json, as Meta's download lays them out."""
+    c = model.config
+    shards = [{"rope.freqs": torch.rand(c.head_size // 2)} for _ in range(n_shards)]  # a buffer the original saved
+    for name, tensor in model.state_dict().items():
+        parts = name.split(".")
+        local = ".".join(parts[2:]) if parts[0] == "blocks" else name
+        meta_name, dim = META_NAMES[local]
+        if parts[0] == "blocks":
+            meta_name = f"layers.{parts[1]}.{meta_name}"
+        if local == "attn.q_proj.weight":
+            tensor = to_meta_layout(tensor, c.n_head)
+        elif local == "attn.k_proj.weight":
+            tensor = to_meta_layout(tensor, c.n_query_groups)
+        pieces = [tensor] * n_shards if dim is None else tensor.chunk(n_shards, dim=dim)
+        for shard, piece in zip(shards, pieces):
+            shard[meta_name] = piece.clone()
+    model_dir = folder / "7B"
+    model_dir.mkdir(parents=True)
+    for i, shard in enumerate(shards):
+        torch.save(shard, model_dir / f"consolidated.{i:02d}.pth")
+    # micro's SwiGLU size, 64, by Meta's formula: int(2 * 4 * 32 / 3) = 85, * 0.75 = 63, rounded up to 64.
+    params = {"dim": c.n_embd, "n_layers": c.n_layer, "n_heads": c.n_head, "n_kv_heads": c.n_query_groups,
+              "multiple_of": 64, "ffn_dim_multiplier": 0.75, "norm_eps": c.norm_eps, "vocab_size": -1}
+    (model_dir / "params.json").write_text(json.dumps(params))
+    (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())  # beside the model folders
+    return model_dir
+
+
+def test_meta_checkpoint_in_two_shards_converts_to_the_same_weights(tmp_path, tokenizer_path, tokenizer):
+    vocab = tokenizer.vocab_size
+    model = randomize(LLaMA(Config.from_name("micro", vocab_size=vocab, padded_vocab_size=vocab)))
+    meta_dir = make_meta_dir(tmp_path / "llama", model, tokenizer_path)
+    run_script("convert_meta", "--meta_dir", meta_dir, "--model_size", "micro", "--output_dir", tmp_path / "lit")
+    converted = torch.load(tmp_path / "lit" / "lit_model.pth", weights_only=True)
+    expected = model.state_dict()
+    assert converted.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(converted[name], expected[name]), name
+    config = Config.from_file(tmp_path / "lit" / "model_config.json")
+    assert (config.name, config.vocab_size, config.intermediate_size, config.n_query_groups) == ("micro", vocab, 64, 2)
+
+
+def test_meta_checkpoint_must_match_model_size(tmp_path, tokenizer_path, tokenizer):
+    vocab = tokenizer.vocab_size
+    model = LLaMA(Config.from_name("micro", vocab_size=vocab, padded_vocab_size=vocab))
+    meta_dir = make_meta_dir(tmp_path / "llama", model, tokenizer_path)
+    with pytest.raises(ValueError, match="'tiny' does not match params.json: its n_layer is 4, params.json says 2"):
+        convert_meta_checkpoint(meta_dir, tmp_path / "lit", "tiny")
+
+
+def test_meta_permutation_gives_the_same_attention_scores_as_interleaved_rope():
+    """Meta's model.py rotates the pairs (x0, x1), (x2, x3), ... of each head as complex numbers; ours rotates
+    (x_i, x_{i+hs/2}). With the permuted weights both give the same q . k for every pair of positions."""
+    torch.manual_seed(0)
+    T, d, n_head, n_kv, hs, base = 10, 32, 4, 2, 8, 10000
+    x = torch.randn(T, d)
+    wq, wk = torch.randn(n_head * hs, d), torch.randn(n_kv * hs, d)
+
+    def meta_rope(t):  # (T, heads, hs): Meta's apply_rotary_emb
+        freqs = 1.0 / base ** (torch.arange(0, hs, 2).float() / hs)
+        cis = torch.polar(torch.ones(T, hs // 2), torch.outer(torch.arange(T).float(), freqs))  # (T, hs/2)
+        pairs = torch.view_as_complex(t.reshape(T, t.size(1), hs // 2, 2))
+        return torch.view_as_real(pairs * cis.unsqueeze(1)).flatten(-2)
+
+    def scores(q, k):  # (T, n_head, hs), (T, n_kv, hs) -> (n_head, T, T)
+        return torch.einsum("thd,shd->hts", q, k.repeat_interleave(n_head // n_kv, dim=1))
+
+    meta = scores(meta_rope((x @ wq.T).view(T, n_head, hs)), meta_rope((x @ wk.T).view(T, n_kv, hs)))
+    cos, sin = build_rope_cache(T, hs, base)
+    q = apply_rope((x @ permute_meta_qk(wq, n_head).T).view(T, n_head, hs).transpose(0, 1), cos, sin).transpose(0, 1)
+    k = apply_rope((x @ permute_meta_qk(wk, n_kv).T).view(T, n_kv, hs).transpose(0, 1), cos, sin).transpose(0, 1)
+    assert torch.allclose(scores(q, k), meta, atol=1e-4)
+    unpermuted = apply_rope((x @ wq.T).view(T, n_head, hs).transpose(0, 1), cos, sin).transpose(0, 1)
+    assert not torch.allclose(scores(unpermuted, k), meta, atol=1e-1)  # without the permutation it is wrong
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lit -> Hugging Face
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_lit_checkpoint(folder: Path, tokenizer_path: Path, tokenizer) -> LLaMA:
+    """A random micro model whose embedding is padded (vocab 320 -> 384 rows), as models trained here are."""
+    model = randomize(LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size, padding_multiple=128)))
+    assert model.config.padded_vocab_size > tokenizer.vocab_size
+    save_checkpoint_dir(model, tokenizer_path, folder)
+    return model
+
+
+def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, tokenizer_path, tokenizer):
+    model = make_lit_checkpoint(tmp_path / "lit", tokenizer_path, tokenizer)
+    run_script("export_hf", "--checkpoint_dir", tmp_path / "lit", "--output_dir", tmp_path / "hf")
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert files == ["config.json", "model.safetensors", "tokenizer.model"]
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.vocab_size == model.config.padded_vocab_size
+    assert same_logits(hf, model, tokenizer.vocab_size) < 1e-4
+    # and back: the exported folder converts to the model we started from
+    back = config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()), model_name="micro")
+    assert (back.n_query_groups, back.padded_vocab_size, back.rope_base) == (2, 384, 10000)
+
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf16", dtype="bfloat16")
+    with safe_open(str(tmp_path / "hf16" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA -> merged Hugging Face model, LoRA <-> PEFT adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
+
+
+def make_lora(tmp_path: Path, tokenizer_path: Path, tokenizer, targets=ALL_TARGETS) -> LLaMA:
+    """A base checkpoint in tmp_path/lit and a LoRA for it in tmp_path/lora.pth, with B != 0 as after training."""
+    model = make_lit_checkpoint(tmp_path / "lit", tokenizer_path, tokenizer)
+    apply_lora(model, r=4, alpha=8, dropout=0.1, targets=targets)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    save_lora(model, tmp_path / "lora.pth")
+    return model.eval()
+
+
+def test_export_hf_merges_the_lora(tmp_path, tokenizer_path, tokenizer):
+    lora_model = make_lora(tmp_path, tokenizer_path, tokenizer)
+    base_bytes = (tmp_path / "lit" / "lit_model.pth").read_bytes()
+    run_script("export_hf", "--checkpoint_dir", tmp_path / "lit", "--lora_path", tmp_path / "lora.pth",
+               "--output_dir", tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert same_logits(hf, lora_model, tokenizer.vocab_size) < 1e-4
+    base = load_model(tmp_path / "lit")
+    assert same_logits(hf, base, tokenizer.vocab_size) > 1e-2  # the LoRA changed the function ...
+    assert (tmp_path / "lit" / "lit_model.pth").read_bytes() == base_bytes  # ... but not the base checkpoint
+
+
+def test_lora_exported_to_peft_loads_in_peft_and_imports_back(tmp_path, tokenizer_path, tokenizer):
+    lora_model = make_lora(tmp_path, tokenizer_path, tokenizer)
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf")  # the base model, in Hugging Face format
+    run_script("export_peft", "--lora_path", tmp_path / "lora.pth", "--output_dir", tmp_path / "peft",
+               "--checkpoint_dir", tmp_path / "lit")
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj", "lm_head"]
+    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (4, 8, 0.1)
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), framework="pt") as f:
+        assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in f.keys()
+        assert "base_model.model.lm_head.lora_A.weight" in f.keys()
+
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "hf"), tmp_path / "peft").eval()
+    assert same_logits(peft_model, lora_model, tokenizer.vocab_size) < 1e-4
+
+    run_script("import_peft", "--peft_dir", tmp_path / "peft", "--checkpoint_dir", tmp_path / "lit",
+               "--output_path", tmp_path / "imported.pth")
+    original, imported = read_lora_file(tmp_path / "lora.pth"), read_lora_file(tmp_path / "imported.pth")
+    assert imported["lora_config"] == original["lora_config"]
+    assert imported["base_config"] == original["base_config"]
+    assert imported["lora"].keys() == original["lora"].keys()
+    for name, tensor in original["lora"].items():
+        assert torch.equal(imported["lora"][name], tensor), name
+
+
+def test_adapter_trained_with_peft_imports_with_the_same_logits(tmp_path, tokenizer_path, tokenizer):
+    """An adapter written by peft itself (here: random B, as after training) on our exported base."""
+    make_lit_checkpoint(tmp_path / "lit", tokenizer_path, tokenizer)
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf")
+    peft_config = LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["k_proj", "up_proj", "lm_head"],
+                             task_type="CAUSAL_LM")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "hf"), peft_config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    import_peft_adapter(tmp_path / "peft", tmp_path / "lit", tmp_path / "imported.pth")
+    lit = load_lora(load_model(tmp_path / "lit"), tmp_path / "imported.pth")
+    assert lit.lora_config.targets == ("k", "up", "head") and lit.lora_config.alpha == 6
+    assert same_logits(peft_model.eval(), lit, tokenizer.vocab_size) < 1e-4
+
+
+@pytest.mark.parametrize("field, value", [("use_dora", True), ("use_rslora", True), ("target_modules", "all-linear"),
+                                          ("target_modules", ["q_proj", "embed_tokens"]), ("peft_type", "IA3"),
+                                          ("rank_pattern", {"q_proj": 16})])
+def test_unsupported_peft_adapter_field_is_named(tmp_path, tokenizer_path, tokenizer, field, value):
+    make_lora(tmp_path, tokenizer_path, tokenizer, targets=("q", "v"))
+    export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), field: value}))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {field} = "):
+        import_peft_adapter(tmp_path / "peft", tmp_path / "lit", tmp_path / "imported.pth")
+    assert not (tmp_path / "imported.pth").exists()
+
+
+def test_export_peft_checks_the_base_model(tmp_path, tokenizer_path, tokenizer):
+    make_lora(tmp_path, tokenizer_path, tokenizer)
+    other = tmp_path / "other"
+    wider = LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size, n_embd=64))
+    save_checkpoint_dir(wider, tokenizer_path, other)
+    with pytest.raises(ValueError, match="trained on another base model: its n_embd is 32, .*other's is 64"):
+        export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=other)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors that name what is wrong
+# ----------------------------------------------------------------------------------------------------------------
+
+VALID_HF_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "intermediate_size": 128, "vocab_size": 320, "hidden_act": "silu"}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model_type", "mistral"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0}),
+    ("tie_word_embeddings", True),
+    ("attention_bias", True),
+    ("mlp_bias", True),
+    ("hidden_act", "gelu"),
+    ("head_dim", 32),
+])
+def test_unsupported_hf_config_field_is_named(field, value):
+    assert config_from_hf(VALID_HF_CONFIG).n_embd == 64  # the valid config converts
+    with pytest.raises(ValueError, match=f"config.json: {field}"):
+        config_from_hf({**VALID_HF_CONFIG, field: value})
+
+
+def test_hf_folder_errors(tmp_path, tokenizer_path, tokenizer):
+    hf = hf_model(tokenizer.vocab_size)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hf.config.save_pretrained(empty)
+    with pytest.raises(FileNotFoundError, match="No weights in .*model.safetensors.*pytorch_model.bin"):
+        convert_hf_checkpoint(empty)
+
+    hf_dir = make_hf_dir(tmp_path / "sharded", hf, tokenizer_path, "safetensors", sharded=True)
+    with pytest.raises(ValueError, match="dtype 'int8': choose one of float32, float16, bfloat16"):
+        convert_hf_checkpoint(hf_dir, tmp_path / "out", dtype="int8")
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"lists the shard {shard.name}, which is not in"):
+        convert_hf_checkpoint(hf_dir, tmp_path / "out")
+
+    no_tokenizer = make_hf_dir(tmp_path / "no_tokenizer", hf, tokenizer_path)
+    (no_tokenizer / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="No tokenizer.model in"):
+        convert_hf_checkpoint(no_tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Downloading (no network: a stand-in for huggingface_hub records what the script asks for)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_download_fetches_only_what_convert_needs(tmp_path, monkeypatch, capsys):
+    repo = ["README.md", "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+            "original/consolidated.00.pth"]
+    calls = {}
+    hub = types.ModuleType("huggingface_hub")
+    hub.list_repo_files = lambda repo_id, token=None: repo
+    hub.snapshot_download = lambda repo_id, **kwargs: calls.update(repo_id=repo_id, **kwargs)
+    utils = types.ModuleType("huggingface_hub.utils")
+    utils.GatedRepoError = type("GatedRepoError", (Exception,), {})
+    utils.RepositoryNotFoundError = type("RepositoryNotFoundError", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.utils", utils)
+
+    repo_id, local_dir = "meta-llama/Llama-2-7b-hf", tmp_path / "meta-llama" / "Llama-2-7b-hf"
+    run_script("download", "--repo_id", repo_id, "--access_token", "hf_x", "--checkpoint_dir", tmp_path)
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert calls == {"repo_id": repo_id, "local_dir": local_dir, "token": "hf_x",
+                     "allow_patterns": ["config.json", "tokenizer.model", *shards]}
+    assert f"python checkpoints/convert_hf.py --hf_dir {local_dir}" in capsys.readouterr().out
+
+    # .bin only where there are no safetensors; a repo without tokenizer.model is refused before any download
+    assert hf_files_to_download(["config.json", "tokenizer.model", "pytorch_model.bin", "training_args.bin"]) == [
+        "config.json", "tokenizer.model", "pytorch_model.bin"]
+    with pytest.raises(ValueError, match="no tokenizer.model"):
+        hf_files_to_download(["config.json", "tokenizer.json", "model.safetensors"])
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ImportError, match="pip install huggingface_hub"):
+        run_script("download", "--repo_id", "a/b")
