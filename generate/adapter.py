@@ -1,0 +1,41 @@
+"""Answer an instruction with a LLaMA-Adapter-finetuned model: the base checkpoint plus an adapter file.
+
+    python generate/adapter.py --adapter_path out/adapter/alpaca/lit_adapter_finetuned.pth --prompt "What do llamas eat?"
+
+The prompt length and start layer are read from the adapter file. The adapter prompts' keys and values are
+computed once per generation and kept with the KV cache, not recomputed for every token.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jsonargparse import CLI
+
+from lit_lora.adapter import load_adapter
+from lit_lora.data import format_prompt
+from lit_lora.generation import GenerateArgs, run
+from lit_lora.utils import load_model
+
+
+@dataclass
+class AdapterGenerateArgs(GenerateArgs):
+    """Generate with a LLaMA-Adapter-finetuned model.
+
+    Args:
+        adapter_path: The adapter file written by finetune/adapter.py.
+        input: Optional input (context) for the instruction, as in the Alpaca template.
+    """
+
+    prompt: str = "What food do llamas eat?"
+    adapter_path: Path = Path("out/adapter/alpaca/lit_adapter_finetuned.pth")
+    input: str = ""
+
+
+def main(args: AdapterGenerateArgs) -> list[str]:
+    model = load_model(args.checkpoint_dir)
+    load_adapter(model, args.adapter_path)  # checks the file fits this base model, names any mismatch
+    return run(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+
+
+if __name__ == "__main__":
+    main(CLI(AdapterGenerateArgs, as_positional=False))
