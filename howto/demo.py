@@ -122,7 +122,7 @@ def main(out_dir: Path = Path("out/demo"), seed: int = 42, pretrain_steps: int =
         checkpoint_dir=tokenizer_dir, data_dir=data_dir / "base", out_dir=base_dir, from_scratch=True,
         model_name="tiny", precision="32-true", seed=seed, learning_rate=pretrain_learning_rate, global_batch_size=32,
         micro_batch_size=32, max_steps=pretrain_steps, warmup_steps=30, eval_interval=0, save_interval=0,
-        log_interval=max(1, pretrain_steps // 10), eval_instruction=TASKS["reverse"][0] + " a b c d",
+        log_interval=max(1, pretrain_steps // 10), eval_instruction=TASKS["reverse"][0], eval_input="a b c d",
         eval_max_new_tokens=10,
     ))
     times["pretrain"] = time.perf_counter() - start
@@ -133,7 +133,8 @@ def main(out_dir: Path = Path("out/demo"), seed: int = 42, pretrain_steps: int =
         checkpoint_dir=base_dir, data_dir=data_dir / "new", out_dir=lora_dir, precision="32-true", seed=seed,
         learning_rate=lora_learning_rate, global_batch_size=32, micro_batch_size=32, max_steps=lora_steps, warmup_steps=10,
         eval_interval=0, save_interval=0, log_interval=max(1, lora_steps // 10), lora_r=lora_r,
-        lora_alpha=2 * lora_r, lora_dropout=0.0, eval_instruction=TASKS[NEW_TASK][0], eval_max_new_tokens=10,
+        lora_alpha=2 * lora_r, lora_dropout=0.0, eval_instruction=TASKS[NEW_TASK][0], eval_input="a b c d",
+        eval_max_new_tokens=10,
     ))
     times["lora"] = time.perf_counter() - start
     lora_path = lora_dir / "lit_lora_finetuned.pth"

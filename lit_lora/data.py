@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.utils import current_umask
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
@@ -177,8 +178,14 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
 
 def write_prepared(destination: Path, prepared: dict, summary: dict) -> None:
     """Write into a temporary folder beside the destination, then swap it in: never a half-written dataset."""
+    written = {"train.pt", "test.pt", "prepare_config.json"}
+    if destination.is_dir() and not {p.name for p in destination.iterdir()} <= written:
+        raise FileExistsError(f"{destination} holds files that prepare did not write "
+                              f"({sorted({p.name for p in destination.iterdir()} - written)[:3]}); "
+                              "it replaces the whole folder, so choose an empty or new --destination_path")
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes folders only their owner can read
     try:
         torch.save(prepared["train"], tmp / "train.pt")
         torch.save(prepared["test"], tmp / "test.pt")

@@ -22,7 +22,7 @@ dW has a low "intrinsic rank": it can be written as B A with B (d_out x r) and A
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 import torch.nn as nn
@@ -116,19 +116,25 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank r must be at least 1, got {self.r}")
 
 
+def target_linears(model: LLaMA, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str]]:
+    """(state-dict prefix, parent module, attribute name) of every linear the targets name."""
+    for target in targets:
+        parent_path, _, name = LORA_TARGETS[target].rpartition(".")
+        if target == "head":
+            yield name, model, name
+        else:
+            for i, block in enumerate(model.blocks):
+                yield f"blocks.{i}.{parent_path}.{name}", block.get_submodule(parent_path), name
+
+
 def apply_lora(model: LLaMA, r: int = 8, alpha: float = 16, dropout: float = 0.05,
                targets: tuple[str, ...] = ("q", "v")) -> LLaMA:
     """Replace the target linears of every block (and lm_head for "head") by LoRALinear, in place."""
     if hasattr(model, "lora_config"):
         raise ValueError(f"This model already has LoRA ({model.lora_config}); apply it once")
     config = LoRAConfig(r, alpha, dropout, targets)
-    for target in config.targets:
-        path = LORA_TARGETS[target]
-        owners = [model] if target == "head" else [block for block in model.blocks]
-        for owner in owners:
-            parent_path, _, name = path.rpartition(".")
-            parent = owner.get_submodule(parent_path) if parent_path else owner
-            setattr(parent, name, LoRALinear.from_linear(getattr(parent, name), r, alpha, dropout))
+    for _, parent, name in target_linears(model, config.targets):
+        setattr(parent, name, LoRALinear.from_linear(getattr(parent, name), r, alpha, dropout))
     model.lora_config = config
     return model
 
@@ -188,18 +194,23 @@ def load_lora(model: LLaMA, path: Union[str, Path]) -> LLaMA:
             raise ValueError(f"{path} was made for another base model ({base.get('name') or 'unnamed'}): its "
                              f"{field} is {base.get(field)}, this model's is {getattr(model.config, field)}")
     config = LoRAConfig(**{f.name: checkpoint["lora_config"][f.name] for f in fields(LoRAConfig)})
-    if not hasattr(model, "lora_config"):
-        apply_lora(model, config.r, config.alpha, config.dropout, config.targets)
-    elif model.lora_config != config:
+    if hasattr(model, "lora_config") and model.lora_config != config:
         raise ValueError(f"{path} holds LoRA {config}, but the model already has {model.lora_config}")
-    expected = lora_state_dict(model)
+    # Check every tensor before touching the model: a failed load leaves it as it was.
+    expected = {}
+    for prefix, parent, name in target_linears(model, config.targets):
+        linear = getattr(parent, name)
+        expected[f"{prefix}.lora_A"] = (config.r, linear.in_features)
+        expected[f"{prefix}.lora_B"] = (linear.out_features, config.r)
     missing = sorted(set(expected) - set(checkpoint["lora"]))
     unexpected = sorted(set(checkpoint["lora"]) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing tensors {missing[:3]}, unexpected {unexpected[:3]}")
     for name, tensor in checkpoint["lora"].items():
-        if tensor.shape != expected[name].shape:
+        if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"but this model's is {tuple(expected[name].shape)}")
+                             f"but this model's is {expected[name]}")
+    if not hasattr(model, "lora_config"):
+        apply_lora(model, config.r, config.alpha, config.dropout, config.targets)
     model.load_state_dict(checkpoint["lora"], strict=False)
     return model

@@ -62,6 +62,7 @@ class TrainArgs:
         eval_interval: Evaluate every this many optimizer steps (0: only at the end).
         eval_examples: Validation loss is computed on this fixed subset of test.pt.
         eval_instruction: The instruction answered by the sample generation at each evaluation.
+        eval_input: Its optional input (context), as in the Alpaca template.
         eval_max_new_tokens: Length of that sample.
         save_interval: Save step files and the resumable state every this many optimizer steps (0: only at the end).
         log_interval: Print a progress line every this many optimizer steps.
@@ -90,6 +91,7 @@ class TrainArgs:
     eval_interval: int = 100
     eval_examples: int = 100
     eval_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason."
+    eval_input: str = ""
     eval_max_new_tokens: int = 100
     save_interval: int = 1000
     log_interval: int = 1
@@ -316,11 +318,11 @@ def evaluate_and_report(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, 
     val_loss = float(fabric.all_reduce(total, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum").clamp(min=1))
     fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
     fabric.print(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
-    prompt = tokenizer.encode(format_prompt(args.eval_instruction), bos=True).to(fabric.device)
+    prompt = tokenizer.encode(format_prompt(args.eval_instruction, args.eval_input), bos=True).to(fabric.device)
     new_tokens = min(args.eval_max_new_tokens, model.config.block_size - len(prompt))
     if new_tokens > 0:
         (answer,) = generate(model, [prompt], max_new_tokens=new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
-        fabric.print(f"  {args.eval_instruction!r} -> {tokenizer.decode(answer)!r}")
+        fabric.print(f"  {(args.eval_instruction + ' ' + args.eval_input).strip()!r} -> {tokenizer.decode(answer)!r}")
     model.train()
     return val_loss
 

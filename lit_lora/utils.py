@@ -77,11 +77,18 @@ def save_checkpoint_dir(model: LLaMA, tokenizer_path: Union[str, Path], checkpoi
     return checkpoint_dir
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """Call write(temporary path) for a file beside `path`, then rename it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files only their owner can read; use the usual mode
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -109,6 +109,11 @@ def test_a_failed_preparation_leaves_nothing_behind(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="No training example fits"):
         prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=4, test_split_size=0)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        prepare(RECORDS, tokenizer, tmp_path / "mine", max_seq_length=256, test_split_size=2)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_dolly_field_mapping(tmp_path, tokenizer):

@@ -145,8 +145,10 @@ def test_mismatched_loads_fail_clearly(tmp_path):
     checkpoint = torch.load(tmp_path / "lora.pth", weights_only=True)
     checkpoint["lora"]["blocks.1.attn.v_proj.lora_A"] = torch.zeros(8, 31)
     torch.save(checkpoint, tmp_path / "edited.pth")
+    untouched = base_model()
     with pytest.raises(ValueError, match=r"blocks.1.attn.v_proj.lora_A has shape \(8, 31\).*\(8, 32\)"):
-        load_lora(base_model(), tmp_path / "edited.pth")
+        load_lora(untouched, tmp_path / "edited.pth")
+    assert not hasattr(untouched, "lora_config") and not any(isinstance(m, LoRALinear) for m in untouched.modules())
 
     del checkpoint["lora"]["blocks.1.attn.v_proj.lora_A"]
     torch.save(checkpoint, tmp_path / "partial.pth")
