@@ -62,7 +62,7 @@ def response_loss(model, tokenizer: Tokenizer, records: list[dict]) -> float:
     """Mean cross-entropy per response token: the training loss, measured on held-out puzzles."""
     examples = [tokenize_example(r, tokenizer, model.config.block_size) for r in records]
     input_ids, labels = collate(examples, model.config.block_size)
-    return (loss_sum(model(input_ids), labels) / (labels[:, 1:] != IGNORE_INDEX).sum()).item()
+    return (loss_sum(model, input_ids, labels) / (labels[:, 1:] != IGNORE_INDEX).sum()).item()
 
 
 def accuracy(model, tokenizer: Tokenizer, records: list[dict]) -> tuple[float, list[str]]:

@@ -77,8 +77,9 @@ class LoRALinear(nn.Linear):
         h = super().forward(x)  # W0 x (already W0 + dW when merged)
         if self.merged:
             return h
-        # B(A(dropout(x))): two thin matmuls, never the full d_out x d_in product
-        return h + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        # scaling * B(A(dropout(x))): two thin matmuls, never the full d_out x d_in product; the scaling is
+        # applied to the r-wide middle, the cheapest place for it
+        return h + ((self.lora_dropout(x) @ self.lora_A.T) * self.scaling) @ self.lora_B.T
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -266,13 +266,17 @@ class LLaMA(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                output_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, padded_vocab_size).
 
         Without input_pos the T tokens are positions 0..T-1 (training, or a plain forward).
         With input_pos ((T,) shared by all rows, or (B, T), one set of positions per row) the keys and
         values are written into the KV cache at those positions, and each query attends to every cached
         position up to its own.
+        With output_mask ((B, T) bool) only the logits where it is True are computed, returned as (N, vocab)
+        in row-major order. The vocabulary projection is the largest matmul of a small model: training
+        needs it only where there is a label (not on the masked prompt), a prefill only at the last token.
         """
         B, T = idx.shape
         if input_pos is None:
@@ -290,4 +294,7 @@ class LLaMA(nn.Module):
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
             x = block(x, cos, sin, mask, input_pos)
-        return self.lm_head(self.norm(x))  # (B, T, padded_vocab_size)
+        x = self.norm(x)
+        if output_mask is not None:
+            x = x[output_mask]  # (N, n_embd): only the positions whose logits are wanted
+        return self.lm_head(x)  # (B, T, padded_vocab_size), or (N, padded_vocab_size)

@@ -156,11 +156,16 @@ def global_batch_indices(step: int, num_examples: int, global_batch_size: int, s
     return indices
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of predicting token t+1 from positions <= t, over label tokens (not -100)."""
-    logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()  # (B * (T-1), vocab)
-    targets = labels[:, 1:].reshape(-1)  # (B * (T-1),)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of predicting token t+1 from positions <= t, over label tokens (not -100).
+
+    Logits are computed only at the positions that predict a label: with the prompt masked, that skips
+    the vocabulary projection (and its gradient) for every prompt token.
+    """
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    predicts_label = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # (B, T); the last position predicts nothing
+    logits = model(input_ids, output_mask=predicts_label)  # (N, vocab)
+    return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
 
 
 def rng_state() -> dict:
@@ -250,7 +255,7 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs, save_weights: Callabl
             for j, (input_ids, labels) in enumerate(micro_batches):
                 input_ids, labels = fabric.to_device((input_ids, labels))
                 with fabric.no_backward_sync(model, enabled=j < accumulation - 1):
-                    total = loss_sum(model(input_ids), labels)
+                    total = loss_sum(model, input_ids, labels)
                     # DDP averages gradients over devices, so scale by world_size to get the sum / label_tokens
                     fabric.backward(total * world_size / max(label_tokens, 1))
                 step_loss += total.detach()
@@ -313,7 +318,7 @@ def evaluate_and_report(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, 
     total, count = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
     for j in range(0, len(mine), args.micro_batch_size):
         input_ids, labels = fabric.to_device(collate(mine[j:j + args.micro_batch_size], max_seq_length))
-        total += loss_sum(model(input_ids), labels)
+        total += loss_sum(model, input_ids, labels)
         count += (labels[:, 1:] != IGNORE_INDEX).sum()
     val_loss = float(fabric.all_reduce(total, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum").clamp(min=1))
     fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)

@@ -48,6 +48,21 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert learning_rate_at(20, 1.0, 4, 20, 0.1) == pytest.approx(0.1)
 
 
+def test_loss_sum_equals_cross_entropy_over_all_logits():
+    """Computing logits only where a label is must give the loss of the full computation."""
+    from lit_lora.model import Config, LLaMA
+
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("micro"))
+    input_ids = torch.randint(0, 256, (3, 12))
+    labels = input_ids.clone()
+    labels[0, :5], labels[1, :9], labels[2, 7:] = -100, -100, -100  # prompts masked, right padding
+    logits = model(input_ids)
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="sum")
+    assert train_module.loss_sum(model, input_ids, labels).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
 def test_each_epoch_sees_every_example_once():
     n, batch = 10, 4
     stream = [i for step in range(5) for i in global_batch_indices(step, n, batch, seed=3)]  # 20 = two epochs
@@ -94,11 +109,11 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, int
     calls = {"n": 0}
     real_loss_sum = train_module.loss_sum
 
-    def interrupting_loss_sum(logits, labels):
+    def interrupting_loss_sum(model, input_ids, labels):
         calls["n"] += 1
         if calls["n"] == interrupt_at_call:  # 2 micro batches per step: call 5 opens step 3
             raise KeyboardInterrupt
-        return real_loss_sum(logits, labels)
+        return real_loss_sum(model, input_ids, labels)
 
     monkeypatch.setattr(train_module, "loss_sum", interrupting_loss_sum)
     with pytest.raises(SystemExit) as exit_info:
@@ -135,9 +150,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
     calls = {"n": 0}
     real_loss_sum = train_module.loss_sum
 
-    def nan_at_step_3(logits, labels):
+    def nan_at_step_3(model, input_ids, labels):
         calls["n"] += 1
-        loss = real_loss_sum(logits, labels)
+        loss = real_loss_sum(model, input_ids, labels)
         return loss * float("nan") if calls["n"] > 4 else loss
 
     monkeypatch.setattr(train_module, "loss_sum", nan_at_step_3)
@@ -230,11 +245,11 @@ def test_adapter_end_to_end_and_resume(setup, monkeypatch):
 
     calls, real_loss_sum = {"n": 0}, train_module.loss_sum
 
-    def interrupt(logits, labels):
+    def interrupt(model, input_ids, labels):
         calls["n"] += 1
         if calls["n"] == 9:  # the first micro batch of step 5
             raise KeyboardInterrupt
-        return real_loss_sum(logits, labels)
+        return real_loss_sum(model, input_ids, labels)
 
     monkeypatch.setattr(train_module, "loss_sum", interrupt)
     with pytest.raises(SystemExit):
