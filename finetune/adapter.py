@@ -43,7 +43,7 @@ def main(args: AdapterArgs) -> dict:
     apply_adapter(model, prompt_length=args.adapter_prompt_length, start_layer=args.adapter_start_layer)
     mark_only_adapter_as_trainable(model)
     return fit(fabric, model, args,
-               save_weights=lambda m, folder: save_adapter(m, folder / "lit_adapter_finetuned.pth"))
+               save_weights=lambda m, folder, trained: save_adapter(m, folder / "lit_adapter_finetuned.pth", trained))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def main(args: LoRAArgs) -> dict:
     model = load_model(args.checkpoint_dir)  # meta device + memory-mapped weights: no second copy
     apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
     mark_only_lora_as_trainable(model)  # W0 stays frozen: no gradients, no optimizer state for it
-    return fit(fabric, model, args, save_weights=lambda m, folder: save_lora(m, folder / "lit_lora_finetuned.pth"))
+    return fit(fabric, model, args, save_weights=lambda m, folder, trained: save_lora(m, folder / "lit_lora_finetuned.pth", trained))
 
 
 if __name__ == "__main__":

@@ -134,11 +134,14 @@ def adapter_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in model.state_dict().items() if is_adapter_parameter(name)}
 
 
-def save_adapter(model: LLaMA, path: Union[str, Path]) -> None:
-    """Write the adapter (a few MB for 7B), with the hyperparameters and base config needed to load it."""
+def save_adapter(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] = None) -> None:
+    """Write the adapter (a few MB for 7B), with the hyperparameters and base config needed to load it.
+    The tensors come from the model, or from `state_dict` (the training loop passes the ones it gathered)."""
     if getattr(model, "adapter_config", None) is None:
         raise ValueError("The model has no adapter to save: call apply_adapter(model) first")
-    atomic_save({"adapter": adapter_state_dict(model), "adapter_config": asdict(model.adapter_config),
+    tensors = adapter_state_dict(model) if state_dict is None else {
+        name: tensor.detach().cpu() for name, tensor in state_dict.items() if is_adapter_parameter(name)}
+    atomic_save({"adapter": tensors, "adapter_config": asdict(model.adapter_config),
                  "base_config": asdict(model.config)}, path)
 
 

@@ -22,7 +22,7 @@ dW has a low "intrinsic rank": it can be written as B A with B (d_out x r) and A
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -167,10 +167,14 @@ def unmerge_lora(model: nn.Module) -> None:
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "padded_vocab_size")
 
 
-def save_lora(model: LLaMA, path: Union[str, Path]) -> None:
-    """One self-describing file: the LoRA tensors, their hyperparameters, and the base model's config."""
+def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] = None) -> None:
+    """One self-describing file: the LoRA tensors, their hyperparameters, and the base model's config.
+
+    The tensors come from the model, or from `state_dict` (the training loop passes the ones it gathered
+    from all devices)."""
+    tensors = lora_state_dict(model) if state_dict is None else state_dict
     atomic_save({
-        "lora": {name: tensor.detach().cpu() for name, tensor in lora_state_dict(model).items()},
+        "lora": {name: tensor.detach().cpu() for name, tensor in tensors.items() if "lora_" in name},
         "lora_config": asdict(model.lora_config),
         "base_config": asdict(model.config),
     }, path)

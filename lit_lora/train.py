@@ -108,7 +108,8 @@ def launch_fabric(args: TrainArgs, multi_device_strategy: str = "ddp", activatio
     args.out_dir = Path(args.out_dir)
     strategy = args.strategy
     if strategy == "auto" and args.devices * args.num_nodes > 1:
-        strategy = multi_device_strategy
+        # FSDP needs GPUs (Fabric's rule); on CPU processes full finetuning replicates with DDP instead
+        strategy = multi_device_strategy if torch.cuda.is_available() else "ddp"
     if strategy == "fsdp":
         strategy = FSDPStrategy(
             auto_wrap_policy={Block},
@@ -182,11 +183,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fit(fabric: Fabric, model: nn.Module, args: TrainArgs, save_weights: Callable[[nn.Module, Path], None]) -> dict:
+def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
+        save_weights: Callable[[nn.Module, Path, dict], None]) -> dict:
     """Train the parameters of `model` that require grad; return the run's figures.
 
-    `save_weights(model, folder)` writes the method's result into a folder: the final one is args.out_dir,
-    step files go to out_dir/step-NNNNNN/.
+    `save_weights(model, folder, trained)` writes the method's result into a folder (the final one is
+    args.out_dir, step files go to out_dir/step-NNNNNN/); `trained` holds the trained tensors, gathered
+    from every device, on the CPU.
     """
     out_dir = Path(args.out_dir)
     tokenizer = Tokenizer(args.checkpoint_dir)
@@ -231,8 +234,9 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs, save_weights: Callabl
     def save(step: int, folder: Path) -> None:
         state.update(step=step, rng=rng_state())
         save_state(fabric, out_dir / "state.pth", state, trainable_names)
-        if fabric.global_rank == 0:
-            save_weights(model.module if hasattr(model, "module") else model, folder)
+        if fabric.global_rank == 0:  # the trained tensors as Fabric gathered them, even from FSDP shards
+            trained = torch.load(out_dir / "state.pth", mmap=True, weights_only=True)["model"]
+            save_weights(model.module, folder, trained)
         fabric.barrier()
 
     start_step, tokens_seen, start_time = state["step"], 0, time.perf_counter()
