@@ -101,3 +101,15 @@ def test_generate_base_script(checkpoint_dir, capsys):
     assert "Sample 2: " in err and "tokens/s" in err and "peak memory" in err
     with pytest.raises(FileNotFoundError, match="convert_hf.py"):
         main(GenerateArgs(checkpoint_dir=checkpoint_dir.parent / "missing"))
+
+
+def test_interactive_loop_streams_answers_until_an_empty_line(tmp_path, tokenizer_path, monkeypatch, capsys):
+    from generate.full import FullGenerateArgs, main
+    from tests.conftest import make_checkpoint
+
+    checkpoint_dir = make_checkpoint(tmp_path / "model", tokenizer_path, block_size=256)  # room for the template
+    answers = iter(["Say hello.", "Name a colour.", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    main(FullGenerateArgs(checkpoint_dir=checkpoint_dir, interactive=True, max_new_tokens=4, temperature=0.0))
+    err = capsys.readouterr().err
+    assert err.count("Sample 1: ") == 2  # two instructions answered, then the empty line ends the loop
