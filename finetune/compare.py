@@ -1,0 +1,339 @@
+"""Compare LoRA, LLaMA-Adapter and full finetuning on the same model and data: memory, time, loss.
+
+    python finetune/compare.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca
+    python finetune/compare.py --estimate_only true --model_name 7B --precision bf16-true
+
+Each method runs its own script (finetune/lora.py, adapter.py, full.py) with the same checkpoint, data,
+precision, batch sizes, seed and number of optimizer steps, and its own learning rate (the script's default
+unless given). Each runs in a fresh Python process, so the peak memory it reports is its own: CUDA's
+max_memory_allocated on a GPU, the peak resident set size (RSS) on a CPU, where it includes what Python,
+torch and Lightning hold before training starts (reported as the baseline). Before anything runs, the
+memory each method should need is worked out by lit_lora/memory.py and printed beside what was measured.
+
+Written to out_dir: <method>/ (each run's weights and logs), results.csv, results.md, and results.png
+when matplotlib is installed (pip install -e ".[plot]"). See howto/compare.md.
+"""
+
+import csv
+import importlib
+import io
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from jsonargparse import CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the finetune/ scripts are imported as modules
+
+from finetune.adapter import AdapterArgs  # noqa: E402
+from finetune.full import FullArgs  # noqa: E402
+from finetune.lora import LoRAArgs  # noqa: E402
+from lit_lora.data import load_prepared  # noqa: E402
+from lit_lora.memory import MemoryEstimate, TrainingSetup, estimate_memory, format_estimates, step_flops  # noqa: E402
+from lit_lora.model import Config  # noqa: E402
+from lit_lora.train import global_batch_indices  # noqa: E402
+from lit_lora.utils import atomic_write, check_checkpoint_dir, default_precision, format_bytes, peak_memory_bytes  # noqa: E402
+
+Method = Literal["lora", "adapter", "full"]
+METHOD_ARGS = {"lora": LoRAArgs, "adapter": AdapterArgs, "full": FullArgs}
+NAMES = {"lora": "LoRA", "adapter": "LLaMA-Adapter", "full": "Full finetuning"}
+
+
+@dataclass
+class CompareArgs:
+    """Run LoRA, LLaMA-Adapter and full finetuning for the same steps and compare memory, time and loss.
+
+    Args:
+        checkpoint_dir: The base model's folder (lit_model.pth, model_config.json, tokenizer.model).
+        data_dir: Prepared data (train.pt, test.pt) made by a prepare_data/ script with this model's tokenizer.
+        out_dir: Each method's run goes to out_dir/<method>/; the results to out_dir/results.{csv,md,png}.
+        methods: The methods to run, in this order.
+        max_steps: Optimizer steps of every method.
+        micro_batch_size: Examples per forward/backward pass.
+        global_batch_size: Examples per optimizer step (gradient accumulation makes up the rest).
+        precision: 32-true, bf16-true, bf16-mixed or 16-mixed; default bf16-true on a GPU that supports it, else 32-true.
+        max_seq_length: Truncate examples to this many tokens (default: as prepared).
+        lora_learning_rate: LoRA's peak learning rate (default: finetune/lora.py's).
+        adapter_learning_rate: LLaMA-Adapter's peak learning rate (default: finetune/adapter.py's).
+        full_learning_rate: Full finetuning's peak learning rate (default: finetune/full.py's).
+        warmup_steps: Warmup of every method in optimizer steps (default: each script's own).
+        eval_examples: The validation loss after the run is computed on this many examples of test.pt.
+        seed: Seeds each run (the same data order for every method).
+        estimate_only: Only print the predicted memory of each method on a GPU (lit_lora/memory.py) and stop.
+        model_name: With --estimate_only: a Config preset (e.g. 7B) instead of checkpoint_dir's model_config.json.
+        seq_length: With --estimate_only: the tokens per example to estimate for (default: the data's longest, else 256).
+    """
+
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")
+    data_dir: Path = Path("data/alpaca")
+    out_dir: Path = Path("out/compare")
+    methods: tuple[Method, ...] = ("lora", "adapter", "full")
+    max_steps: int = 20
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None
+    max_seq_length: Optional[int] = None
+    lora_learning_rate: Optional[float] = None
+    adapter_learning_rate: Optional[float] = None
+    full_learning_rate: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    eval_examples: int = 100
+    seed: int = 1337
+    estimate_only: bool = False
+    model_name: Optional[str] = None
+    seq_length: Optional[int] = None
+
+
+def main(args: CompareArgs) -> dict:
+    """Predict, run and compare. Returns {"estimates": {method: MemoryEstimate}, "results": [row per method]}."""
+    if not args.methods:
+        raise ValueError("--methods is empty: give one or more of lora, adapter, full, e.g. --methods [lora,full]")
+    if args.global_batch_size % args.micro_batch_size:
+        raise ValueError(f"--global_batch_size ({args.global_batch_size}) must be a multiple of "
+                         f"--micro_batch_size ({args.micro_batch_size})")
+    if args.model_name is not None and not args.estimate_only:
+        raise ValueError("--model_name is for --estimate_only true; a run uses checkpoint_dir's model_config.json")
+    config = (Config.from_name(args.model_name) if args.model_name is not None
+              else Config.from_file(check_checkpoint_dir(args.checkpoint_dir) / "model_config.json"))
+    precision = args.precision or default_precision()
+    device = "cuda" if torch.cuda.is_available() or args.estimate_only else "cpu"  # an estimate is for a GPU
+    data = data_facts(args, config)
+    estimates = {m: estimate_memory(config, training_setup(m, args, precision, device, data)) for m in args.methods}
+    print(f"Predicted memory of one training step ({config.name or 'model'}, {precision}, micro batch "
+          f"{args.micro_batch_size} x {data['seq_length']} tokens, {device}; lit_lora/memory.py):\n")
+    print(format_estimates({NAMES[m]: e for m, e in estimates.items()}) + "\n", flush=True)
+    if args.estimate_only:
+        return {"estimates": estimates, "results": []}
+
+    results = []
+    for method in args.methods:
+        summary = run_in_own_process(method, method_flags(method, args, precision), args.out_dir / method)
+        time_per_step, tokens_per_sec = loop_timing(args.out_dir / method, data["train_lengths"],
+                                                    args.global_batch_size, args.seed)
+        flops = step_flops(config, estimates[method].setup)["total"] * (args.global_batch_size // args.micro_batch_size)
+        results.append({
+            "method": method, "trainable_parameters": summary["trainable_parameters"],
+            "total_parameters": summary["total_parameters"],
+            "trainable_percent": 100 * summary["trainable_parameters"] / summary["total_parameters"],
+            "checkpoint_bytes": summary["weights_bytes"], "peak_memory_bytes": summary["peak_memory_bytes"],
+            "baseline_memory_bytes": summary["baseline_memory_bytes"],
+            "predicted_memory_bytes": estimates[method].total, "time_per_step_s": time_per_step,
+            "tokens_per_sec": tokens_per_sec, "val_loss": summary["val_loss"], "steps": summary["steps"],
+            "run_time_s": summary["time_s"], "predicted_flops_per_step": flops, "precision": precision,
+            "device": device,
+        })
+    write_results(args.out_dir, results, estimates)
+    print_comparison(results)
+    return {"estimates": estimates, "results": results}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What each method runs
+
+
+def data_facts(args: CompareArgs, config: Config) -> dict:
+    """The longest training example after truncation (the peak micro batch is padded to it), the share of
+    tokens that carry loss, and every example's length (for the tokens of each step)."""
+    try:
+        train, _, prepared = load_prepared(args.data_dir)
+    except FileNotFoundError:
+        if not args.estimate_only:
+            raise
+        return {"seq_length": args.seq_length or 256, "label_fraction": 1.0, "train_lengths": []}
+    max_seq_length = min(args.max_seq_length or prepared["max_seq_length"], config.block_size)  # as fit() does
+    lengths = [min(len(example["input_ids"]), max_seq_length) for example in train]
+    return {"seq_length": args.seq_length or max(lengths), "label_fraction": prepared["loss_token_share"],
+            "train_lengths": lengths}
+
+
+def training_setup(method: str, args: CompareArgs, precision: str, device: str, data: dict) -> TrainingSetup:
+    """The estimate's inputs, with each method's hyperparameters (LoRA r, targets, ...) as its script's defaults."""
+    defaults = METHOD_ARGS[method]()
+    hyperparameters = ("lora_r", "lora_targets", "lora_dropout", "adapter_prompt_length", "adapter_start_layer")
+    return TrainingSetup(
+        method=method, precision=precision, micro_batch_size=args.micro_batch_size, seq_length=data["seq_length"],
+        label_fraction=data["label_fraction"], device=device,
+        **{name: getattr(defaults, name) for name in hyperparameters if hasattr(defaults, name)},
+    )
+
+
+def method_flags(method: str, args: CompareArgs, precision: str) -> list[str]:
+    """The command-line flags of finetune/<method>.py for this comparison: shared settings, the method's own
+    learning rate, no evaluation or checkpoint during the run (they would count as step time)."""
+    flags = {
+        "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir, "out_dir": args.out_dir / method,
+        "precision": precision, "max_steps": args.max_steps, "micro_batch_size": args.micro_batch_size,
+        "global_batch_size": args.global_batch_size, "seed": args.seed, "eval_interval": 0, "save_interval": 0,
+        "eval_examples": args.eval_examples, "log_interval": max(1, args.max_steps // 10),
+    }
+    learning_rate = getattr(args, f"{method}_learning_rate")
+    if learning_rate is not None:
+        flags["learning_rate"] = learning_rate
+    if args.warmup_steps is not None:
+        flags["warmup_steps"] = args.warmup_steps
+        if METHOD_ARGS[method]().warmup_epochs is not None:  # the adapter counts warmup in epochs by default
+            flags["warmup_epochs"] = "null"
+    if args.max_seq_length is not None:
+        flags["max_seq_length"] = args.max_seq_length
+    return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
+
+
+def run_in_own_process(method: str, flags: list[str], run_dir: Path) -> dict:
+    """Run `python finetune/<method>.py <flags>` in a fresh process and return the summary its fit() returned.
+
+    The child is `run_child` below: the script's own CLI and main(), plus writing the summary to a JSON
+    file (a process cannot return a dict). The output streams to this terminal as the run goes.
+    """
+    summary_path = run_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)  # never read a previous run's figures
+    print(f"\n=== {NAMES[method]}: python finetune/{method}.py {' '.join(flags)}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if not torch.cuda.is_available():
+        # On a CPU the figure is the peak RSS. glibc's malloc keeps large freed blocks (the activations of
+        # earlier micro batches) in its heap and raises its mmap threshold as they are freed, so the RSS
+        # would grow with every micro batch. A fixed threshold maps each block of 1 MiB or more on its own
+        # and returns it when freed: the peak RSS then follows the live tensors. (Ignored outside glibc.)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    code = "from finetune.compare import run_child; run_child()"
+    completed = subprocess.run([sys.executable, "-c", code, str(summary_path), method, *flags], env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{NAMES[method]} failed (exit code {completed.returncode}): its output is above. "
+                           f"Run it alone with: python finetune/{method}.py {' '.join(flags)}")
+    return json.loads(summary_path.read_text())
+
+
+def run_child() -> None:
+    """In the child process: argv is SUMMARY_JSON METHOD FLAGS... Runs the script's main on its own CLI."""
+    summary_path, method, *flags = sys.argv[1:]
+    # What the process holds before training: Python, torch, Lightning (RSS on a CPU; nothing on a GPU yet)
+    baseline = 0 if torch.cuda.is_available() else peak_memory_bytes()
+    script = importlib.import_module(f"finetune.{method}")
+    summary = script.main(CLI(METHOD_ARGS[method], as_positional=False, args=flags))
+    summary["baseline_memory_bytes"] = baseline
+    atomic_write(Path(summary_path), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+
+
+def loop_timing(run_dir: Path, train_lengths: list[int], global_batch_size: int, seed: int) -> tuple[float, float]:
+    """(seconds per optimizer step, tokens per second) of the training loop alone: medians over steps 2..N.
+
+    fit()'s own time includes the first step (where AdamW allocates its state and kernels warm up) and the
+    final evaluation and save (for full finetuning, a whole checkpoint and the optimizer state). The loop
+    logs tokens_seen / elapsed after every step to logs/version_N/metrics.csv; with the tokens of each step
+    (the data order is a function of the step and the seed) that gives the time of every step. The median
+    leaves out the odd step slowed down by something else on the machine. (A one-step run: step 1.)
+    """
+    logs = sorted((run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not logs:
+        raise FileNotFoundError(f"No training log in {run_dir / 'logs'}: the run did not log its steps")
+    with open(logs[-1]) as f:  # the newest run in this folder
+        tokens_per_sec = [float(row["tokens_per_sec"]) for row in csv.DictReader(f) if row.get("tokens_per_sec")]
+    steps = len(tokens_per_sec)
+    step_tokens = [sum(train_lengths[i] for i in global_batch_indices(step, len(train_lengths), global_batch_size, seed))
+                   for step in range(steps)]
+    elapsed = [tokens / rate for tokens, rate in zip(itertools.accumulate(step_tokens), tokens_per_sec)]
+    step_times = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+    first = 1 if steps > 1 else 0
+    return (statistics.median(step_times[first:]),
+            statistics.median(tokens / time for tokens, time in zip(step_tokens[first:], step_times[first:])))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+
+
+CSV_COLUMNS = ("method", "trainable_parameters", "total_parameters", "trainable_percent", "checkpoint_bytes",
+               "peak_memory_bytes", "baseline_memory_bytes", "predicted_memory_bytes", "time_per_step_s",
+               "tokens_per_sec", "val_loss", "steps", "run_time_s", "predicted_flops_per_step", "precision", "device")
+
+
+def markdown_table(results: list[dict]) -> str:
+    on_cpu = any(r["device"] == "cpu" for r in results)
+    header = ["method", "trainable parameters", "checkpoint size", "peak memory"]
+    header += ["above baseline"] if on_cpu else []
+    header += ["predicted memory", "time per step", "tokens/s", "val loss"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in results:
+        cells = [NAMES[r["method"]], f"{r['trainable_parameters']:,} ({r['trainable_percent']:.2f}%)",
+                 format_bytes(r["checkpoint_bytes"]), format_bytes(r["peak_memory_bytes"])]
+        cells += [format_bytes(r["peak_memory_bytes"] - r["baseline_memory_bytes"])] if on_cpu else []
+        cells += [format_bytes(r["predicted_memory_bytes"]), f"{r['time_per_step_s']:.3f} s",
+                  f"{r['tokens_per_sec']:,.0f}", f"{r['val_loss']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, results: list[dict], estimates: dict[str, MemoryEstimate]) -> None:
+    r0 = results[0]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(results)
+    atomic_write(out_dir / "results.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    memory_note = ("peak resident memory (RSS) of each run's process; `above baseline` subtracts what the "
+                   "process held after importing Python, torch and Lightning" if r0["device"] == "cpu"
+                   else "torch.cuda.max_memory_allocated of each run's process")
+    text = (f"# LoRA vs LLaMA-Adapter vs full finetuning\n\n{r0['steps']} optimizer steps each, {r0['precision']}, "
+            f"on {r0['device']}. Peak memory: {memory_note}. Time per step and tokens/s: medians over the training "
+            "loop's steps 2.. (no evaluation, no checkpoint). Val loss: after the run.\n\n"
+            + markdown_table(results) + "\n\n## Predicted memory (lit_lora/memory.py)\n\n"
+            + format_estimates({NAMES[m]: e for m, e in estimates.items()}) + "\n")
+    atomic_write(out_dir / "results.md", lambda tmp: Path(tmp).write_text(text))
+    try:
+        plot(out_dir / "results.png", results)
+    except ImportError:
+        print(f"matplotlib is not installed, so no {out_dir / 'results.png'}: pip install -e '.[plot]' for the chart")
+
+
+def plot(path: Path, results: list[dict]) -> None:
+    """Bar charts of peak memory (measured and predicted), time per step and checkpoint size."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    names = [NAMES[r["method"]] for r in results]
+    positions = range(len(results))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    measured = [(r["peak_memory_bytes"] - r["baseline_memory_bytes"]) / 1e9 for r in results]
+    axes[0].bar([p - 0.2 for p in positions], measured, width=0.4, label="measured")
+    axes[0].bar([p + 0.2 for p in positions], [r["predicted_memory_bytes"] / 1e9 for r in results], width=0.4,
+                label="predicted")
+    axes[0].set_title("peak memory (GB)" + (", above baseline" if results[0]["device"] == "cpu" else ""))
+    axes[0].legend()
+    axes[1].bar(positions, [r["time_per_step_s"] for r in results])
+    axes[1].set_title("time per optimizer step (s)")
+    axes[2].bar(positions, [r["checkpoint_bytes"] / 1e6 for r in results])
+    axes[2].set_yscale("log")
+    axes[2].set_title("checkpoint size (MB, log scale)")
+    for ax in axes:
+        ax.set_xticks(list(positions), names)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def print_comparison(results: list[dict]) -> None:
+    print("\n" + markdown_table(results) + "\n")
+    full = next((r for r in results if r["method"] == "full"), None)
+    for r in results:
+        measured = r["peak_memory_bytes"] - r["baseline_memory_bytes"]
+        line = (f"{NAMES[r['method']]:16s} memory: predicted {format_bytes(r['predicted_memory_bytes'])}, measured "
+                f"{format_bytes(r['peak_memory_bytes'])}")
+        if r["baseline_memory_bytes"]:
+            line += f" ({format_bytes(measured)} above the {format_bytes(r['baseline_memory_bytes'])} baseline)"
+        if full is not None and r is not full:
+            line += (f"; time per step {r['time_per_step_s'] / full['time_per_step_s']:.2f}x full finetuning's "
+                     f"(predicted matmul FLOPs: {r['predicted_flops_per_step'] / full['predicted_flops_per_step']:.2f}x)")
+        print(line)
+
+
+if __name__ == "__main__":
+    main(CLI(CompareArgs, as_positional=False))
