@@ -197,11 +197,11 @@ def run_in_own_process(method: str, flags: list[str], run_dir: Path) -> dict:
     print(f"\n=== {NAMES[method]}: python finetune/{method}.py {' '.join(flags)}", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if not torch.cuda.is_available():
-        # On a CPU the figure is the peak RSS. glibc's malloc keeps large freed blocks (the activations of
-        # earlier micro batches) in its heap and raises its mmap threshold as they are freed, so the RSS
-        # would grow with every micro batch. A fixed threshold maps each block of 1 MiB or more on its own
-        # and returns it when freed: the peak RSS then follows the live tensors. (Ignored outside glibc.)
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+        # On a CPU the figure is the peak RSS. glibc's malloc keeps freed blocks (the activations of earlier
+        # micro batches) in its heap and raises its mmap threshold as they are freed, so the RSS would grow
+        # with every micro batch. A fixed threshold maps each block of 64 KiB or more on its own and returns
+        # it when freed: the peak RSS then follows the live tensors. (Ignored outside glibc.)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     code = "from finetune.compare import run_child; run_child()"
     completed = subprocess.run([sys.executable, "-c", code, str(summary_path), method, *flags], env=env)
     if completed.returncode != 0:

@@ -134,6 +134,8 @@ def saved_tensors(config: Config, setup: TrainingSetup) -> dict[str, int]:
     gradient, the dropout mask (1 byte per element on CUDA, a float on a CPU); without dropout, x itself.
     The head saves the final RMSNorm's tensors, the (B, T) bool label mask, the lm_head input (sNC, if it
     trains), the fp32 log-probabilities (4NV) and the targets (8N).
+    Exact for 32-true and bf16-true (tests/test_compare.py checks it against what autograd saves); under
+    autocast (the mixed precisions) some saved tensors have other dtypes, and the figure is approximate.
     """
     c, st = config, setup
     _, s = PRECISION_BYTES[st.precision]
@@ -274,7 +276,7 @@ def estimate_memory(config: Config, setup: Optional[TrainingSetup] = None) -> Me
             + max(per_block, default=0) + rest - log_probs
     else:
         activations = sum(saved.values()) - log_probs
-    if param_bytes != s:  # autocast: 16-bit copies of the linear weights, kept for backward
+    if param_bytes != s:  # autocast (approximate): the 16-bit copy of each linear weight is kept for backward
         shapes = linear_shapes(config)
         activations += s * (config.n_layer * sum(i * o for t, (i, o) in shapes.items() if t != "head")
                             + shapes["head"][0] * shapes["head"][1])
