@@ -179,7 +179,7 @@ LORA_LINE_CLAIMS = {
     "L34-L38": '"q": "attn.q_proj"',
     "L131-L140": "setattr(parent, name, LoRALinear.from_linear(",
     "L147-L149": 'param.requires_grad = "lora_" in name',
-    "L170-L176": '"lora_config": asdict(model.lora_config)',
+    "L170-L180": '"lora_config": asdict(model.lora_config)',
 }
 
 
