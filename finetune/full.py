@@ -2,9 +2,10 @@
 
     python finetune/full.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca --devices 4
 
-Every parameter trains, so the optimizer keeps two AdamW moments per weight: for 7B that is about 4 bytes
-(bf16 weight + grad) + 8 bytes (fp32 moments in bf16-true: 4) per parameter, which is why full finetuning
-needs FSDP over several GPUs (sharded by Block). The result is a whole checkpoint folder in out_dir
+Every parameter trains, so every weight also has a gradient and two AdamW moments: in bf16-true that is
+2 (weight) + 2 (gradient) + 4 (two bf16 moments) = 8 bytes per parameter, 54 GB for 7B before any
+activation (16 bytes, 108 GB, with fp32 weights), which is why full finetuning needs FSDP over several GPUs
+(sharded by Block). The result is a whole checkpoint folder in out_dir
 (lit_model.pth, model_config.json, tokenizer.model) that generate/full.py and every other script load.
 
 With --from_scratch true, the model starts from random weights of the --model_name preset, and
