@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lit_lora.generation import generate  # noqa: E402
 from lit_lora.model import Config, LLaMA  # noqa: E402
+from lit_lora.utils import cli  # noqa: E402
 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
@@ -101,4 +101,4 @@ def main(prompt_length: int = 32, new_tokens: int = 128, repeats: int = 3) -> di
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
 from lit_lora.model import Config, LLaMA  # noqa: E402
 from lit_lora.train import loss_sum  # noqa: E402
+from lit_lora.utils import cli  # noqa: E402
 
 MICRO_BATCH, SEQ_LEN = 4, 256
 
@@ -157,4 +157,4 @@ def main(impl: Optional[Literal["lit", "hf"]] = None, rounds: int = 3, steps: in
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

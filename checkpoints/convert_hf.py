@@ -10,9 +10,9 @@ the same folder is then a lit-lora --checkpoint_dir). Memory: one copy of the we
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
 
 from lit_lora.convert import convert_hf_checkpoint
+from lit_lora.utils import cli
 
 
 def main(hf_dir: Path, output_dir: Optional[Path] = None, model_name: Optional[str] = None,
@@ -30,4 +30,4 @@ def main(hf_dir: Path, output_dir: Optional[Path] = None, model_name: Optional[s
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

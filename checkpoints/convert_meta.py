@@ -11,9 +11,9 @@ RoPE layout to the rotate-half layout of lit_lora/model.py. tokenizer.model is t
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
 
 from lit_lora.convert import convert_meta_checkpoint
+from lit_lora.utils import cli
 
 
 def main(meta_dir: Path, model_size: str, output_dir: Path, dtype: Optional[str] = None) -> None:
@@ -30,4 +30,4 @@ def main(meta_dir: Path, model_size: str, output_dir: Path, dtype: Optional[str]
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

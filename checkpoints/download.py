@@ -10,9 +10,9 @@ else pytorch_model*.bin) and prints the conversion command. Needs `pip install h
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
 
 from lit_lora.convert import hf_files_to_download
+from lit_lora.utils import cli
 
 
 def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path = Path("checkpoints")) -> Path:
@@ -46,4 +46,4 @@ def main(repo_id: str, access_token: Optional[str] = None, checkpoint_dir: Path 
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

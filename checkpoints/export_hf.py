@@ -10,9 +10,9 @@ writes config.json, model.safetensors and tokenizer.model; then in Python:
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
 
 from lit_lora.convert import export_hf_checkpoint
+from lit_lora.utils import cli
 
 
 def main(checkpoint_dir: Path, output_dir: Path, lora_path: Optional[Path] = None, dtype: Optional[str] = None) -> None:
@@ -28,4 +28,4 @@ def main(checkpoint_dir: Path, output_dir: Path, lora_path: Optional[Path] = Non
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

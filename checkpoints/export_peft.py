@@ -12,9 +12,9 @@ writes adapter_config.json and adapter_model.safetensors; then in Python, on the
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
 
 from lit_lora.convert import export_peft_adapter
+from lit_lora.utils import cli
 
 
 def main(lora_path: Path, output_dir: Path, checkpoint_dir: Optional[Path] = None,
@@ -32,4 +32,4 @@ def main(lora_path: Path, output_dir: Path, checkpoint_dir: Optional[Path] = Non
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

@@ -9,9 +9,9 @@ LoRA file from finetune/lora.py does (--lora_path).
 
 from pathlib import Path
 
-from jsonargparse import CLI
 
 from lit_lora.convert import import_peft_adapter
+from lit_lora.utils import cli
 
 
 def main(peft_dir: Path, checkpoint_dir: Path, output_path: Path) -> None:
@@ -26,4 +26,4 @@ def main(peft_dir: Path, checkpoint_dir: Path, output_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
 
 from lit_lora.adapter import apply_adapter, mark_only_adapter_as_trainable, save_adapter
 from lit_lora.train import TrainArgs, fit, launch_fabric
-from lit_lora.utils import load_model
+from lit_lora.utils import cli, load_model
 
 
 @dataclass
@@ -47,4 +46,4 @@ def main(args: AdapterArgs) -> dict:
 
 
 if __name__ == "__main__":
-    main(CLI(AdapterArgs, as_positional=False))
+    cli(main, AdapterArgs)

@@ -40,7 +40,7 @@ from lit_lora.data import load_prepared  # noqa: E402
 from lit_lora.memory import MemoryEstimate, TrainingSetup, estimate_memory, format_estimates, step_flops  # noqa: E402
 from lit_lora.model import Config  # noqa: E402
 from lit_lora.train import global_batch_indices  # noqa: E402
-from lit_lora.utils import atomic_write, check_checkpoint_dir, default_precision, format_bytes, peak_memory_bytes  # noqa: E402
+from lit_lora.utils import atomic_write, check_checkpoint_dir, cli, default_precision, format_bytes, peak_memory_bytes  # noqa: E402
 
 Method = Literal["lora", "adapter", "full"]
 METHOD_ARGS = {"lora": LoRAArgs, "adapter": AdapterArgs, "full": FullArgs}
@@ -336,4 +336,4 @@ def print_comparison(results: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main(CLI(CompareArgs, as_positional=False))
+    cli(main, CompareArgs)

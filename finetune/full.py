@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
 
 from lit_lora.model import Config, LLaMA
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train import TrainArgs, fit, launch_fabric
-from lit_lora.utils import load_model, save_checkpoint_dir
+from lit_lora.utils import cli, load_model, save_checkpoint_dir
 
 
 @dataclass
@@ -61,4 +60,4 @@ def main(args: FullArgs) -> dict:
 
 
 if __name__ == "__main__":
-    main(CLI(FullArgs, as_positional=False))
+    cli(main, FullArgs)

@@ -9,11 +9,10 @@ The result is out_dir/lit_lora_finetuned.pth: the LoRA tensors and their hyperpa
 from dataclasses import dataclass
 from pathlib import Path
 
-from jsonargparse import CLI
 
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable, save_lora
 from lit_lora.train import TrainArgs, fit, launch_fabric
-from lit_lora.utils import load_model
+from lit_lora.utils import cli, load_model
 
 
 @dataclass
@@ -49,4 +48,4 @@ def main(args: LoRAArgs) -> dict:
 
 
 if __name__ == "__main__":
-    main(CLI(LoRAArgs, as_positional=False))
+    cli(main, LoRAArgs)

@@ -9,12 +9,11 @@ computed once per generation and kept with the KV cache, not recomputed for ever
 from dataclasses import dataclass
 from pathlib import Path
 
-from jsonargparse import CLI
 
 from lit_lora.adapter import load_adapter
 from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run
-from lit_lora.utils import load_model
+from lit_lora.utils import cli, load_model
 
 
 @dataclass
@@ -38,4 +37,4 @@ def main(args: AdapterGenerateArgs) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(CLI(AdapterGenerateArgs, as_positional=False))
+    cli(main, AdapterGenerateArgs)

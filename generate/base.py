@@ -3,10 +3,8 @@
     python generate/base.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --prompt "The capital of France is"
 """
 
-from jsonargparse import CLI
-
 from lit_lora.generation import GenerateArgs, run
-from lit_lora.utils import load_model
+from lit_lora.utils import cli, load_model
 
 
 def main(args: GenerateArgs) -> list[str]:
@@ -15,4 +13,4 @@ def main(args: GenerateArgs) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(CLI(GenerateArgs, as_positional=False))
+    cli(main, GenerateArgs)

@@ -6,11 +6,10 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from jsonargparse import CLI
 
 from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run
-from lit_lora.utils import load_model
+from lit_lora.utils import cli, load_model
 
 
 @dataclass
@@ -32,4 +31,4 @@ def main(args: FullGenerateArgs) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(CLI(FullGenerateArgs, as_positional=False))
+    cli(main, FullGenerateArgs)

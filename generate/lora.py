@@ -9,12 +9,11 @@ r, alpha and the targets are read from the LoRA file. LoRA is merged into the we
 from dataclasses import dataclass
 from pathlib import Path
 
-from jsonargparse import CLI
 
 from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run
 from lit_lora.lora import load_lora, merge_lora
-from lit_lora.utils import load_model
+from lit_lora.utils import cli, load_model
 
 
 @dataclass
@@ -39,4 +38,4 @@ def main(args: LoRAGenerateArgs) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(CLI(LoRAGenerateArgs, as_positional=False))
+    cli(main, LoRAGenerateArgs)

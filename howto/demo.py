@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts in finetune/, generate/ and prepare_data/ are imported as modules
@@ -32,7 +31,7 @@ from lit_lora.generation import generate  # noqa: E402
 from lit_lora.lora import load_lora, merge_lora  # noqa: E402
 from lit_lora.tokenizer import Tokenizer  # noqa: E402
 from lit_lora.train import loss_sum  # noqa: E402
-from lit_lora.utils import format_bytes, load_model  # noqa: E402
+from lit_lora.utils import cli, format_bytes, load_model  # noqa: E402
 from prepare_data.json_data import JSONArgs, main as prepare_json  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -178,4 +177,4 @@ def main(out_dir: Path = Path("out/demo"), seed: int = 42, pretrain_steps: int =
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

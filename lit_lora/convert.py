@@ -19,11 +19,8 @@ Every folder is written into a temporary folder first and moved into place at th
 """
 
 import json
-import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -36,7 +33,7 @@ from lit_lora.lora import (LORA_TARGETS, SHAPE_FIELDS, apply_lora, load_lora, lo
                            read_lora_file, save_lora)
 from lit_lora.model import LLaMA, Config
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import format_bytes, load_model, peak_memory_bytes
+from lit_lora.utils import atomic_folder, format_bytes, load_model, peak_memory_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names. Each table maps the names of one format to ours; the inverse direction is the same table read backwards.
@@ -272,23 +269,6 @@ def config_from_meta(params: dict, vocab_size: int, model_size: str) -> Config:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing folders
 # ---------------------------------------------------------------------------------------------------------------
-
-@contextmanager
-def atomic_folder(output_dir: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `output_dir`; when the block succeeds, move its files into `output_dir`
-    (renaming the whole folder when it is new). A failure leaves `output_dir` as it was."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
-        yield tmp_dir
-        if not output_dir.exists():
-            os.replace(tmp_dir, output_dir)
-            return
-        for path in tmp_dir.iterdir():
-            os.replace(path, output_dir / path.name)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
 
 def check_state_dict(state_dict: dict, config: Config, source: str) -> None:
     """Every tensor the model needs, with the shape it needs (checked against a model on the meta device)."""

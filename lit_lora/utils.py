@@ -11,8 +11,9 @@ import resource
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -97,6 +98,36 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
+@contextmanager
+def atomic_folder(path: Union[str, Path], replace: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder beside `path` to write files into; when the block succeeds, put them in place.
+
+    A new `path` is the temporary folder renamed, in one step. An existing `path` either gets the new files
+    moved in one by one (each file appears whole; other files stay), or with `replace=True` is swapped for the
+    new folder: the old one is renamed aside, the new one renamed in, then the old one deleted, so a complete
+    folder exists at every moment (after a crash in the swap, under the hidden name `.NAME.old-*`).
+    A failure leaves `path` as it was and removes the temporary folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes folders only their owner can read; use the usual mode
+    try:
+        yield tmp
+        if not path.exists():
+            os.replace(tmp, path)
+        elif replace:
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            for file in sorted(tmp.iterdir()):
+                os.replace(file, path / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def num_parameters(module: nn.Module, trainable: Optional[bool] = None) -> int:
     """Parameters of `module`: all of them, or only the (non-)trainable ones. Works on the meta device."""
     return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
@@ -132,3 +163,52 @@ def dtype_from_precision(precision: str) -> torch.dtype:
     if precision not in dtypes:
         raise ValueError(f"Unknown precision {precision!r}; choose one of {', '.join(dtypes)}")
     return dtypes[precision]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scripts: flags and errors
+
+
+def check_flag(args: Any, name: str, ok: bool, requirement: str) -> None:
+    """Refuse the value of flag `name` unless `ok`, with a message naming the flag, its value and `requirement`.
+
+    Each script's dataclass of flags calls this in `__post_init__`, so a bad value stops the script while its
+    arguments are parsed, before anything is read or written."""
+    if not ok:
+        raise ValueError(f"--{name} {getattr(args, name)}: {requirement}")
+
+
+# What a user can fix: a bad flag, a missing, damaged or mismatched file, a missing optional package.
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
+
+def cli(main: Callable, flags: Optional[type] = None) -> Any:
+    """What every script runs under `if __name__ == "__main__"`: parse the command line with jsonargparse
+    (`--help` lists each flag with its default) and call `main`, with the parsed dataclass `flags`, or, without
+    `flags`, with main's own arguments as the flags.
+
+    Errors a user can fix end in one line on stderr, `error: ...`, not in a traceback: exit code 2 for a flag
+    value refused while parsing, 1 for a problem found later (a missing or damaged file, a mismatch). Ctrl-C
+    ends with exit code 130. Set LIT_LORA_TRACEBACK=1 to see the traceback of any of them.
+    """
+    from jsonargparse import CLI  # here, so that importing lit_lora.utils stays light
+
+    def fail(error: BaseException, code: int):
+        if os.environ.get("LIT_LORA_TRACEBACK"):
+            raise error
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(code)
+
+    try:
+        if flags is None:
+            return CLI(main, as_positional=False)
+        try:
+            args = CLI(flags, as_positional=False)
+        except ValueError as error:  # refused by the dataclass's __post_init__ (check_flag)
+            fail(error, 2)
+        return main(args)
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as error:
+        fail(error, 1)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from jsonargparse import CLI
 
 from lit_lora.data import PrepareArgs, download, load_records, prepare_records
+from lit_lora.utils import cli
 
 URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json"
 
@@ -32,4 +32,4 @@ def main(args: AlpacaArgs) -> dict:
 
 
 if __name__ == "__main__":
-    main(CLI(AlpacaArgs, as_positional=False))
+    cli(main, AlpacaArgs)

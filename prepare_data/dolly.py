@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from jsonargparse import CLI
 
 from lit_lora.data import PrepareArgs, download, load_records, prepare_records
+from lit_lora.utils import cli
 
 URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 
@@ -33,4 +33,4 @@ def main(args: DollyArgs) -> dict:
 
 
 if __name__ == "__main__":
-    main(CLI(DollyArgs, as_positional=False))
+    cli(main, DollyArgs)

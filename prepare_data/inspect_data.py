@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-from jsonargparse import CLI
 
 from lit_lora.data import IGNORE_INDEX, load_prepared
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.utils import cli
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -73,4 +73,4 @@ def main(data_dir: Path = Path("data/alpaca"), index: int = 0, split: Literal["t
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    cli(main)

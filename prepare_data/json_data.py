@@ -8,9 +8,9 @@ Each record has an instruction, an optional input and an output; if your fields 
 
 from dataclasses import dataclass
 from pathlib import Path
-from jsonargparse import CLI
 
 from lit_lora.data import PrepareArgs, load_records, prepare_records
+from lit_lora.utils import cli
 
 
 @dataclass
@@ -37,4 +37,4 @@ def main(args: JSONArgs) -> dict:
 
 
 if __name__ == "__main__":
-    main(CLI(JSONArgs, as_positional=False))
+    cli(main, JSONArgs)

@@ -1,5 +1,4 @@
 import csv
-import math
 from pathlib import Path
 
 import pytest
