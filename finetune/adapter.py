@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from lit_lora.adapter import apply_adapter, mark_only_adapter_as_trainable, save_adapter
+from lit_lora.adapter import AdapterConfig, apply_adapter, mark_only_adapter_as_trainable, save_adapter
 from lit_lora.train import TrainArgs, fit, launch_fabric
 from lit_lora.utils import cli, load_model
 
@@ -29,11 +29,14 @@ class AdapterArgs(TrainArgs):
     learning_rate: float = 9e-3
     weight_decay: float = 0.02
     global_batch_size: int = 64  # per device in the paper: multiply by --devices to keep it so
-    micro_batch_size: int = 4
     epochs: float = 5
     warmup_epochs: Optional[float] = 2
     adapter_prompt_length: int = 10
     adapter_start_layer: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        AdapterConfig(self.adapter_prompt_length, self.adapter_start_layer)  # refuses bad values
 
 
 def main(args: AdapterArgs) -> dict:

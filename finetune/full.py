@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Optional
 
 
-from lit_lora.model import Config, LLaMA
+from lit_lora.model import PRESETS, Config, LLaMA
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train import TrainArgs, fit, launch_fabric
-from lit_lora.utils import cli, load_model, save_checkpoint_dir
+from lit_lora.utils import check_flag, cli, load_model, save_checkpoint_dir
 
 
 @dataclass
@@ -35,22 +35,22 @@ class FullArgs(TrainArgs):
 
     out_dir: Path = Path("out/full/alpaca")
     learning_rate: float = 3e-5
-    weight_decay: float = 0.0
-    global_batch_size: int = 128
-    micro_batch_size: int = 4
-    epochs: float = 3
-    warmup_steps: int = 100
     from_scratch: bool = False
     model_name: Optional[str] = None
     activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_flag(self, "model_name", self.model_name is None or self.model_name in PRESETS,
+                   f"is not a preset; choose one of {', '.join(PRESETS)}")
+        check_flag(self, "model_name", not self.from_scratch or self.model_name is not None,
+                   "--from_scratch true needs --model_name, a preset such as tiny (see lit_lora/model.py)")
 
 
 def main(args: FullArgs) -> dict:
     fabric = launch_fabric(args, multi_device_strategy="fsdp", activation_checkpointing=args.activation_checkpointing)
     tokenizer = Tokenizer(args.checkpoint_dir)
     if args.from_scratch:
-        if args.model_name is None:
-            raise ValueError("--from_scratch true needs --model_name, a preset such as tiny (see lit_lora/model.py)")
         with fabric.init_module():
             model = LLaMA(Config.from_name(args.model_name, vocab_size=tokenizer.vocab_size))
     else:

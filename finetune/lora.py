@@ -7,10 +7,9 @@ The result is out_dir/lit_lora_finetuned.pth: the LoRA tensors and their hyperpa
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 
-from lit_lora.lora import apply_lora, mark_only_lora_as_trainable, save_lora
+from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, save_lora
 from lit_lora.train import TrainArgs, fit, launch_fabric
 from lit_lora.utils import cli, load_model
 
@@ -26,17 +25,15 @@ class LoRAArgs(TrainArgs):
         lora_targets: Which linears get LoRA: any of q, k, v, o, gate, up, down, head; e.g. --lora_targets [q,k,v,o].
     """
 
-    out_dir: Path = Path("out/lora/alpaca")
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.0
-    global_batch_size: int = 128
-    micro_batch_size: int = 4
-    epochs: float = 3
-    warmup_steps: int = 100
+    # The shared defaults of TrainArgs are Alpaca-LoRA's (lr 3e-4, batch 128, 3 epochs, out/lora/alpaca).
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self):
+        super().__post_init__()
+        LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)  # refuses bad values
 
 
 def main(args: LoRAArgs) -> dict:

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.model import CausalSelfAttention, LLaMA
-from lit_lora.utils import atomic_save
+from lit_lora.utils import atomic_save, check_base_model, check_tensors
 
 ADAPTER_PARAMETERS = ("adaption_prompt", "gating_factor")  # the names of the tensors LLaMA-Adapter adds
 
@@ -51,9 +51,9 @@ class AdapterConfig:
 
     def __post_init__(self):
         if self.prompt_length < 1:
-            raise ValueError(f"prompt_length must be at least 1, got {self.prompt_length}")
+            raise ValueError(f"--adapter_prompt_length {self.prompt_length}: the prompt needs at least 1 vector")
         if self.start_layer < 0:
-            raise ValueError(f"start_layer must be at least 0, got {self.start_layer}")
+            raise ValueError(f"--adapter_start_layer {self.start_layer}: must not be negative (layers count from 0)")
 
 
 class AdapterAttention(CausalSelfAttention):
@@ -110,7 +110,8 @@ def apply_adapter(model: LLaMA, prompt_length: int = 10, start_layer: int = 2) -
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError(f"The model already has an adapter ({model.adapter_config}); apply it once")
     if start_layer >= model.config.n_layer:
-        raise ValueError(f"start_layer ({start_layer}) must be below the model's n_layer ({model.config.n_layer})")
+        raise ValueError(f"--adapter_start_layer {start_layer}: must be below the model's n_layer "
+                         f"({model.config.n_layer})")
     for block in model.blocks[start_layer:]:
         block.attn = AdapterAttention(block.attn, prompt_length)
     model.adapter_config = config
@@ -142,11 +143,12 @@ def save_adapter(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict
     tensors = adapter_state_dict(model) if state_dict is None else {
         name: tensor.detach().cpu() for name, tensor in state_dict.items() if is_adapter_parameter(name)}
     atomic_save({"adapter": tensors, "adapter_config": asdict(model.adapter_config),
-                 "base_config": asdict(model.config)}, path)
+                 "base_config": asdict(model.config),
+                 "base_fingerprint": getattr(model, "base_fingerprint", None)}, path)  # which base weights
 
 
 def read_adapter_file(path: Union[str, Path]) -> dict:
-    """The saved dict {"adapter", "adapter_config", "base_config"}, checked to be an adapter file."""
+    """The saved dict {"adapter", "adapter_config", "base_config", "base_fingerprint"}, checked to be an adapter file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Adapter file {str(path)!r} does not exist; finetune/adapter.py writes one")
@@ -154,10 +156,11 @@ def read_adapter_file(path: Union[str, Path]) -> dict:
         data = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
         raise ValueError(f"{path}: cannot be read as an adapter file ({e})") from e
-    expected = {"adapter", "adapter_config", "base_config"}
-    if not isinstance(data, dict) or set(data) != expected:
+    required, allowed = {"adapter", "adapter_config", "base_config"}, {"adapter", "adapter_config", "base_config",
+                                                                       "base_fingerprint"}
+    if not isinstance(data, dict) or not required <= set(data) <= allowed:
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: not an adapter file: expected the keys {sorted(expected)}, found {found}")
+        raise ValueError(f"{path}: not an adapter file: expected the keys {sorted(required)}, found {found}")
     known = {f.name for f in fields(AdapterConfig)}
     if set(data["adapter_config"]) != known:
         raise ValueError(f"{path}: adapter_config has the fields {sorted(data['adapter_config'])}, "
@@ -168,16 +171,12 @@ def read_adapter_file(path: Union[str, Path]) -> dict:
 def load_adapter(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     """Load a saved adapter into a model holding its base weights, applying the adapter first if needed.
 
-    Everything is checked before the model is touched: the base config (all fields but the free-form
-    `name` and `extra`), the adapter hyperparameters, the tensor names and shapes. On any error the
+    Everything is checked before the model is touched: the base model's shape (and, with a warning, its
+    weights' fingerprint), the adapter hyperparameters, the tensor names and shapes. On any error the
     model is left as it was.
     """
     data = read_adapter_file(path)
-    base, ours = data["base_config"], asdict(model.config)
-    for name in ours:
-        if name not in ("name", "extra") and base.get(name) != ours[name]:
-            raise ValueError(f"{path} was trained on a different base model: its {name} is {base.get(name)!r}, "
-                             f"this model's is {ours[name]!r}. Load the base checkpoint it was trained on.")
+    check_base_model(data, model, path)
     config = AdapterConfig(**data["adapter_config"])
     if getattr(model, "adapter_config", None) not in (None, config):
         raise ValueError(f"{path} holds an adapter with {config}, "
@@ -187,13 +186,7 @@ def load_adapter(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     with torch.device("meta"):  # a shape-only copy (no memory) says which tensors the file must hold
         expected = adapter_state_dict(apply_adapter(LLaMA(model.config), **asdict(config)))
     tensors = data["adapter"]
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: adapter tensors missing: {missing}; unexpected: {unexpected}")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(expected[name].shape)}")
+    check_tensors(tensors, {name: t.shape for name, t in expected.items()}, path)
     if getattr(model, "adapter_config", None) is None:
         apply_adapter(model, **asdict(config))
     with torch.no_grad():

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from lit_lora.model import LLaMA
-from lit_lora.utils import atomic_save
+from lit_lora.utils import SHAPE_FIELDS, atomic_save, check_base_model, check_tensors  # noqa: F401 (SHAPE_FIELDS: convert.py)
 
 # Where each target lives: in every Block (attn.* and mlp.*), or on the model itself (lm_head).
 LORA_TARGETS = {
@@ -114,7 +114,12 @@ class LoRAConfig:
         if not self.targets:
             raise ValueError(f"No LoRA targets given: choose from {', '.join(LORA_TARGETS)}")
         if self.r < 1:
-            raise ValueError(f"LoRA rank r must be at least 1, got {self.r}")
+            raise ValueError(f"--lora_r {self.r}: the LoRA rank r must be at least 1")
+        if self.alpha <= 0:
+            raise ValueError(f"--lora_alpha {self.alpha}: must be positive (the update is scaled by alpha / r; "
+                             "alpha 0 would switch LoRA off)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--lora_dropout {self.dropout}: must be in [0, 1)")
 
 
 def target_linears(model: LLaMA, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str]]:
@@ -163,10 +168,6 @@ def unmerge_lora(model: nn.Module) -> None:
         module.unmerge()
 
 
-# The config fields that decide every tensor's shape: a LoRA file fits a base model only if they agree.
-SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "padded_vocab_size")
-
-
 def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] = None) -> None:
     """One self-describing file: the LoRA tensors, their hyperparameters, and the base model's config.
 
@@ -177,6 +178,7 @@ def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] =
         "lora": {name: tensor.detach().cpu() for name, tensor in tensors.items() if "lora_" in name},
         "lora_config": asdict(model.lora_config),
         "base_config": asdict(model.config),
+        "base_fingerprint": getattr(model, "base_fingerprint", None),  # which base weights it was trained on
     }, path)
 
 
@@ -193,28 +195,20 @@ def read_lora_file(path: Union[str, Path]) -> dict:
 def load_lora(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     """Add LoRA to `model` with the file's hyperparameters and load its tensors; every mismatch is an error."""
     checkpoint = read_lora_file(path)
-    base = checkpoint["base_config"]
-    for field in SHAPE_FIELDS:
-        if base.get(field) != getattr(model.config, field):
-            raise ValueError(f"{path} was made for another base model ({base.get('name') or 'unnamed'}): its "
-                             f"{field} is {base.get(field)}, this model's is {getattr(model.config, field)}")
+    check_base_model(checkpoint, model, path)
     config = LoRAConfig(**{f.name: checkpoint["lora_config"][f.name] for f in fields(LoRAConfig)})
     if hasattr(model, "lora_config") and model.lora_config != config:
         raise ValueError(f"{path} holds LoRA {config}, but the model already has {model.lora_config}")
+    if any(module.merged for module in lora_modules(model)):
+        raise ValueError(f"Cannot load {path} into a model whose LoRA is merged: W holds W0 + the old update. "
+                         "Call unmerge_lora(model) first (then load, then merge_lora(model) again).")
     # Check every tensor before touching the model: a failed load leaves it as it was.
     expected = {}
     for prefix, parent, name in target_linears(model, config.targets):
         linear = getattr(parent, name)
         expected[f"{prefix}.lora_A"] = (config.r, linear.in_features)
         expected[f"{prefix}.lora_B"] = (linear.out_features, config.r)
-    missing = sorted(set(expected) - set(checkpoint["lora"]))
-    unexpected = sorted(set(checkpoint["lora"]) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing tensors {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, tensor in checkpoint["lora"].items():
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"but this model's is {expected[name]}")
+    check_tensors(checkpoint["lora"], expected, path, "Was it trained with other LoRA targets or another model?")
     if not hasattr(model, "lora_config"):
         apply_lora(model, config.r, config.alpha, config.dropout, config.targets)
     model.load_state_dict(checkpoint["lora"], strict=False)

@@ -6,6 +6,7 @@ A checkpoint folder is the unit every script reads and full finetuning writes:
     tokenizer.model     the SentencePiece tokenizer
 """
 
+import hashlib
 import os
 import resource
 import shutil
@@ -46,18 +47,97 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     tensors, memory-mapped from disk: loading 7B never needs two copies in RAM.
 
     The tensors stay on the CPU, in the checkpoint's dtype unless `dtype` is given; moving the model to a
-    GPU (e.g. by `fabric.setup`) then reads them from disk once.
+    GPU (e.g. by `fabric.setup`) then reads them from disk once. The model remembers a fingerprint of these
+    weights (`model.base_fingerprint`), which LoRA and adapter files record to recognise their base model.
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     config = Config.from_file(checkpoint_dir / "model_config.json")
+    check_vocabulary(config, checkpoint_dir / "tokenizer.model")
     with torch.device("meta"):
         model = LLaMA(config)
-    state_dict = torch.load(checkpoint_dir / "lit_model.pth", mmap=True, weights_only=True, map_location="cpu")
+    state_dict = load_tensors(checkpoint_dir / "lit_model.pth")
+    check_tensors(state_dict, {name: t.shape for name, t in model.state_dict().items()}, checkpoint_dir / "lit_model.pth")
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.reset_rope_cache()  # cos/sin are not in the checkpoint: build them on the weights' device
+    model.base_fingerprint = weights_fingerprint(state_dict)
     return model
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict saved with torch.save, memory-mapped; a clear error for a file that is not one."""
+    try:
+        state_dict = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # empty, truncated, random, an old (pre-zip) torch format, or a pickle with code
+        raise ValueError(f"{path} cannot be read as a state dict saved by torch.save ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}). It may be incomplete or damaged: "
+                         f"convert or download it again. {HOW_TO_GET_A_CHECKPOINT}") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors. {HOW_TO_GET_A_CHECKPOINT}")
+    return state_dict
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], source: Union[str, Path],
+                  hint: str = "") -> None:
+    """Every expected tensor, no other, each with its expected shape: else an error naming the first few
+    missing, unexpected or misshapen tensors of `source`, and `hint` (what to do)."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit: missing tensors: {missing[:3]}; unexpected: {unexpected[:3]} "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected). {hint}".strip())
+    wrong = [f"{name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}" for name, t in tensors.items()
+             if tuple(t.shape) != tuple(expected[name])]
+    if wrong:
+        raise ValueError(f"{source} does not fit: {'; '.join(wrong[:3])} ({len(wrong)} of another shape). "
+                         f"{hint}".strip())
+
+
+# The config fields that decide every tensor's shape: a LoRA or adapter file fits a base model only if they agree.
+SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "padded_vocab_size")
+
+
+def check_base_model(method_file: dict, model: LLaMA, path: Union[str, Path]) -> None:
+    """Whether a LoRA or adapter file (its dict, with base_config and base_fingerprint) fits `model`: another
+    shape is an error; the same shape but other weights (another finetune of the same architecture, say) is a
+    warning, since the file loads but what it learned was learned on top of other weights."""
+    base = method_file["base_config"]
+    for field in SHAPE_FIELDS:
+        if base.get(field) != getattr(model.config, field):
+            raise ValueError(f"{path} was made for another base model ({base.get('name') or 'unnamed'}): its "
+                             f"{field} is {base.get(field)}, this model's is {getattr(model.config, field)}. "
+                             "Load the base checkpoint it was trained on.")
+    saved, ours = method_file.get("base_fingerprint"), getattr(model, "base_fingerprint", None)
+    if saved and ours and saved != ours:
+        print(f"Warning: {path} was trained on other base weights than these (fingerprint {saved}, this model's "
+              f"{ours}): it fits their shape, but its update was learned on top of other weights, so the results "
+              "may be poor. Load the base checkpoint it was trained on.", file=sys.stderr)
+
+
+def check_vocabulary(config: Config, tokenizer_path: Path) -> None:
+    """A tokenizer with more pieces than the model has embeddings would produce ids the model cannot embed."""
+    from lit_lora.tokenizer import Tokenizer
+
+    pieces = Tokenizer(tokenizer_path).vocab_size
+    if pieces > config.vocab_size:
+        raise ValueError(f"{tokenizer_path} has {pieces:,} tokens, more than the model's vocabulary of "
+                         f"{config.vocab_size:,} (vocab_size in {tokenizer_path.parent / 'model_config.json'}): "
+                         "the tokenizer belongs to another model. Use the tokenizer.model the weights came with.")
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 256) -> str:
+    """A cheap identity of a model's weights, never a hash of gigabytes: sha256 of `samples` values spread
+    evenly over each of a few tensors (the embedding, the first and last Block's weights, the norm, lm_head),
+    taken as fp32, so the same weights held in bf16 or fp32 agree. Reads a few pages of a memory-mapped file."""
+    n_layer = 1 + max((int(name.split(".")[1]) for name in state_dict if name.startswith("blocks.")), default=0)
+    chosen = [name for name in sorted(state_dict) if not name.startswith("blocks.")
+              or name.startswith(("blocks.0.", f"blocks.{n_layer - 1}."))]
+    digest = hashlib.sha256()
+    for name in chosen:
+        flat = state_dict[name].reshape(-1)
+        step = max(1, flat.numel() // samples)
+        digest.update(name.encode() + bytes(flat[::step][:samples].float().contiguous().view(torch.uint8).tolist()))
+    return digest.hexdigest()[:16]
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> None:

@@ -215,7 +215,7 @@ def test_load_names_what_does_not_fit(tmp_path):
     data["adapter"]["blocks.1.attn.adaption_prompt"] = torch.zeros(5, 32)
     atomic_save(data, tmp_path / "bad_shape.pth")
     fresh = micro_model()
-    shapes = r"blocks\.1\.attn\.adaption_prompt has shape \(5, 32\), the model expects \(6, 32\)"
+    shapes = r"blocks\.1\.attn\.adaption_prompt has shape \(5, 32\), expected \(6, 32\)"
     with pytest.raises(ValueError, match=shapes):
         load_adapter(fresh, tmp_path / "bad_shape.pth")
     assert not hasattr(fresh, "adapter_config")  # checked before touching the model: nothing was applied
@@ -224,7 +224,7 @@ def test_load_names_what_does_not_fit(tmp_path):
     del data["adapter"]["blocks.1.attn.gating_factor"]
     data["adapter"]["blocks.0.attn.gating_factor"] = torch.zeros(1, 4, 1, 1)
     atomic_save(data, tmp_path / "bad_keys.pth")
-    with pytest.raises(ValueError, match=r"missing: \['blocks.1.attn.gating_factor'\]; unexpected: \['blocks.0"):
+    with pytest.raises(ValueError, match=r"missing tensors: \['blocks.1.attn.gating_factor'\]; unexpected: \['blocks.0"):
         load_adapter(micro_model(), tmp_path / "bad_keys.pth")
 
     atomic_save({"not": "an adapter"}, tmp_path / "other.pth")
@@ -238,7 +238,7 @@ def test_misuse_is_explained():
     model = micro_model()
     with pytest.raises(ValueError, match="apply_adapter"):
         mark_only_adapter_as_trainable(model)
-    with pytest.raises(ValueError, match="start_layer \\(2\\) must be below the model's n_layer \\(2\\)"):
+    with pytest.raises(ValueError, match="--adapter_start_layer 2: must be below the model's n_layer \\(2\\)"):
         apply_adapter(model)  # micro has 2 layers: the default start_layer leaves nothing to adapt
     apply_adapter(model, start_layer=1)
     with pytest.raises(ValueError, match="already has an adapter"):

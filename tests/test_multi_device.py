@@ -1,9 +1,12 @@
-"""Several devices through Fabric's own strategies, on CPU: 2 processes with DDP over gloo."""
+"""Several devices through Fabric, on CPU: 2 processes over gloo, with DDP (replicas) and FSDP (torch's
+`fully_shard`, sharding every Block). Each run is a real `python finetune/*.py --devices N` subprocess."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lit_lora.data import prepare
@@ -11,54 +14,106 @@ from lit_lora.lora import read_lora_file
 from tests.conftest import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish"]
+
+# A Ctrl-C at the second save (after step 4 of 6) on every process, for the resume tests: Python imports
+# sitecustomize at start-up in each process that Fabric starts, and this one patches the training loop.
+INTERRUPT_AT_SECOND_SAVE = """
+import lit_lora.train as train
+real, calls = train.save_checkpoint, {"n": 0}
+def save_checkpoint(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 2:
+        raise KeyboardInterrupt
+    return real(*args, **kwargs)
+train.save_checkpoint = save_checkpoint
+"""
 
 
-def run_lora(checkpoint_dir, data_dir, out_dir, devices):
-    command = [sys.executable, str(ROOT / "finetune" / "lora.py"), "--checkpoint_dir", str(checkpoint_dir),
-               "--data_dir", str(data_dir), "--out_dir", str(out_dir), "--devices", str(devices),
-               "--precision", "32-true", "--global_batch_size", "8", "--micro_batch_size", "2", "--max_steps", "3",
-               "--learning_rate", "1e-2", "--warmup_steps", "1", "--lora_dropout", "0", "--lora_targets", "[q,v,head]",
-               "--eval_interval", "0", "--eval_examples", "4", "--eval_max_new_tokens", "2", "--save_interval", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_path, tokenizer):
+    tmp_path = tmp_path_factory.mktemp("multi_device")
+    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_path, block_size=256)
+    records = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in WORDS] * 2
+    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=4)
+    return checkpoint_dir, tmp_path / "data", tmp_path
+
+
+def run(script, checkpoint_dir, data_dir, out_dir, devices, *flags, interrupt=False, expect=0):
+    command = [str(ROOT / "finetune" / script), "--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir),
+               "--out_dir", str(out_dir), "--devices", str(devices), "--precision", "32-true",
+               "--global_batch_size", "8", "--micro_batch_size", "2", "--learning_rate", "1e-2", "--warmup_steps", "1",
+               "--eval_interval", "0", "--eval_examples", "4", "--eval_max_new_tokens", "2", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small machine: one thread each
+    if interrupt:
+        (out_dir.parent / "interrupt").mkdir(exist_ok=True)
+        (out_dir.parent / "interrupt" / "sitecustomize.py").write_text(INTERRUPT_AT_SECOND_SAVE)
+        env["PYTHONPATH"] = os.pathsep.join([str(out_dir.parent / "interrupt"), str(ROOT)])
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
 
-def test_two_processes_end_with_the_weights_of_one(tmp_path, tokenizer_path, tokenizer):
-    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_path, block_size=256)
-    records = [{"instruction": "Repeat the word.", "input": w, "output": w}
-               for w in ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish"]] * 2
-    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=4)
+LORA = ["--max_steps", "3", "--lora_dropout", "0", "--lora_targets", "[q,v,head]", "--save_interval", "2"]
 
-    one = run_lora(checkpoint_dir, tmp_path / "data", tmp_path / "one", devices=1)
-    two = run_lora(checkpoint_dir, tmp_path / "data", tmp_path / "two", devices=2)
+
+@pytest.fixture(scope="module")
+def one_device_lora(setup):
+    checkpoint_dir, data_dir, tmp_path = setup
+    output = run("lora.py", checkpoint_dir, data_dir, tmp_path / "one", 1, *LORA)
+    assert "(4 micro batches of 2 on each of 1 devices)" in output
+    return read_lora_file(tmp_path / "one" / "lit_lora_finetuned.pth")["lora"]
+
+
+def close(a: dict, b: dict, tolerance: float = 1e-5) -> bool:
+    return set(a) == set(b) and all((a[k].float() - b[k].float()).abs().max().item() < tolerance for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_on_two_processes_ends_with_the_weights_of_one(setup, one_device_lora, strategy):
+    checkpoint_dir, data_dir, tmp_path = setup
+    out_dir = tmp_path / f"two_{strategy}"
+    output = run("lora.py", checkpoint_dir, data_dir, out_dir, 2, *LORA, "--strategy", strategy)
     # the same global batch: 4 micro batches of 2 on one device, 2 on each of two
-    assert "(4 micro batches of 2 on each of 1 devices)" in one
-    assert "(2 micro batches of 2 on each of 2 devices)" in two
-    assert two.count("step 3/3 |") == 1  # only rank 0 prints
-    a = read_lora_file(tmp_path / "one" / "lit_lora_finetuned.pth")["lora"]
-    b = read_lora_file(tmp_path / "two" / "lit_lora_finetuned.pth")["lora"]
-    assert set(a) == set(b) and all((a[k] - b[k]).abs().max().item() < 1e-5 for k in a)
-    assert not torch.equal(a["lm_head.lora_B"], torch.zeros_like(a["lm_head.lora_B"]))  # it did train
-    assert (tmp_path / "two" / "step-000002" / "lit_lora_finetuned.pth").is_file()
-    assert sorted(p.name for p in (tmp_path / "two").glob("*.tmp")) == []  # no half-written files from either rank
+    assert "(2 micro batches of 2 on each of 2 devices)" in output
+    assert output.count("step 3/3 |") == 1  # only rank 0 prints
+    two = read_lora_file(out_dir / "lit_lora_finetuned.pth")["lora"]
+    assert close(one_device_lora, two)
+    assert not torch.equal(two["lm_head.lora_B"], torch.zeros_like(two["lm_head.lora_B"]))  # it did train
+    assert (out_dir / "step-000002" / "lit_lora_finetuned.pth").is_file()
+    assert not list(out_dir.glob(".*")), "half-written files from a rank"
 
 
-def test_full_finetuning_on_two_processes_saves_a_folder_that_loads_on_one(tmp_path, tokenizer_path, tokenizer):
-    """On GPUs full finetuning shards with FSDP; on CPU processes (Fabric's FSDP needs GPUs) it replicates
-    with DDP. Either way rank 0 writes one ordinary checkpoint folder from the gathered weights."""
+def test_full_finetuning_sharded_on_two_processes_ends_with_the_weights_of_one(setup):
+    """Full finetuning on several devices shards with FSDP (fully_shard per Block), on CPU processes as on GPUs;
+    rank 0 writes one ordinary checkpoint folder from the gathered weights, which loads on one device."""
     from lit_lora.utils import load_model
 
-    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_path, block_size=256)
-    records = [{"instruction": "Say it.", "input": "", "output": w} for w in ["cat", "dog", "sun", "tree"]] * 3
-    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=4)
-    command = [sys.executable, str(ROOT / "finetune" / "full.py"), "--checkpoint_dir", str(checkpoint_dir),
-               "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "full"), "--devices", "2",
-               "--precision", "32-true", "--global_batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2",
-               "--learning_rate", "1e-2", "--warmup_steps", "1", "--eval_interval", "0", "--eval_examples", "2",
-               "--eval_max_new_tokens", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    trained, base = load_model(tmp_path / "full"), load_model(checkpoint_dir)
-    changed = [name for name, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[name])]
-    assert len(changed) == len(base.state_dict())  # every weight trained, and all of them were saved
+    checkpoint_dir, data_dir, tmp_path = setup
+    flags = ["--max_steps", "2", "--learning_rate", "1e-3"]
+    run("full.py", checkpoint_dir, data_dir, tmp_path / "full_one", 1, *flags)
+    output = run("full.py", checkpoint_dir, data_dir, tmp_path / "full_two", 2, *flags)
+    assert "(2 micro batches of 2 on each of 2 devices)" in output
+    one, two = load_model(tmp_path / "full_one").state_dict(), load_model(tmp_path / "full_two").state_dict()
+    base = load_model(checkpoint_dir).state_dict()
+    assert close(one, two)
+    assert all(not torch.equal(two[name], base[name]) for name in base)  # every weight trained, and was saved
+
+
+@pytest.mark.parametrize("strategy,flags", [
+    ("ddp", ["--lora_dropout", "0.2"]),  # each process draws its own dropout masks; all are redrawn on resume
+    ("fsdp", ["--lora_dropout", "0"]),  # an interrupt saves nothing under FSDP: resume from the step-2 save
+])
+def test_interrupted_two_process_run_resumes_exactly(setup, strategy, flags):
+    checkpoint_dir, data_dir, tmp_path = setup
+    common = ["--max_steps", "6", "--save_interval", "2", "--strategy", strategy, *flags]
+    run("lora.py", checkpoint_dir, data_dir, tmp_path / f"straight_{strategy}", 2, *common)
+    out_dir = tmp_path / f"resumed_{strategy}"
+    run("lora.py", checkpoint_dir, data_dir, out_dir, 2, *common, interrupt=True, expect=130)
+    saved_step = torch.load(out_dir / "state.pth", weights_only=True)["step"]
+    assert saved_step == (4 if strategy == "ddp" else 2)
+    output = run("lora.py", checkpoint_dir, data_dir, out_dir, 2, *common, "--resume", "auto")
+    assert f"Resumed from {out_dir / 'state.pth'} after step {saved_step}" in output
+    a = read_lora_file(tmp_path / f"straight_{strategy}" / "lit_lora_finetuned.pth")["lora"]
+    b = read_lora_file(out_dir / "lit_lora_finetuned.pth")["lora"]
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -1,4 +1,6 @@
 import csv
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -98,35 +100,102 @@ def weights(out_dir):
     return read_lora_file(Path(out_dir) / "lit_lora_finetuned.pth")["lora"]
 
 
-@pytest.mark.parametrize("interrupt_at_call", [5, 6])  # the first micro batch of step 3, or its second
-def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, interrupt_at_call):
+def interrupt_at(monkeypatch, module, name, call):
+    """Replace module.name by a wrapper that raises KeyboardInterrupt (a Ctrl-C) at its `call`-th call."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
+    return real
+
+
+# Where a Ctrl-C lands in a run of 4 steps of 2 micro batches, evaluating and saving after step 2: each time the
+# optimizer has completed 2 steps, and the state must say so (the step in progress, if any, is redone).
+# loss_sum's calls: 1-4 for steps 1 and 2, 5 for the validation loss after step 2, 6 and 7 for step 3.
+INTERRUPTS = {
+    "in the forward pass": ("lit_lora.train", "loss_sum", 6),  # the first micro batch of step 3
+    "between micro batches": ("lit_lora.train", "loss_sum", 7),  # the second micro batch of step 3
+    "in evaluation": ("lit_lora.train", "evaluate", 1),  # after step 2
+    "in saving": ("finetune.lora", "save_lora", 1),  # writing step-000002
+}
+
+
+@pytest.mark.parametrize("where", INTERRUPTS)
+def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, where):
+    import importlib
+
     from finetune.lora import main
 
     checkpoint_dir, data_dir, tmp_path = setup
-    full = main(lora_args(checkpoint_dir, data_dir, tmp_path / "full", lora_dropout=0.1, max_steps=4, save_interval=0))
+    run = dict(lora_dropout=0.1, max_steps=4, save_interval=2, eval_interval=2)
+    full = main(lora_args(checkpoint_dir, data_dir, tmp_path / "full", **run))
 
-    calls = {"n": 0}
-    real_loss_sum = train_module.loss_sum
-
-    def interrupting_loss_sum(model, input_ids, labels):
-        calls["n"] += 1
-        if calls["n"] == interrupt_at_call:  # 2 micro batches per step: call 5 opens step 3
-            raise KeyboardInterrupt
-        return real_loss_sum(model, input_ids, labels)
-
-    monkeypatch.setattr(train_module, "loss_sum", interrupting_loss_sum)
+    module, name, call = INTERRUPTS[where]
+    real = interrupt_at(monkeypatch, importlib.import_module(module), name, call)
     with pytest.raises(SystemExit) as exit_info:
-        main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", lora_dropout=0.1, max_steps=4, save_interval=0,
-                       eval_interval=0))
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", **run))
     assert exit_info.value.code == 130
-    assert torch.load(tmp_path / "resumed" / "state.pth", weights_only=True)["step"] == 2
-    monkeypatch.setattr(train_module, "loss_sum", real_loss_sum)
+    assert torch.load(tmp_path / "resumed" / "state.pth", weights_only=True)["step"] == 2  # completed steps
+    assert not list((tmp_path / "resumed").glob(".*")), "a temporary file or folder was left behind"
+    monkeypatch.setattr(importlib.import_module(module), name, real)
 
-    resumed = main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", lora_dropout=0.1, max_steps=4,
-                             save_interval=0, resume="auto"))
+    resumed = main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", resume="auto", **run))
     assert resumed["steps"] == 2 and resumed["final_loss"] == full["final_loss"]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[name], b[name]) for name in a)
+    if name == "loss_sum":  # interrupted after step 2 was saved: its step file is there, whole
+        step_2 = read_lora_file(tmp_path / "full" / "step-000002" / "lit_lora_finetuned.pth")["lora"]
+        again = read_lora_file(tmp_path / "resumed" / "step-000002" / "lit_lora_finetuned.pth")["lora"]
+        assert all(torch.equal(step_2[name], again[name]) for name in step_2)
+    else:  # interrupted before step 2 was saved: the state holds step 2, but no step file was written
+        assert not (tmp_path / "resumed" / "step-000002").exists()
+
+
+def test_every_process_and_step_draws_its_own_dropout_masks():
+    from lit_lora.train import step_seed
+
+    seeds = {step_seed(seed, rank, step) for seed in (1, 2) for rank in range(4) for step in range(50)}
+    assert len(seeds) == 2 * 4 * 50 and all(0 <= s < 2 ** 63 for s in seeds)  # a valid torch seed each
+    assert step_seed(1337, 0, 7) == step_seed(1337, 0, 7)  # a pure function: a resumed run redraws the same
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("seed", 7, "--seed differs from the saved run's (1337 then, 7 now)"),
+    ("global_batch_size", 4, "--global_batch_size differs from the saved run's (8 then, 4 now)"),
+    ("lora_r", 2, "--lora_r differs from the saved run's (4 then, 2 now)"),
+    ("learning_rate", 1e-3, "--learning_rate differs"),
+    ("max_steps", 5, "--max_steps differs from the saved run's (4 then, 5 now)"),
+])
+def test_resuming_with_other_flags_is_refused(setup, flag, value, words):
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    run = dict(max_steps=4, save_interval=2, eval_interval=0, eval_max_new_tokens=0)
+    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", **run))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto", **{**run, flag: value}))
+    # what only changes how the work is done may change
+    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto", **{**run, "micro_batch_size": 2}))
+
+
+def test_resuming_on_other_data_or_base_weights_is_refused(setup, tokenizer, tokenizer_path):
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    run = dict(max_steps=2, eval_interval=0, eval_max_new_tokens=0)
+    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", **run))
+    records = [{"instruction": "Say the word.", "input": "", "output": w} for w in WORDS * 2]
+    prepare(records, tokenizer, tmp_path / "other_data", max_seq_length=256, test_split_size=4, seed=0)
+    with pytest.raises(ValueError, match="the training data .train.pt. differs from the saved run's"):
+        main(lora_args(checkpoint_dir, tmp_path / "other_data", tmp_path / "out", resume="auto", **run))
+    other_base = make_checkpoint(tmp_path / "other_base", tokenizer_path, seed=1, block_size=256)
+    with pytest.raises(ValueError, match="the base model's weights differs from the saved run's"):
+        main(lora_args(other_base, data_dir, tmp_path / "out", resume="auto", **run))
 
 
 def test_loss_is_normalised_over_the_whole_accumulated_batch(setup):
@@ -176,7 +245,7 @@ def test_clear_errors(setup, tmp_path_factory):
     make_checkpoint(other_tokenizer / "ckpt", _other_tokenizer(other_tokenizer), block_size=256)
     with pytest.raises(ValueError, match="prepared with another tokenizer"):
         main(lora_args(other_tokenizer / "ckpt", data_dir, tmp_path / "o4"))
-    with pytest.raises(ValueError, match="global_batch_size \\(8\\) must be divisible by micro_batch_size \\(3\\)"):
+    with pytest.raises(ValueError, match="--global_batch_size 8: must be divisible by --micro_batch_size \\(3\\)"):
         main(lora_args(checkpoint_dir, data_dir, tmp_path / "o5", micro_batch_size=3))
 
 
@@ -271,3 +340,173 @@ def test_adapter_warmup_is_counted_in_optimizer_steps(setup, capsys):
                      eval_interval=0, eval_examples=4, eval_max_new_tokens=1, save_interval=0, adapter_start_layer=1))
     lrs = logged(tmp_path / "w", "lr")
     assert lrs[:6] == pytest.approx([2e-3, 4e-3, 6e-3, 8e-3, 1e-2, 1e-2]) and lrs[6] < 1e-2
+
+
+def checkpoint_in(dtype, folder, tokenizer_path):
+    """A micro checkpoint folder whose weights are stored in `dtype` (as bf16/fp16 checkpoints on the Hub are)."""
+    make_checkpoint(folder, tokenizer_path, block_size=256)
+    state_dict = torch.load(folder / "lit_model.pth", weights_only=True)
+    torch.save({name: tensor.to(dtype) for name, tensor in state_dict.items()}, folder / "lit_model.pth")
+    return folder
+
+
+# (checkpoint dtype, --precision) -> dtype of the trained LoRA tensors and AdamW moments, dtype of the frozen base.
+# 32-true and the mixed precisions keep fp32 parameters (autocast computes in 16 bits); *-true is all 16-bit.
+PRECISIONS = {
+    ("bfloat16", "32-true"): (torch.float32, torch.float32),
+    ("bfloat16", "bf16-mixed"): (torch.float32, torch.float32),
+    ("bfloat16", "bf16-true"): (torch.bfloat16, torch.bfloat16),
+    ("float16", "16-mixed"): (torch.float32, torch.float32),  # on a CPU Fabric computes 16-mixed in bf16
+}
+
+
+@pytest.mark.parametrize("checkpoint_dtype,precision", PRECISIONS)
+def test_precision_decides_the_dtype_of_what_trains(setup, tokenizer_path, monkeypatch, checkpoint_dtype, precision):
+    import finetune.lora as script
+
+    _, data_dir, tmp_path = setup
+    checkpoint_dir = checkpoint_in(getattr(torch, checkpoint_dtype), tmp_path / checkpoint_dtype, tokenizer_path)
+    trained_dtype, frozen_dtype = PRECISIONS[checkpoint_dtype, precision]
+    seen = {}
+    real_fit = script.fit
+
+    def recording_fit(fabric, model, args, save_weights):
+        summary = real_fit(fabric, model, args, save_weights)
+        seen.update({name: p.dtype for name, p in model.named_parameters()})
+        return summary
+
+    monkeypatch.setattr(script, "fit", recording_fit)
+    summary = script.main(lora_args(checkpoint_dir, data_dir, tmp_path / precision, precision=precision, max_steps=3,
+                                    eval_interval=0, eval_max_new_tokens=2))
+    assert math.isfinite(summary["final_loss"]) and math.isfinite(summary["val_loss"])
+    assert {dtype for name, dtype in seen.items() if "lora_" in name} == {trained_dtype}
+    assert {dtype for name, dtype in seen.items() if "lora_" not in name} == {frozen_dtype}
+    state = torch.load(tmp_path / precision / "state.pth", weights_only=True)
+    assert {t.dtype for t in state["model"].values()} == {trained_dtype}
+    moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k.startswith("exp_avg")]
+    assert moments and {t.dtype for t in moments} == {trained_dtype}
+    assert {t.dtype for t in weights(tmp_path / precision).values()} == {trained_dtype}
+    lora_b = weights(tmp_path / precision)["blocks.0.attn.q_proj.lora_B"]
+    assert lora_b.abs().sum() > 0 and torch.isfinite(lora_b).all()  # it trained, without NaN
+
+
+def crash_at_rename(monkeypatch, call):
+    """Make the `call`-th os.replace of lit_lora.utils (every atomic write and folder swap) raise, as a crash
+    in the middle of saving would; returns a counter of the renames seen."""
+    import lit_lora.utils as utils
+
+    real, seen = utils.os.replace, {"n": 0}
+
+    def replace(src, dst):
+        seen["n"] += 1
+        if seen["n"] == call:
+            raise RuntimeError(f"injected crash at rename {call}")
+        return real(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", replace)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_crash_at_any_rename_leaves_nothing_broken_and_resumes_exactly(setup, monkeypatch, method):
+    """Whichever rename of a save a crash hits, every step folder is whole (or absent), no temporary file stays
+    after the resumed run, and the resumed run ends with the weights of an uninterrupted one."""
+    import finetune.full
+    import finetune.lora
+    from lit_lora.utils import load_model
+
+    checkpoint_dir, data_dir, tmp_path = setup
+
+    def run(out_dir, **overrides):
+        values = dict(max_steps=4, save_interval=2, eval_interval=0, eval_max_new_tokens=0, **overrides)
+        if method == "lora":
+            return finetune.lora.main(lora_args(checkpoint_dir, data_dir, out_dir, **values))
+        return finetune.full.main(finetune.full.FullArgs(
+            checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, precision="32-true", learning_rate=1e-3,
+            global_batch_size=8, micro_batch_size=4, warmup_steps=1, eval_examples=4, **values))
+
+    def final_weights(out_dir):
+        if method == "lora":
+            return weights(out_dir)
+        return load_model(out_dir).state_dict()
+
+    counter = crash_at_rename(monkeypatch, call=0)  # count the renames of an uninterrupted run
+    run(tmp_path / "reference")
+    renames = counter["n"]
+    assert renames >= 6  # hyperparameters.json; the weights, their step folder and the state at steps 2 and 4
+    reference = final_weights(tmp_path / "reference")
+    for call in range(1, renames + 1):
+        out_dir = tmp_path / f"crash{call}"
+        crash_at_rename(monkeypatch, call)
+        with pytest.raises(RuntimeError, match="injected crash"):
+            run(out_dir)
+        for step_dir in out_dir.glob("step-*"):  # a step folder is whole, or not there
+            if method == "lora":
+                read_lora_file(step_dir / "lit_lora_finetuned.pth")
+            else:
+                load_model(step_dir)
+        (out_dir / ".state.pth.killed.tmp").write_bytes(b"half a file")  # what a kill -9 would leave
+        (out_dir / ".step-000002.old-killed").mkdir()
+        crash_at_rename(monkeypatch, call=0)
+        run(out_dir, resume="auto")
+        resumed = final_weights(out_dir)
+        assert all(torch.equal(reference[name], resumed[name]) for name in reference), f"crash at rename {call}"
+        assert not list(out_dir.glob(".*")), f"leftovers after the crash at rename {call}"
+        if method == "full":
+            load_model(out_dir / "step-000002")  # the step folder of a full finetuning run is a whole checkpoint
+
+
+def test_saving_writes_the_weights_file_without_reading_the_state_back(setup, monkeypatch):
+    """The method file is written from the gathered tensors in memory: state.pth (weights + both AdamW
+    moments, 54 GB for a fully finetuned 7B) is written once and never read back by the run that wrote it."""
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    real_load = torch.load
+
+    def guarded_load(f, *args, **kwargs):
+        assert Path(str(f)).name != "state.pth", "the run read state.pth back"
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded_load)
+    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", max_steps=2, save_interval=1, eval_interval=0))
+    assert (tmp_path / "out" / "step-000001" / "lit_lora_finetuned.pth").is_file()
+
+
+class RecordingFabric:
+    """Just enough of Fabric for forward_backward on one process, recording each micro batch's sync setting."""
+
+    world_size, device = 1, torch.device("cpu")
+
+    def __init__(self):
+        self.skipped_sync = []
+
+    def all_reduce(self, tensor, reduce_op):
+        return tensor
+
+    def to_device(self, tensors):
+        return tensors
+
+    def no_backward_sync(self, model, enabled):
+        import contextlib
+
+        self.skipped_sync.append(enabled)
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_gradients_are_synchronised_after_every_micro_batch_only_when_sharded():
+    """DDP may skip the gradient all-reduce until the last micro batch (its replicas hold whole gradients
+    anyway); FSDP must reduce-scatter after every micro batch, or each device would hold the whole gradient."""
+    from lit_lora.model import Config, LLaMA
+    from lit_lora.train import forward_backward
+
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("micro"))
+    micro_batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
+    for sharded, expected in ((False, [True, True, False]), (True, [False, False, False])):
+        fabric = RecordingFabric()
+        loss = forward_backward(fabric, model, micro_batches, sync_every_micro_batch=sharded)
+        assert fabric.skipped_sync == expected and math.isfinite(loss)
