@@ -23,23 +23,48 @@ from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import default_precision, dtype_from_precision, format_bytes, peak_memory_bytes
 
 
+def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_prefix: str = "") -> None:
+    """Refuse sampling settings that mean nothing, naming the setting, its value and what it must be.
+
+    `sample` checks every call; the generate scripts check their flags with it while parsing
+    (flag_prefix="--"), so both give the same message."""
+    no_limit = "null" if flag_prefix else "None"  # how a command line says None
+    settings = [
+        ("temperature", temperature, temperature >= 0,  # also refuses nan
+         "must be >= 0 (0: greedy decoding, always the most likely token)"),
+        ("top_k", top_k, top_k is None or top_k >= 1,
+         f"must be at least 1 (1: greedy decoding), or {no_limit} to sample among all tokens"),
+        ("top_p", top_p, 0 < top_p <= 1,
+         "must be in (0, 1] (1.0: off; a tiny value keeps only the most likely token)"),
+    ]
+    for name, value, ok, requirement in settings:
+        if not ok:
+            raise ValueError(f"{flag_prefix}{name} {value}: {requirement}")
+
+
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Pick one token per row from logits (B, vocab): greedy at temperature 0, else sample from
     softmax(logits / temperature) restricted to the top_k tokens and to the smallest set whose
-    probability reaches top_p (nucleus sampling)."""
+    probability reaches top_p (nucleus sampling). The most likely token is never cut off."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature
-    if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_k is not None and top_k < logits.size(-1):
+        # Keep exactly the k best. torch.topk picks k indices even among equal logits, where a comparison
+        # with the k-th best value (`logits < kth`) would keep every token tied with it.
+        best = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, best, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        # order[b, r] is the id ranked r (stable: equal logits keep id order, as argmax does)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the probability of the tokens ranked above each
+        drop_sorted = before >= top_p  # those already reach top_p: this token is not needed
+        drop_sorted[..., 0] = False  # the most likely token always stays, so a tiny top_p is greedy decoding
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)

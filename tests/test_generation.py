@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -113,3 +115,37 @@ def test_interactive_loop_streams_answers_until_an_empty_line(tmp_path, tokenize
     main(FullGenerateArgs(checkpoint_dir=checkpoint_dir, interactive=True, max_new_tokens=4, temperature=0.0))
     err = capsys.readouterr().err
     assert err.count("Sample 1: ") == 2  # two instructions answered, then the empty line ends the loop
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(temperature=-0.5), "temperature -0.5: must be >= 0"),
+    (dict(temperature=float("nan")), "temperature nan: must be >= 0"),
+    (dict(top_k=0), "top_k 0: must be at least 1"),
+    (dict(top_k=-3), "top_k -3: must be at least 1"),
+    (dict(top_p=0.0), "top_p 0.0: must be in (0, 1]"),
+    (dict(top_p=-0.1), "top_p -0.1: must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p 1.5: must be in (0, 1]"),
+])
+def test_sample_refuses_settings_that_mean_nothing(options, words):
+    settings = dict(temperature=1.0, top_k=None, top_p=1.0) | options
+    with pytest.raises(ValueError, match=re.escape(words)):
+        sample(torch.zeros(1, 4), **settings)
+
+
+def test_top_k_keeps_exactly_k_tokens_even_when_tied():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])  # three tokens tied for the best
+    generator = torch.Generator().manual_seed(0)
+    top1 = {int(sample(logits, 1.0, top_k=1, generator=generator)) for _ in range(200)}
+    top2 = {int(sample(logits, 1.0, top_k=2, generator=generator)) for _ in range(400)}
+    assert len(top1) == 1 and top1 <= {1, 2, 3}
+    assert len(top2) == 2 and top2 <= {1, 2, 3}
+
+
+def test_a_tiny_top_p_keeps_only_the_most_likely_token(model):
+    logits = torch.tensor([[0.0, 5.0, 5.0, 1.0]])  # a tie: the first of the two, as argmax
+    generator = torch.Generator().manual_seed(0)
+    assert {int(sample(logits, 1.0, top_p=1e-9, generator=generator)) for _ in range(100)} == {1}
+    prompt = torch.randint(0, 256, (5,))
+    (greedy,) = generate(model, [prompt], max_new_tokens=20, temperature=0.0)
+    (tiny_top_p,) = generate(model, [prompt], max_new_tokens=20, temperature=1.5, top_p=1e-9, seed=3)
+    assert torch.equal(greedy, tiny_top_p)
