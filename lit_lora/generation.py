@@ -73,13 +73,21 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
 @torch.inference_mode()
 def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
                     top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
-                    seed: Optional[int] = None) -> Iterator[torch.Tensor]:
+                    seed: Optional[int] = None, vocab_size: Optional[int] = None) -> Iterator[torch.Tensor]:
     """Yield one (B,) tensor of new tokens per step, until every row has produced `eos_id` or
     `max_new_tokens` tokens. A row that has finished yields `eos_id` again while the others go on.
+
+    Only ids below `vocab_size` are ever picked (None: model.config.vocab_size). Give the tokenizer's
+    vocab_size: a checkpoint's vocabulary is often padded beyond the tokenizer's pieces, and an id the
+    tokenizer does not have cannot be decoded.
 
     The model must have a KV cache of batch size len(prompts) and at least
     max(prompt lengths) + max_new_tokens positions (see `generate`, which sets it up).
     """
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size {vocab_size}: must be at least 1 (the tokenizer's vocab_size), or None")
+    # The logits have config.padded_vocab_size columns: pick none past the model's or the tokenizer's vocabulary
+    vocab_size = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
@@ -94,7 +102,7 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
     input_pos = lengths.clone()  # (B,): where each row's next token goes
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        token = sample(logits[..., : model.config.vocab_size], temperature, top_k, top_p, generator)  # (B,)
+        token = sample(logits[..., :vocab_size], temperature, top_k, top_p, generator)  # (B,)
         if eos_id is not None:
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
@@ -105,18 +113,21 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
         input_pos += 1
 
 
-def generate(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, **kwargs) -> list[torch.Tensor]:
-    """The new tokens of each prompt (EOS and anything after it left out), with a fresh KV cache."""
+def generate(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+             seed: Optional[int] = None, vocab_size: Optional[int] = None) -> list[torch.Tensor]:
+    """The new tokens of each prompt (EOS and anything after it left out), with a fresh KV cache.
+    The options are generate_stream's; pass vocab_size=tokenizer.vocab_size when the tokens will be decoded."""
     prompt_length = max(len(p) for p in prompts)
     model.set_kv_cache(batch_size=len(prompts), max_seq_length=prompt_length + max_new_tokens)
     try:
-        steps = list(generate_stream(model, prompts, max_new_tokens, **kwargs))
+        steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                                     vocab_size))
     finally:
         model.clear_kv_cache()
     if not steps:
         return [torch.empty(0, dtype=torch.long) for _ in prompts]
     tokens = torch.stack(steps, dim=1).cpu()  # (B, steps)
-    eos_id = kwargs.get("eos_id")
     outputs = []
     for row in tokens:
         if eos_id is not None and (row == eos_id).any():
@@ -184,7 +195,7 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
                 yield token
 
         stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
-                                 None if seed is None else seed + i)
+                                 seed=None if seed is None else seed + i, vocab_size=tokenizer.vocab_size)
         for piece in stream_text(tokenizer, counted(stream)):
             pieces.append(piece)
             print(piece, end="", flush=True)

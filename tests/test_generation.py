@@ -149,3 +149,32 @@ def test_a_tiny_top_p_keeps_only_the_most_likely_token(model):
     (greedy,) = generate(model, [prompt], max_new_tokens=20, temperature=0.0)
     (tiny_top_p,) = generate(model, [prompt], max_new_tokens=20, temperature=1.5, top_p=1e-9, seed=3)
     assert torch.equal(greedy, tiny_top_p)
+
+
+def model_preferring_ids_past(vocab_size: int, extra: int = 40) -> LLaMA:
+    """A model whose config has `extra` more ids than the tokenizer (a padded vocabulary) and whose logits
+    favour those extra ids by far: unrestricted, every step would pick one the tokenizer cannot decode."""
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("micro", vocab_size=vocab_size + extra, block_size=256)).eval()
+    bias = torch.zeros(model.config.padded_vocab_size)
+    bias[vocab_size: vocab_size + extra] = 100.0
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    return model
+
+
+def test_never_samples_an_id_the_tokenizer_does_not_have(tokenizer, tokenizer_path, capsys):
+    from lit_lora.generation import GenerateArgs, run
+
+    model = model_preferring_ids_past(tokenizer.vocab_size)
+    prompt = tokenizer.encode("The model", bos=True)
+    (free,) = generate(model, [prompt], max_new_tokens=5, temperature=0.0)
+    assert (free >= tokenizer.vocab_size).all()  # what the model prefers when nothing stops it
+    for options in (dict(temperature=0.0), dict(temperature=1.0, top_k=None, seed=0)):
+        (tokens,) = generate(model, [prompt], max_new_tokens=20, vocab_size=tokenizer.vocab_size, **options)
+        assert len(tokens) == 20 and (tokens < tokenizer.vocab_size).all()
+
+    # the scripts' path decodes what it samples: it must not crash in Tokenizer.decode
+    texts = run(model, GenerateArgs(prompt="The model", checkpoint_dir=tokenizer_path, max_new_tokens=10,
+                                    num_samples=2, precision="32-true"))
+    assert len(texts) == 2 and all(texts)
+    assert capsys.readouterr().err.count("10 tokens in") == 2
