@@ -70,7 +70,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the training loop's evaluation generates with a model that FSDP may shard, and
+# FSDP does not support inference tensors (nor can they ever take part in autograd later).
+@torch.no_grad()
 def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
                     top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
                     seed: Optional[int] = None, vocab_size: Optional[int] = None) -> Iterator[torch.Tensor]:

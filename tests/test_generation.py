@@ -178,3 +178,18 @@ def test_never_samples_an_id_the_tokenizer_does_not_have(tokenizer, tokenizer_pa
                                     num_samples=2, precision="32-true"))
     assert len(texts) == 2 and all(texts)
     assert capsys.readouterr().err.count("10 tokens in") == 2
+
+
+def test_generation_runs_without_autograd_and_without_inference_tensors(model):
+    """no_grad, not inference_mode: a model sharded by FSDP (the training loop's evaluation) cannot
+    run on inference tensors, and what generation returns must stay usable by ordinary code."""
+    seen = []
+    hook = model.register_forward_hook(
+        lambda module, inputs, output: seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                                                   output.is_inference())))
+    try:
+        (tokens,) = generate(model, [torch.randint(0, 256, (5,))], max_new_tokens=4, temperature=0.0)
+    finally:
+        hook.remove()
+    assert seen == [(False, False, False)] * 4  # the prefill and 3 decoding steps
+    assert not tokens.is_inference()
