@@ -20,7 +20,7 @@ import torch
 
 from lit_lora.model import LLaMA
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import default_precision, dtype_from_precision, format_bytes, peak_memory_bytes
+from lit_lora.utils import check_flag, default_precision, dtype_from_precision, format_bytes, peak_memory_bytes
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_prefix: str = "") -> None:
@@ -252,6 +252,14 @@ class GenerateArgs:
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
     compile: bool = False
     interactive: bool = False
+
+    def __post_init__(self):
+        """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
+        check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1")
+        check_sampling(self.temperature, self.top_k, self.top_p, flag_prefix="--")
+        check_flag(self, "num_samples", self.num_samples >= 1, "must be at least 1")
+        check_flag(self, "seed", self.seed is None or 0 <= self.seed < 2**63,
+                   "must be from 0 to 2**63 - 1, or null for different answers every run")
 
 
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:

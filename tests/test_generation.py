@@ -1,4 +1,8 @@
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +197,40 @@ def test_generation_runs_without_autograd_and_without_inference_tensors(model):
         hook.remove()
     assert seen == [(False, False, False)] * 4  # the prefill and 3 decoding steps
     assert not tokens.is_inference()
+
+
+BAD_FLAGS = [  # (flag, value, what the error must say after "--flag value: ")
+    ("max_new_tokens", 0, "must be at least 1"),
+    ("max_new_tokens", -5, "must be at least 1"),
+    ("temperature", -0.1, "must be >= 0"),
+    ("top_k", 0, "must be at least 1 (1: greedy decoding), or null"),
+    ("top_p", 0.0, "must be in (0, 1]"),
+    ("top_p", 1.01, "must be in (0, 1]"),
+    ("num_samples", 0, "must be at least 1"),
+    ("seed", -1, "must be from 0 to 2**63 - 1, or null"),
+]
+
+
+@pytest.mark.parametrize("flag, value, words", BAD_FLAGS)
+def test_generate_flags_are_checked_while_parsing(flag, value, words):
+    from generate.adapter import AdapterGenerateArgs
+    from generate.full import FullGenerateArgs
+    from generate.lora import LoRAGenerateArgs
+    from lit_lora.generation import GenerateArgs
+
+    for flags in (GenerateArgs, LoRAGenerateArgs, AdapterGenerateArgs, FullGenerateArgs):
+        with pytest.raises(ValueError) as error:
+            flags(**{flag: value})
+        assert str(error.value).startswith(f"--{flag} {value}: {words}")
+
+
+def test_a_bad_flag_stops_the_script_with_one_line_and_exit_code_2(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))  # this checkout's lit_lora, whatever is installed
+    env.pop("LIT_LORA_TRACEBACK", None)
+    result = subprocess.run([sys.executable, "generate/base.py", "--max_new_tokens", "-5",
+                             "--checkpoint_dir", str(tmp_path / "missing")],
+                            capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: --max_new_tokens -5: must be at least 1\n"  # the flag is refused before the folder is read
+    assert result.stdout == ""
