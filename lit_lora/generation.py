@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Literal, Optional
 import torch
 
 from lit_lora.model import LLaMA
-from lit_lora.tokenizer import Tokenizer
+from lit_lora.tokenizer import Tokenizer, check_utf8
 from lit_lora.utils import check_flag, default_precision, dtype_from_precision, format_bytes, peak_memory_bytes
 
 
@@ -215,12 +215,18 @@ def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[
     while True:
         try:
             instruction = input(">> Instruction: ")
+        except UnicodeDecodeError as error:  # a terminal in UTF-8 (strict) mode read bytes that are not UTF-8:
+            instruction = error.object.decode("utf-8", errors="surrogateescape")  # check_utf8 names them below
         except (EOFError, KeyboardInterrupt):
             print()
             return
         if not instruction.strip():
             return
-        generate_and_print(model, tokenizer, make_prompt(instruction), **kwargs)
+        try:
+            check_utf8(instruction, "This line")
+            generate_and_print(model, tokenizer, make_prompt(instruction), **kwargs)
+        except ValueError as error:  # a line that cannot be answered: say why, and read the next one
+            print(f"error: {error}", file=sys.stderr)
 
 
 @dataclass
@@ -255,6 +261,7 @@ class GenerateArgs:
 
     def __post_init__(self):
         """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
+        check_utf8(self.prompt, "--prompt")
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1")
         check_sampling(self.temperature, self.top_k, self.top_p, flag_prefix="--")
         check_flag(self, "num_samples", self.num_samples >= 1, "must be at least 1")

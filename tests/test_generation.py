@@ -234,3 +234,55 @@ def test_a_bad_flag_stops_the_script_with_one_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: --max_new_tokens -5: must be at least 1\n"  # the flag is refused before the folder is read
     assert result.stdout == ""
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_while_parsing(tmp_path):
+    from generate.lora import LoRAGenerateArgs
+    from lit_lora.generation import GenerateArgs
+
+    with pytest.raises(ValueError, match=re.escape("--prompt is not valid UTF-8: character 4 (after 'Caf') is the byte 0xE9")):
+        GenerateArgs(prompt="Caf\udce9")
+    with pytest.raises(ValueError, match=re.escape("--input is not valid UTF-8: character 1 (at the start) is the byte 0xFF")):
+        LoRAGenerateArgs(input="\udcff")
+
+    # on the command line: the bytes as a Latin-1 terminal sends them
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env.pop("LIT_LORA_TRACEBACK", None)
+    result = subprocess.run([sys.executable, "generate/base.py", "--checkpoint_dir", str(tmp_path), "--prompt", b"Caf\xe9"],
+                            capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --prompt is not valid UTF-8: character 4 (after 'Caf') is the byte 0xE9")
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+def typed(lines: list):
+    """A stand-in for input(): returns the lines one by one, raising those that are exceptions."""
+    lines = iter(lines)
+
+    def fake_input(prompt: str = "") -> str:
+        line = next(lines)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+    return fake_input
+
+
+def test_interactive_lines_that_are_not_utf8_get_an_error_and_the_session_goes_on(tmp_path, tokenizer_path,
+                                                                                    monkeypatch, capsys):
+    from generate.full import FullGenerateArgs, main
+    from tests.conftest import make_checkpoint
+
+    checkpoint_dir = make_checkpoint(tmp_path / "model", tokenizer_path, block_size=256)
+
+    monkeypatch.setattr("builtins.input", typed([
+        "Caf\udce9",  # from a terminal in surrogateescape mode (C/POSIX locale)
+        UnicodeDecodeError("utf-8", b"Caf\xe9 noir", 3, 4, "invalid continuation byte"),  # from a strict one
+        "Say hello.",
+        "",
+    ]))
+    main(FullGenerateArgs(checkpoint_dir=checkpoint_dir, interactive=True, max_new_tokens=4, temperature=0.0))
+    err = capsys.readouterr().err
+    assert err.count("error: This line is not valid UTF-8: character 4 (after 'Caf') is the byte 0xE9") == 2
+    assert err.count("Sample 1: ") == 1  # the good line was answered
