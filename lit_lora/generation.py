@@ -198,11 +198,13 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
 
         stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
                                  seed=None if seed is None else seed + i, vocab_size=tokenizer.vocab_size)
-        for piece in stream_text(tokenizer, counted(stream)):
-            pieces.append(piece)
-            print(piece, end="", flush=True)
+        try:
+            for piece in stream_text(tokenizer, counted(stream)):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        finally:
+            model.clear_kv_cache()  # also when Ctrl-C stops the answer
         print(flush=True)
-        model.clear_kv_cache()
         elapsed = time.perf_counter() - start
         texts.append("".join(pieces))
         print(f"Sample {i + 1}: {n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s; "
@@ -211,7 +213,9 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
 
 
 def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[str], str], **kwargs) -> None:
-    """A chat-like loop: read an instruction, stream the answer, repeat (Ctrl-D or an empty line to quit)."""
+    """A chat-like loop: read an instruction, stream the answer, repeat. An empty line, Ctrl-D or Ctrl-C at the
+    prompt quits. Ctrl-C during an answer stops only that answer; a line that cannot be answered (not UTF-8,
+    longer than the context) gets an error. Either way the loop asks for the next instruction."""
     while True:
         try:
             instruction = input(">> Instruction: ")
@@ -227,6 +231,9 @@ def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[
             generate_and_print(model, tokenizer, make_prompt(instruction), **kwargs)
         except ValueError as error:  # a line that cannot be answered: say why, and read the next one
             print(f"error: {error}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C during an answer
+            print(flush=True)
+            print("Answer stopped (Ctrl-C). Ctrl-C or Ctrl-D at the prompt quits.", file=sys.stderr)
 
 
 @dataclass

@@ -286,3 +286,34 @@ def test_interactive_lines_that_are_not_utf8_get_an_error_and_the_session_goes_o
     err = capsys.readouterr().err
     assert err.count("error: This line is not valid UTF-8: character 4 (after 'Caf') is the byte 0xE9") == 2
     assert err.count("Sample 1: ") == 1  # the good line was answered
+
+
+@pytest.mark.parametrize("quit_key", [KeyboardInterrupt(), EOFError()], ids=["ctrl-c", "ctrl-d"])
+def test_interactive_ctrl_c_or_a_too_long_prompt_ends_only_that_answer(quit_key, tmp_path, tokenizer_path,
+                                                                       monkeypatch, capsys):
+    from generate.full import FullGenerateArgs, main
+    from lit_lora import generation
+    from tests.conftest import make_checkpoint
+
+    checkpoint_dir = make_checkpoint(tmp_path / "model", tokenizer_path, block_size=256)
+    models, real_stream = [], generation.generate_stream
+
+    def interrupted_once(model, *args, **kwargs):
+        """The first answer is interrupted by Ctrl-C after two tokens; the others run as they are."""
+        models.append(model)
+        for n, token in enumerate(real_stream(model, *args, **kwargs)):
+            if len(models) == 1 and n == 2:
+                raise KeyboardInterrupt
+            yield token
+
+    monkeypatch.setattr(generation, "generate_stream", interrupted_once)
+    monkeypatch.setattr("builtins.input", typed(["Say hello.", "word " * 300, "Name a colour.", quit_key]))
+    try:
+        main(FullGenerateArgs(checkpoint_dir=checkpoint_dir, interactive=True, max_new_tokens=4, temperature=0.0))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during an answer ended the whole session")
+    err = capsys.readouterr().err
+    assert "Answer stopped (Ctrl-C)" in err
+    assert "error: The prompt is " in err and "the model's context is 256: shorten the prompt" in err
+    assert err.count("Sample 1: 4 tokens") == 1  # the third line was answered in full
+    assert len(models) == 2 and models[0].blocks[0].attn.kv_cache is None  # the interrupted answer freed its cache
