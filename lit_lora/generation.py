@@ -245,10 +245,10 @@ class GenerateArgs:
         checkpoint_dir: Folder with lit_model.pth, model_config.json and tokenizer.model.
         max_new_tokens: Generate at most this many tokens (fewer if EOS comes first).
         temperature: 0 is greedy decoding; higher values sample more freely.
-        top_k: Sample only among the k most likely tokens (None: all).
+        top_k: Sample only among the k most likely tokens (null: all).
         top_p: Sample only from the smallest set of tokens whose probability reaches p (1.0: off).
         num_samples: How many answers to generate.
-        seed: Random seed for sampling (None: not reproducible).
+        seed: Random seed for sampling; sample i uses seed + i (null: different every run).
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
         compile: torch.compile the model (faster long generations on a GPU, after a slow first call).
         interactive: Read prompts from the terminal in a loop instead of using --prompt.

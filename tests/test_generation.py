@@ -317,3 +317,19 @@ def test_interactive_ctrl_c_or_a_too_long_prompt_ends_only_that_answer(quit_key,
     assert "error: The prompt is " in err and "the model's context is 256: shorten the prompt" in err
     assert err.count("Sample 1: 4 tokens") == 1  # the third line was answered in full
     assert len(models) == 2 and models[0].blocks[0].attn.kv_cache is None  # the interrupted answer freed its cache
+
+
+@pytest.mark.parametrize("script", ["generate/base.py", "generate/lora.py", "generate/adapter.py", "generate/full.py"])
+def test_help_says_null_which_is_what_the_parser_accepts(script):
+    import runpy
+
+    from jsonargparse import capture_parser
+
+    root = Path(__file__).resolve().parents[1]
+    parser = capture_parser(runpy.run_path, str(root / script), run_name="__main__")
+    help_text = " ".join(parser.format_help().split())  # unwrapped
+    assert "most likely tokens (null: all)" in help_text
+    assert "(null: different every run)" in help_text
+    assert "(None:" not in help_text
+    flags = parser.parse_args(["--top_k", "null", "--seed", "null"])
+    assert flags.top_k is None and flags.seed is None
