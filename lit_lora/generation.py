@@ -86,6 +86,8 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
     The model must have a KV cache of batch size len(prompts) and at least
     max(prompt lengths) + max_new_tokens positions (see `generate`, which sets it up).
     """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 0")
     if vocab_size is not None and vocab_size < 1:
         raise ValueError(f"vocab_size {vocab_size}: must be at least 1 (the tokenizer's vocab_size), or None")
     # The logits have config.padded_vocab_size columns: pick none past the model's or the tokenizer's vocabulary

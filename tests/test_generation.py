@@ -333,3 +333,11 @@ def test_help_says_null_which_is_what_the_parser_accepts(script):
     assert "(None:" not in help_text
     flags = parser.parse_args(["--top_k", "null", "--seed", "null"])
     assert flags.top_k is None and flags.seed is None
+
+
+def test_generate_refuses_a_negative_number_of_new_tokens(model):
+    prompt = torch.randint(0, 256, (8,))
+    with pytest.raises(ValueError, match=re.escape("max_new_tokens -5: must be >= 0")):
+        generate(model, [prompt], max_new_tokens=-5)  # was an IndexError inside the KV cache
+    assert model.blocks[0].attn.kv_cache is None
+    assert generate(model, [prompt], max_new_tokens=0)[0].shape == (0,)
