@@ -9,10 +9,10 @@ computed once per generation and kept with the KV cache, not recomputed for ever
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from lit_lora.adapter import load_adapter
 from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run
+from lit_lora.tokenizer import check_utf8
 from lit_lora.utils import cli, load_model
 
 
@@ -28,6 +28,10 @@ class AdapterGenerateArgs(GenerateArgs):
     prompt: str = "What food do llamas eat?"
     adapter_path: Path = Path("out/adapter/alpaca/lit_adapter_finetuned.pth")
     input: str = ""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_utf8(self.input, "--input")
 
 
 def main(args: AdapterGenerateArgs) -> list[str]:

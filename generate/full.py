@@ -6,9 +6,9 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run
+from lit_lora.tokenizer import check_utf8
 from lit_lora.utils import cli, load_model
 
 
@@ -23,6 +23,10 @@ class FullGenerateArgs(GenerateArgs):
     prompt: str = "What food do llamas eat?"
     checkpoint_dir: Path = Path("out/full/alpaca")
     input: str = ""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_utf8(self.input, "--input")
 
 
 def main(args: FullGenerateArgs) -> list[str]:

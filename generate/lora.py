@@ -9,9 +9,9 @@ r, alpha and the targets are read from the LoRA file. LoRA is merged into the we
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run
+from lit_lora.tokenizer import check_utf8
 from lit_lora.lora import load_lora, merge_lora
 from lit_lora.utils import cli, load_model
 
@@ -28,6 +28,10 @@ class LoRAGenerateArgs(GenerateArgs):
     prompt: str = "What food do llamas eat?"
     lora_path: Path = Path("out/lora/alpaca/lit_lora_finetuned.pth")
     input: str = ""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_utf8(self.input, "--input")
 
 
 def main(args: LoRAGenerateArgs) -> list[str]:

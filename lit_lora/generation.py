@@ -19,42 +19,79 @@ from typing import Callable, Iterator, Literal, Optional
 import torch
 
 from lit_lora.model import LLaMA
-from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import default_precision, dtype_from_precision, format_bytes, peak_memory_bytes
+from lit_lora.tokenizer import Tokenizer, check_utf8
+from lit_lora.utils import check_flag, default_precision, dtype_from_precision, format_bytes, peak_memory_bytes
+
+
+def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_prefix: str = "") -> None:
+    """Refuse sampling settings that mean nothing, naming the setting, its value and what it must be.
+
+    `sample` checks every call; the generate scripts check their flags with it while parsing
+    (flag_prefix="--"), so both give the same message."""
+    no_limit = "null" if flag_prefix else "None"  # how a command line says None
+    settings = [
+        ("temperature", temperature, temperature >= 0,  # also refuses nan
+         "must be >= 0 (0: greedy decoding, always the most likely token)"),
+        ("top_k", top_k, top_k is None or top_k >= 1,
+         f"must be at least 1 (1: greedy decoding), or {no_limit} to sample among all tokens"),
+        ("top_p", top_p, 0 < top_p <= 1,
+         "must be in (0, 1] (1.0: off; a tiny value keeps only the most likely token)"),
+    ]
+    for name, value, ok, requirement in settings:
+        if not ok:
+            raise ValueError(f"{flag_prefix}{name} {value}: {requirement}")
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Pick one token per row from logits (B, vocab): greedy at temperature 0, else sample from
     softmax(logits / temperature) restricted to the top_k tokens and to the smallest set whose
-    probability reaches top_p (nucleus sampling)."""
+    probability reaches top_p (nucleus sampling). The most likely token is never cut off."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature
-    if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_k is not None and top_k < logits.size(-1):
+        # Keep exactly the k best. torch.topk picks k indices even among equal logits, where a comparison
+        # with the k-th best value (`logits < kth`) would keep every token tied with it.
+        best = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, best, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        # order[b, r] is the id ranked r (stable: equal logits keep id order, as argmax does)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the probability of the tokens ranked above each
+        drop_sorted = before >= top_p  # those already reach top_p: this token is not needed
+        drop_sorted[..., 0] = False  # the most likely token always stays, so a tiny top_p is greedy decoding
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the training loop's evaluation generates with a model that FSDP may shard, and
+# FSDP does not support inference tensors (nor can they ever take part in autograd later).
+@torch.no_grad()
 def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
                     top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
-                    seed: Optional[int] = None) -> Iterator[torch.Tensor]:
+                    seed: Optional[int] = None, vocab_size: Optional[int] = None) -> Iterator[torch.Tensor]:
     """Yield one (B,) tensor of new tokens per step, until every row has produced `eos_id` or
     `max_new_tokens` tokens. A row that has finished yields `eos_id` again while the others go on.
+
+    Only ids below `vocab_size` are ever picked (None: model.config.vocab_size). Give the tokenizer's
+    vocab_size: a checkpoint's vocabulary is often padded beyond the tokenizer's pieces, and an id the
+    tokenizer does not have cannot be decoded.
 
     The model must have a KV cache of batch size len(prompts) and at least
     max(prompt lengths) + max_new_tokens positions (see `generate`, which sets it up).
     """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 0")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size {vocab_size}: must be at least 1 (the tokenizer's vocab_size), or None")
+    # The logits have config.padded_vocab_size columns: pick none past the model's or the tokenizer's vocabulary
+    vocab_size = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
@@ -69,7 +106,7 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
     input_pos = lengths.clone()  # (B,): where each row's next token goes
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        token = sample(logits[..., : model.config.vocab_size], temperature, top_k, top_p, generator)  # (B,)
+        token = sample(logits[..., :vocab_size], temperature, top_k, top_p, generator)  # (B,)
         if eos_id is not None:
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
@@ -80,18 +117,21 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
         input_pos += 1
 
 
-def generate(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, **kwargs) -> list[torch.Tensor]:
-    """The new tokens of each prompt (EOS and anything after it left out), with a fresh KV cache."""
+def generate(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+             seed: Optional[int] = None, vocab_size: Optional[int] = None) -> list[torch.Tensor]:
+    """The new tokens of each prompt (EOS and anything after it left out), with a fresh KV cache.
+    The options are generate_stream's; pass vocab_size=tokenizer.vocab_size when the tokens will be decoded."""
     prompt_length = max(len(p) for p in prompts)
     model.set_kv_cache(batch_size=len(prompts), max_seq_length=prompt_length + max_new_tokens)
     try:
-        steps = list(generate_stream(model, prompts, max_new_tokens, **kwargs))
+        steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                                     vocab_size))
     finally:
         model.clear_kv_cache()
     if not steps:
         return [torch.empty(0, dtype=torch.long) for _ in prompts]
     tokens = torch.stack(steps, dim=1).cpu()  # (B, steps)
-    eos_id = kwargs.get("eos_id")
     outputs = []
     for row in tokens:
         if eos_id is not None and (row == eos_id).any():
@@ -159,12 +199,14 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
                 yield token
 
         stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
-                                 None if seed is None else seed + i)
-        for piece in stream_text(tokenizer, counted(stream)):
-            pieces.append(piece)
-            print(piece, end="", flush=True)
+                                 seed=None if seed is None else seed + i, vocab_size=tokenizer.vocab_size)
+        try:
+            for piece in stream_text(tokenizer, counted(stream)):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        finally:
+            model.clear_kv_cache()  # also when Ctrl-C stops the answer
         print(flush=True)
-        model.clear_kv_cache()
         elapsed = time.perf_counter() - start
         texts.append("".join(pieces))
         print(f"Sample {i + 1}: {n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s; "
@@ -173,16 +215,27 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
 
 
 def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[str], str], **kwargs) -> None:
-    """A chat-like loop: read an instruction, stream the answer, repeat (Ctrl-D or an empty line to quit)."""
+    """A chat-like loop: read an instruction, stream the answer, repeat. An empty line, Ctrl-D or Ctrl-C at the
+    prompt quits. Ctrl-C during an answer stops only that answer; a line that cannot be answered (not UTF-8,
+    longer than the context) gets an error. Either way the loop asks for the next instruction."""
     while True:
         try:
             instruction = input(">> Instruction: ")
+        except UnicodeDecodeError as error:  # a terminal in UTF-8 (strict) mode read bytes that are not UTF-8:
+            instruction = error.object.decode("utf-8", errors="surrogateescape")  # check_utf8 names them below
         except (EOFError, KeyboardInterrupt):
             print()
             return
         if not instruction.strip():
             return
-        generate_and_print(model, tokenizer, make_prompt(instruction), **kwargs)
+        try:
+            check_utf8(instruction, "This line")
+            generate_and_print(model, tokenizer, make_prompt(instruction), **kwargs)
+        except ValueError as error:  # a line that cannot be answered: say why, and read the next one
+            print(f"error: {error}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C during an answer
+            print(flush=True)
+            print("Answer stopped (Ctrl-C). Ctrl-C or Ctrl-D at the prompt quits.", file=sys.stderr)
 
 
 @dataclass
@@ -194,10 +247,10 @@ class GenerateArgs:
         checkpoint_dir: Folder with lit_model.pth, model_config.json and tokenizer.model.
         max_new_tokens: Generate at most this many tokens (fewer if EOS comes first).
         temperature: 0 is greedy decoding; higher values sample more freely.
-        top_k: Sample only among the k most likely tokens (None: all).
+        top_k: Sample only among the k most likely tokens (null: all).
         top_p: Sample only from the smallest set of tokens whose probability reaches p (1.0: off).
         num_samples: How many answers to generate.
-        seed: Random seed for sampling (None: not reproducible).
+        seed: Random seed for sampling; sample i uses seed + i (null: different every run).
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
         compile: torch.compile the model (faster long generations on a GPU, after a slow first call).
         interactive: Read prompts from the terminal in a loop instead of using --prompt.
@@ -214,6 +267,15 @@ class GenerateArgs:
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
     compile: bool = False
     interactive: bool = False
+
+    def __post_init__(self):
+        """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
+        check_utf8(self.prompt, "--prompt")
+        check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1")
+        check_sampling(self.temperature, self.top_k, self.top_p, flag_prefix="--")
+        check_flag(self, "num_samples", self.num_samples >= 1, "must be at least 1")
+        check_flag(self, "seed", self.seed is None or 0 <= self.seed < 2**63,
+                   "must be from 0 to 2**63 - 1, or null for different answers every run")
 
 
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:

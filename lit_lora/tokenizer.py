@@ -10,6 +10,31 @@ import sentencepiece as spm
 import torch
 
 
+def check_utf8(text: str, what: str = "The text") -> None:
+    """Refuse a str that has no UTF-8 form, naming the first bad character and where it is.
+
+    SentencePiece reads UTF-8. Python turns each byte that is not UTF-8 in a command-line argument (and, on a
+    terminal that is not set to UTF-8, in input()) into a lone surrogate: the byte 0xE9 (é in Latin-1) becomes
+    '\\udce9'. Such a str cannot be encoded, and SentencePiece would fail with pybind11's "Unable to cast Python
+    instance of type <class 'str'> to C++ type", which says nothing about the text.
+    """
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError as error:
+        position = error.start
+    code = ord(text[position])
+    if 0xDC80 <= code <= 0xDCFF:  # Python's stand-in for the undecodable byte code - 0xDC00 ("surrogateescape")
+        character = f"the byte 0x{code - 0xDC00:02X}, which is not UTF-8 on its own"
+    else:
+        character = f"U+{code:04X}, half of a UTF-16 surrogate pair, which UTF-8 cannot encode"
+    where = f"after {text[max(0, position - 20):position]!r}" if position else "at the start"
+    raise ValueError(
+        f"{what} is not valid UTF-8: character {position + 1} ({where}) is {character}. Give the text in UTF-8: "
+        "type it in a terminal set to UTF-8, or convert its file, e.g. with `iconv -f latin1 -t utf-8`."
+    )
+
+
 class Tokenizer:
     def __init__(self, model_path: Union[str, Path]):
         model_path = Path(model_path)
@@ -36,6 +61,7 @@ class Tokenizer:
         return hashlib.sha256(self.model_path.read_bytes()).hexdigest()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False, max_length: int = -1) -> torch.Tensor:
+        check_utf8(text)
         ids = self.processor.encode(text)
         if bos:
             ids = [self.bos_id] + ids

@@ -1,3 +1,9 @@
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,3 +119,225 @@ def test_interactive_loop_streams_answers_until_an_empty_line(tmp_path, tokenize
     main(FullGenerateArgs(checkpoint_dir=checkpoint_dir, interactive=True, max_new_tokens=4, temperature=0.0))
     err = capsys.readouterr().err
     assert err.count("Sample 1: ") == 2  # two instructions answered, then the empty line ends the loop
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(temperature=-0.5), "temperature -0.5: must be >= 0"),
+    (dict(temperature=float("nan")), "temperature nan: must be >= 0"),
+    (dict(top_k=0), "top_k 0: must be at least 1"),
+    (dict(top_k=-3), "top_k -3: must be at least 1"),
+    (dict(top_p=0.0), "top_p 0.0: must be in (0, 1]"),
+    (dict(top_p=-0.1), "top_p -0.1: must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p 1.5: must be in (0, 1]"),
+])
+def test_sample_refuses_settings_that_mean_nothing(options, words):
+    settings = dict(temperature=1.0, top_k=None, top_p=1.0) | options
+    with pytest.raises(ValueError, match=re.escape(words)):
+        sample(torch.zeros(1, 4), **settings)
+
+
+def test_top_k_keeps_exactly_k_tokens_even_when_tied():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])  # three tokens tied for the best
+    generator = torch.Generator().manual_seed(0)
+    top1 = {int(sample(logits, 1.0, top_k=1, generator=generator)) for _ in range(200)}
+    top2 = {int(sample(logits, 1.0, top_k=2, generator=generator)) for _ in range(400)}
+    assert len(top1) == 1 and top1 <= {1, 2, 3}
+    assert len(top2) == 2 and top2 <= {1, 2, 3}
+
+
+def test_a_tiny_top_p_keeps_only_the_most_likely_token(model):
+    logits = torch.tensor([[0.0, 5.0, 5.0, 1.0]])  # a tie: the first of the two, as argmax
+    generator = torch.Generator().manual_seed(0)
+    assert {int(sample(logits, 1.0, top_p=1e-9, generator=generator)) for _ in range(100)} == {1}
+    prompt = torch.randint(0, 256, (5,))
+    (greedy,) = generate(model, [prompt], max_new_tokens=20, temperature=0.0)
+    (tiny_top_p,) = generate(model, [prompt], max_new_tokens=20, temperature=1.5, top_p=1e-9, seed=3)
+    assert torch.equal(greedy, tiny_top_p)
+
+
+def model_preferring_ids_past(vocab_size: int, extra: int = 40) -> LLaMA:
+    """A model whose config has `extra` more ids than the tokenizer (a padded vocabulary) and whose logits
+    favour those extra ids by far: unrestricted, every step would pick one the tokenizer cannot decode."""
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("micro", vocab_size=vocab_size + extra, block_size=256)).eval()
+    bias = torch.zeros(model.config.padded_vocab_size)
+    bias[vocab_size: vocab_size + extra] = 100.0
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    return model
+
+
+def test_never_samples_an_id_the_tokenizer_does_not_have(tokenizer, tokenizer_path, capsys):
+    from lit_lora.generation import GenerateArgs, run
+
+    model = model_preferring_ids_past(tokenizer.vocab_size)
+    prompt = tokenizer.encode("The model", bos=True)
+    (free,) = generate(model, [prompt], max_new_tokens=5, temperature=0.0)
+    assert (free >= tokenizer.vocab_size).all()  # what the model prefers when nothing stops it
+    for options in (dict(temperature=0.0), dict(temperature=1.0, top_k=None, seed=0)):
+        (tokens,) = generate(model, [prompt], max_new_tokens=20, vocab_size=tokenizer.vocab_size, **options)
+        assert len(tokens) == 20 and (tokens < tokenizer.vocab_size).all()
+
+    # the scripts' path decodes what it samples: it must not crash in Tokenizer.decode
+    texts = run(model, GenerateArgs(prompt="The model", checkpoint_dir=tokenizer_path, max_new_tokens=10,
+                                    num_samples=2, precision="32-true"))
+    assert len(texts) == 2 and all(texts)
+    assert capsys.readouterr().err.count("10 tokens in") == 2
+
+
+def test_generation_runs_without_autograd_and_without_inference_tensors(model):
+    """no_grad, not inference_mode: a model sharded by FSDP (the training loop's evaluation) cannot
+    run on inference tensors, and what generation returns must stay usable by ordinary code."""
+    seen = []
+    hook = model.register_forward_hook(
+        lambda module, inputs, output: seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                                                   output.is_inference())))
+    try:
+        (tokens,) = generate(model, [torch.randint(0, 256, (5,))], max_new_tokens=4, temperature=0.0)
+    finally:
+        hook.remove()
+    assert seen == [(False, False, False)] * 4  # the prefill and 3 decoding steps
+    assert not tokens.is_inference()
+
+
+BAD_FLAGS = [  # (flag, value, what the error must say after "--flag value: ")
+    ("max_new_tokens", 0, "must be at least 1"),
+    ("max_new_tokens", -5, "must be at least 1"),
+    ("temperature", -0.1, "must be >= 0"),
+    ("top_k", 0, "must be at least 1 (1: greedy decoding), or null"),
+    ("top_p", 0.0, "must be in (0, 1]"),
+    ("top_p", 1.01, "must be in (0, 1]"),
+    ("num_samples", 0, "must be at least 1"),
+    ("seed", -1, "must be from 0 to 2**63 - 1, or null"),
+]
+
+
+@pytest.mark.parametrize("flag, value, words", BAD_FLAGS)
+def test_generate_flags_are_checked_while_parsing(flag, value, words):
+    from generate.adapter import AdapterGenerateArgs
+    from generate.full import FullGenerateArgs
+    from generate.lora import LoRAGenerateArgs
+    from lit_lora.generation import GenerateArgs
+
+    for flags in (GenerateArgs, LoRAGenerateArgs, AdapterGenerateArgs, FullGenerateArgs):
+        with pytest.raises(ValueError) as error:
+            flags(**{flag: value})
+        assert str(error.value).startswith(f"--{flag} {value}: {words}")
+
+
+def test_a_bad_flag_stops_the_script_with_one_line_and_exit_code_2(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))  # this checkout's lit_lora, whatever is installed
+    env.pop("LIT_LORA_TRACEBACK", None)
+    result = subprocess.run([sys.executable, "generate/base.py", "--max_new_tokens", "-5",
+                             "--checkpoint_dir", str(tmp_path / "missing")],
+                            capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: --max_new_tokens -5: must be at least 1\n"  # the flag is refused before the folder is read
+    assert result.stdout == ""
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_while_parsing(tmp_path):
+    from generate.lora import LoRAGenerateArgs
+    from lit_lora.generation import GenerateArgs
+
+    with pytest.raises(ValueError, match=re.escape("--prompt is not valid UTF-8: character 4 (after 'Caf') is the byte 0xE9")):
+        GenerateArgs(prompt="Caf\udce9")
+    with pytest.raises(ValueError, match=re.escape("--input is not valid UTF-8: character 1 (at the start) is the byte 0xFF")):
+        LoRAGenerateArgs(input="\udcff")
+
+    # on the command line: the bytes as a Latin-1 terminal sends them
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env.pop("LIT_LORA_TRACEBACK", None)
+    result = subprocess.run([sys.executable, "generate/base.py", "--checkpoint_dir", str(tmp_path), "--prompt", b"Caf\xe9"],
+                            capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --prompt is not valid UTF-8: character 4 (after 'Caf') is the byte 0xE9")
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+def typed(lines: list):
+    """A stand-in for input(): returns the lines one by one, raising those that are exceptions."""
+    lines = iter(lines)
+
+    def fake_input(prompt: str = "") -> str:
+        line = next(lines)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+    return fake_input
+
+
+def test_interactive_lines_that_are_not_utf8_get_an_error_and_the_session_goes_on(tmp_path, tokenizer_path,
+                                                                                    monkeypatch, capsys):
+    from generate.full import FullGenerateArgs, main
+    from tests.conftest import make_checkpoint
+
+    checkpoint_dir = make_checkpoint(tmp_path / "model", tokenizer_path, block_size=256)
+
+    monkeypatch.setattr("builtins.input", typed([
+        "Caf\udce9",  # from a terminal in surrogateescape mode (C/POSIX locale)
+        UnicodeDecodeError("utf-8", b"Caf\xe9 noir", 3, 4, "invalid continuation byte"),  # from a strict one
+        "Say hello.",
+        "",
+    ]))
+    main(FullGenerateArgs(checkpoint_dir=checkpoint_dir, interactive=True, max_new_tokens=4, temperature=0.0))
+    err = capsys.readouterr().err
+    assert err.count("error: This line is not valid UTF-8: character 4 (after 'Caf') is the byte 0xE9") == 2
+    assert err.count("Sample 1: ") == 1  # the good line was answered
+
+
+@pytest.mark.parametrize("quit_key", [KeyboardInterrupt(), EOFError()], ids=["ctrl-c", "ctrl-d"])
+def test_interactive_ctrl_c_or_a_too_long_prompt_ends_only_that_answer(quit_key, tmp_path, tokenizer_path,
+                                                                       monkeypatch, capsys):
+    from generate.full import FullGenerateArgs, main
+    from lit_lora import generation
+    from tests.conftest import make_checkpoint
+
+    checkpoint_dir = make_checkpoint(tmp_path / "model", tokenizer_path, block_size=256)
+    models, real_stream = [], generation.generate_stream
+
+    def interrupted_once(model, *args, **kwargs):
+        """The first answer is interrupted by Ctrl-C after two tokens; the others run as they are."""
+        models.append(model)
+        for n, token in enumerate(real_stream(model, *args, **kwargs)):
+            if len(models) == 1 and n == 2:
+                raise KeyboardInterrupt
+            yield token
+
+    monkeypatch.setattr(generation, "generate_stream", interrupted_once)
+    monkeypatch.setattr("builtins.input", typed(["Say hello.", "word " * 300, "Name a colour.", quit_key]))
+    try:
+        main(FullGenerateArgs(checkpoint_dir=checkpoint_dir, interactive=True, max_new_tokens=4, temperature=0.0))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during an answer ended the whole session")
+    err = capsys.readouterr().err
+    assert "Answer stopped (Ctrl-C)" in err
+    assert "error: The prompt is " in err and "the model's context is 256: shorten the prompt" in err
+    assert err.count("Sample 1: 4 tokens") == 1  # the third line was answered in full
+    assert len(models) == 2 and models[0].blocks[0].attn.kv_cache is None  # the interrupted answer freed its cache
+
+
+@pytest.mark.parametrize("script", ["generate/base.py", "generate/lora.py", "generate/adapter.py", "generate/full.py"])
+def test_help_says_null_which_is_what_the_parser_accepts(script):
+    import runpy
+
+    from jsonargparse import capture_parser
+
+    root = Path(__file__).resolve().parents[1]
+    parser = capture_parser(runpy.run_path, str(root / script), run_name="__main__")
+    help_text = " ".join(parser.format_help().split())  # unwrapped
+    assert "most likely tokens (null: all)" in help_text
+    assert "(null: different every run)" in help_text
+    assert "(None:" not in help_text
+    flags = parser.parse_args(["--top_k", "null", "--seed", "null"])
+    assert flags.top_k is None and flags.seed is None
+
+
+def test_generate_refuses_a_negative_number_of_new_tokens(model):
+    prompt = torch.randint(0, 256, (8,))
+    with pytest.raises(ValueError, match=re.escape("max_new_tokens -5: must be >= 0")):
+        generate(model, [prompt], max_new_tokens=-5)  # was an IndexError inside the KV cache
+    assert model.blocks[0].attn.kv_cache is None
+    assert generate(model, [prompt], max_new_tokens=0)[0].shape == (0,)
