@@ -21,6 +21,7 @@ Every folder is written into a temporary folder first and moved into place at th
 import json
 import re
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -449,13 +450,137 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Tokenizer -> Hugging Face tokenizer files
+# transformers builds a tokenizer from tokenizer.json (the `tokenizers` library's format) and tokenizer_config.json.
+# Given only tokenizer.model it needs protobuf to convert it, and without tokenizer_config.json it does not know that
+# LLaMA starts every text with BOS. So the export writes both, built here as plain JSON from the SentencePiece model.
+# ---------------------------------------------------------------------------------------------------------------
+
+SPACE = "▁"  # U+2581: SentencePiece writes each space as this character, and puts one before the text
+
+# What SentencePiece's normalizer may change: spaces at both ends and doubled, a tab, a newline, and characters that
+# Unicode NFKC normalization rewrites (the ligature "ﬁ", the full-width "Ａ"). LLaMA's tokenizer keeps them all.
+NORMALIZATION_PROBE = "  two  spaces,\ta tab,\na newline, \ufb01 \uff21 "
+
+
+def sentencepiece_merges(processor) -> list[list[str]]:
+    """The merge rules of a Hugging Face BPE model that splits text as this SentencePiece BPE model does.
+
+    SentencePiece starts from single characters and repeatedly joins the adjacent pair that makes the piece with
+    the highest score. Hugging Face's BPE starts the same way and repeatedly applies, among the adjacent pairs, the
+    merge rule (left, right) that comes first in its list. So: one rule for every way of cutting a piece into two
+    pieces, listed in the order of the score of the piece they make, best first (as transformers' converter does).
+    Only ordinary pieces take part: control (<s>), unknown and byte (<0x0A>) pieces are never made by a merge.
+    (A tokenizer with user-defined pieces, which SentencePiece matches whole before merging, is not reproduced;
+    LLaMA's has none.)
+    """
+    ordinary = {}  # piece -> id
+    for i in range(processor.get_piece_size()):
+        if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i) or processor.is_unused(i)):
+            ordinary[processor.id_to_piece(i)] = i
+    rules = []  # (sort key, [left, right])
+    for piece, piece_id in ordinary.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ordinary and right in ordinary:
+                key = (-processor.get_score(piece_id), piece_id, ordinary[left], ordinary[right])  # ties: by id
+                rules.append((key, [left, right]))
+    rules.sort(key=lambda rule: rule[0])
+    return [pair for _, pair in rules]
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, dict]:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json (file name -> content) for a LLaMA-style
+    SentencePiece BPE tokenizer, so that `AutoTokenizer.from_pretrained` gives the ids `tokenizer.encode` gives.
+
+    The pipeline of tokenizer.json, in the order it runs:
+      normalizer      one "▁" before the text (SentencePiece's dummy prefix), then each space -> "▁"
+      pre_tokenizer   none: the text stays one piece, as SentencePiece merges across spaces too
+      model           BPE over SentencePiece's pieces (same ids) with the merges above; byte_fallback writes a
+                      character outside the vocabulary as its UTF-8 bytes (<0xE2><0x82><0xAC>), as SentencePiece does
+      post_processor  BOS before the text
+      decoder         "▁" -> space, byte tokens -> characters, then drop the space of the dummy prefix
+
+    Why a normalizer and not the Metaspace pre-tokenizer of newer Llama files: Metaspace adds no "▁" before a text
+    that starts with a space, so " Hello" would lose a space that SentencePiece keeps. For the same reason
+    tokenizer_config.json names the generic PreTrainedTokenizerFast, which runs tokenizer.json as it is: transformers'
+    LlamaTokenizer class replaces the pipeline with its own Metaspace one.
+    """
+    processor = tokenizer.processor
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    special_ids = [i for i in range(len(pieces)) if processor.is_control(i) or processor.is_unknown(i)]
+    if tokenizer.bos_id < 0:
+        raise ValueError(f"{tokenizer.model_path} has no BOS token, which lit-lora puts before every text: "
+                         "it is not the tokenizer of a lit-lora model")
+    bos, unk = pieces[tokenizer.bos_id], pieces[processor.unk_id()]
+    eos = pieces[tokenizer.eos_id] if tokenizer.eos_id >= 0 else None
+
+    dummy_prefix = processor.normalize("a").startswith(SPACE)
+    normalized = processor.normalize(NORMALIZATION_PROBE)
+    if normalized != (SPACE if dummy_prefix else "") + NORMALIZATION_PROBE.replace(" ", SPACE):
+        print(f"Warning: {tokenizer.model_path} changes text before splitting it ({NORMALIZATION_PROBE!r} becomes "
+              f"{normalized!r}); tokenizer.json does not, so transformers will give other ids than lit-lora for "
+              "such text (LLaMA's tokenizers and those of Tokenizer.train keep text as it is).", file=sys.stderr)
+
+    def added_token(i: int) -> dict:  # a special token: matched as a whole in the text, never split or normalized
+        return {"id": i, "content": pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+
+    bos_first = {  # "$A" is the text; "pair" is for two texts at once (transformers asks for it)
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
+    }
+    normalizers = [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+    decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if dummy_prefix:  # LLaMA's: "Hello" is encoded as "▁Hello", like the "world" of "Hello world"
+        normalizers.insert(0, {"type": "Prepend", "prepend": SPACE})
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [added_token(i) for i in special_ids],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": bos_first,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {piece: i for i, piece in enumerate(pieces)}, "merges": sentencepiece_merges(processor)},
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as it is (see above)
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": None,
+        "added_tokens_decoder": {str(i): {k: v for k, v in added_token(i).items() if k != "id"} for i in special_ids},
+        "clean_up_tokenization_spaces": False,  # else decoding turns "a ." into "a."
+        "model_max_length": model_max_length,
+    }
+    special_tokens_map = {name: {"content": piece, "lstrip": False, "normalized": False, "rstrip": False,
+                                 "single_word": False}
+                          for name, piece in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk)) if piece}
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": tokenizer_config,
+            "special_tokens_map.json": special_tokens_map}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # lit -> Hugging Face
 # ---------------------------------------------------------------------------------------------------------------
 
 def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str, Path],
                          lora_path: Union[str, Path, None] = None, dtype: Optional[str] = None) -> Path:
     """A lit-lora checkpoint folder (with a LoRA merged in, if given) -> a folder that
-    `transformers.LlamaForCausalLM.from_pretrained` loads: config.json, model.safetensors, tokenizer.model."""
+    `transformers.LlamaForCausalLM.from_pretrained` loads (config.json, model.safetensors) and
+    `transformers.AutoTokenizer.from_pretrained` too (tokenizer.json, tokenizer_config.json, special_tokens_map.json;
+    tokenizer.model is kept beside them)."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     torch_dtype = dtype_from_name(dtype)
     model = load_model(checkpoint_dir)  # memory-mapped: the checkpoint file is never written to
@@ -470,11 +595,14 @@ def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str
     tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
     hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                      torch_dtype=str(next(iter(state_dict.values())).dtype).removeprefix("torch."))
+    tokenizer_files = hf_tokenizer_files(tokenizer, model.config.block_size)
     with atomic_folder(output_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(tokenizer.model_path, tmp / "tokenizer.model")
-    print(f"Wrote {output_dir} (config.json, model.safetensors, tokenizer.model); "
+        shutil.copyfile(tokenizer.model_path, tmp / "tokenizer.model")  # for SentencePiece itself (and lit-lora)
+        for name, content in tokenizer_files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(f"Wrote {output_dir} (config.json, model.safetensors, tokenizer.model, {', '.join(tokenizer_files)}); "
           f"peak memory {format_bytes(peak_memory_bytes())}")
     return output_dir
 

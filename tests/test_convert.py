@@ -11,18 +11,22 @@ import types
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
+import tokenizers
 import torch
 import torch.nn as nn
 from jsonargparse import CLI
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lit_lora.convert import (config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint, export_hf_checkpoint,
                               export_peft_adapter, hf_files_to_download, import_peft_adapter, permute_meta_qk)
 from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
 from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
+from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import load_model, save_checkpoint_dir
+from tests.conftest import make_checkpoint, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings(  # the libraries' own deprecation notes, not ours
@@ -268,7 +272,8 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, tokenize
     model = make_lit_checkpoint(tmp_path / "lit", tokenizer_path, tokenizer)
     run_script("export_hf", "--checkpoint_dir", tmp_path / "lit", "--output_dir", tmp_path / "hf")
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    assert files == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert files == ["config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+                     "tokenizer.model", "tokenizer_config.json"]
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.vocab_size == model.config.padded_vocab_size
     assert same_logits(hf, model, tokenizer.vocab_size) < 1e-4
@@ -280,6 +285,74 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, tokenize
     with safe_open(str(tmp_path / "hf16" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# Text where a tokenizer can go wrong: spaces at the start, at the end and doubled, newlines and tabs, digits (one
+# token each), characters outside the vocabulary (written as bytes), text that looks like a piece, and no text at all.
+HARD_STRINGS = [
+    "", " ", "  ", "Hello world", " Hello", "Hello ", "  two  spaces  ", "   leading", "trailing   ", "a\nb", "\n",
+    "\n\nx\n", "  \n  ", "line1\r\nline2", "\ttab", "12345 + 678 = 999", "3.14159", "x1y22z333", "café naïve résumé",
+    "日本語のテキスト", "😀 emoji 👍🏽", "Ω≈ç√∫", "\u200b zero width", "\x00\x01 control", "a" * 50, "ﬁ Ａ",
+    "<0x0A> looks like a byte", "▁ already a meta space", "@#$%^&*()_+{}|:\"<>?",
+    "The quick brown fox jumps over the lazy dog: 12 + 34 = 46.",
+    "### Instruction:\nWrite a response.\n\n### Response:",
+]
+
+
+def train_sentencepiece(prefix: Path, vocab_size: int, **changes) -> Path:
+    """A tokenizer trained with Tokenizer.train's options, but with more pieces (the shared one has only 10
+    merges) or with `changes` to the options."""
+    corpus = make_corpus(2000, seed=1) + ["def f(x):\n    return x  +  1", "    indented  code", "naïve café 日本語"] * 20
+    options = dict(model_type="bpe", byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
+                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, normalization_rule_name="identity",
+                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
+                                   **{**options, **changes})
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_paths(tmp_path_factory, tokenizer_path) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("tokenizers")
+    return {"shared": tokenizer_path,
+            "1000 pieces": train_sentencepiece(folder / "large", vocab_size=1000),
+            "no dummy prefix": train_sentencepiece(folder / "no_prefix", vocab_size=600, add_dummy_prefix=False)}
+
+
+@pytest.mark.parametrize("name", ["shared", "1000 pieces", "no dummy prefix"])
+def test_exported_tokenizer_gives_lit_lora_ids_in_transformers(tmp_path, tokenizer_paths, name, capsys):
+    """AutoTokenizer on the export (no protobuf, no network) encodes and decodes as lit-lora's Tokenizer does."""
+    lit_tokenizer = Tokenizer(tokenizer_paths[name])
+    make_checkpoint(tmp_path / "lit", tokenizer_paths[name])
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf")
+    assert "Warning" not in capsys.readouterr().err
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer_paths[name].read_bytes()  # kept
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tokenizer_json = tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))  # as other tools read it
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (lit_tokenizer.bos_id, lit_tokenizer.eos_id)
+    assert len(hf_tokenizer) == lit_tokenizer.vocab_size
+    for text in HARD_STRINGS:
+        ids = lit_tokenizer.encode(text, bos=True).tolist()
+        assert hf_tokenizer(text)["input_ids"] == ids, text
+        assert tokenizer_json.encode(text).ids == ids, text
+        assert hf_tokenizer.decode(ids, skip_special_tokens=True) == lit_tokenizer.decode(ids), text
+        assert tokenizer_json.decode(ids) == lit_tokenizer.decode(ids), text
+    hf_ids = hf_tokenizer(HARD_STRINGS)["input_ids"]  # a batch, as training code calls it
+    assert hf_ids == [lit_tokenizer.encode(text).tolist() for text in HARD_STRINGS]
+
+
+def test_export_warns_when_the_tokenizer_changes_text(tmp_path, capsys):
+    """A tokenizer that normalizes text (NFKC, extra spaces removed) cannot be written as this tokenizer.json:
+    the export says so instead of pretending."""
+    path = train_sentencepiece(tmp_path / "nfkc", vocab_size=600, normalization_rule_name="nmt_nfkc",
+                               remove_extra_whitespaces=True)
+    make_checkpoint(tmp_path / "lit", path)
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf")
+    err = capsys.readouterr().err
+    assert f"Warning: {tmp_path / 'lit' / 'tokenizer.model'} changes text before splitting it" in err
+    assert "transformers will give other ids than lit-lora" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------
