@@ -19,6 +19,7 @@ Every folder is written into a temporary folder first and moved into place at th
 """
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -34,7 +35,7 @@ from lit_lora.lora import (LORA_TARGETS, SHAPE_FIELDS, apply_lora, load_lora, lo
                            read_lora_file, save_lora)
 from lit_lora.model import LLaMA, Config
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_folder, format_bytes, load_model, peak_memory_bytes
+from lit_lora.utils import atomic_folder, current_umask, format_bytes, load_model, peak_memory_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names. Each table maps the names of one format to ours; the inverse direction is the same table read backwards.
@@ -302,6 +303,13 @@ def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokeniz
     size = (output_dir / "lit_model.pth").stat().st_size
     print(f"Wrote {output_dir} (lit_model.pth {format_bytes(size)}); peak memory {format_bytes(peak_memory_bytes())}")
     return output_dir
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, giving the file the usual permissions (-rw-r--r-- under umask 022): save_file
+    creates it readable by its owner only."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -598,7 +606,7 @@ def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str
     tokenizer_files = hf_tokenizer_files(tokenizer, model.config.block_size)
     with atomic_folder(output_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(state_dict, tmp / "model.safetensors")
         shutil.copyfile(tokenizer.model_path, tmp / "tokenizer.model")  # for SentencePiece itself (and lit-lora)
         for name, content in tokenizer_files.items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -673,7 +681,7 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
     tensors = {lit_to_peft_key(name): tensor.contiguous() for name, tensor in lora_file["lora"].items()}
     with atomic_folder(output_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / "adapter_model.safetensors")
     print(f"Wrote {output_dir} (adapter_config.json, adapter_model.safetensors: {len(tensors)} tensors)")
     return output_dir
 

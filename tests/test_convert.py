@@ -6,6 +6,8 @@ format, and for Meta's format the names, shard split and interleaved RoPE writte
 
 import importlib.util
 import json
+import os
+import stat
 import sys
 import types
 from pathlib import Path
@@ -453,6 +455,35 @@ def test_export_peft_checks_the_base_model(tmp_path, tokenizer_path, tokenizer):
     save_checkpoint_dir(wider, tokenizer_path, other)
     with pytest.raises(ValueError, match="trained on another base model: its n_embd is 32, .*other's is 64"):
         export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=other)
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
+                         ids=["umask-022", "umask-027"])
+def test_written_folders_and_files_have_the_usual_permissions(tmp_path, tokenizer_path, tokenizer, umask,
+                                                              folder_mode, file_mode):
+    """Under umask 022 every folder written is drwxr-xr-x and its files -rw-r--r--, as with mkdir and cp: the
+    temporary folder they are written into first is made owner-only by mkdtemp, and must not pass that on."""
+    previous_umask = os.umask(umask)
+    try:
+        hf_dir = make_hf_dir(tmp_path / "hf", hf_model(tokenizer.vocab_size), tokenizer_path)
+        vocab = tokenizer.vocab_size
+        meta_dir = make_meta_dir(tmp_path / "llama", LLaMA(Config.from_name("micro", vocab_size=vocab,
+                                                                            padded_vocab_size=vocab)), tokenizer_path)
+        make_lora(tmp_path, tokenizer_path, tokenizer)  # tmp_path/lit and tmp_path/lora.pth
+        folders = [convert_hf_checkpoint(hf_dir, tmp_path / "converted_hf"),
+                   convert_meta_checkpoint(meta_dir, tmp_path / "converted_meta", "micro"),
+                   export_hf_checkpoint(tmp_path / "lit", tmp_path / "exported_hf"),
+                   export_peft_adapter(tmp_path / "lora.pth", tmp_path / "exported_peft")]
+        convert_hf_checkpoint(hf_dir)  # into the existing Hugging Face folder: its files are moved in
+        import_peft_adapter(tmp_path / "exported_peft", tmp_path / "lit", tmp_path / "imported.pth")
+    finally:
+        os.umask(previous_umask)
+    files = [file for folder in folders for file in folder.iterdir()]
+    files += [hf_dir / "lit_model.pth", hf_dir / "model_config.json", tmp_path / "imported.pth"]
+    assert {str(folder): oct(stat.S_IMODE(folder.stat().st_mode)) for folder in folders} == {
+        str(folder): oct(folder_mode) for folder in folders}
+    assert {str(file): oct(stat.S_IMODE(file.stat().st_mode)) for file in files} == {
+        str(file): oct(file_mode) for file in files}
 
 
 # ----------------------------------------------------------------------------------------------------------------
