@@ -387,8 +387,9 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
     hf_config = json.loads((hf_dir / "config.json").read_text())
     config = config_from_hf(hf_config, model_name)
     config.name = config.name or hf_dir.name
-    # Where the weights came from, for the record: export_peft.py writes it as base_model_name_or_path.
-    config.extra["hf_model"] = hf_config.get("_name_or_path") or str(hf_dir)
+    # Where the weights came from, for the record: export_peft.py writes it as base_model_name_or_path, so the
+    # whole path of the folder on this machine (config.json's _name_or_path may be one on the uploader's).
+    config.extra["hf_model"] = str(hf_dir.resolve())
     check_tokenizer(tokenizer_path, config)
 
     state_dict = {}
@@ -650,16 +651,37 @@ def peft_to_lit_key(key: str) -> Optional[str]:
     return hf_to_lit_name(module + ".weight").removesuffix(".weight") + f".{factor}"
 
 
+def peft_base_model(base_config: dict, checkpoint_dir: Optional[Path], given: Optional[str]) -> Optional[str]:
+    """What adapter_config.json names as base_model_name_or_path, where `AutoPeftModelForCausalLM` loads the base
+    model from: `given` (--base_model_name_or_path), else the Hugging Face folder the base was converted from
+    (recorded by convert_hf_checkpoint), else `checkpoint_dir` if transformers can load it (it holds config.json).
+    Else None, with a warning: a preset name such as "7B" is no Hugging Face model, and transformers would look for
+    it on the Hub."""
+    if given:
+        return given
+    if base_config.get("extra", {}).get("hf_model"):
+        return base_config["extra"]["hf_model"]
+    if checkpoint_dir is not None and (checkpoint_dir / "config.json").is_file():
+        return str(checkpoint_dir.resolve())
+    print("Warning: the Hugging Face base model of this LoRA is unknown (its base was not converted by "
+          "convert_hf.py" + (f", and {checkpoint_dir} holds no config.json" if checkpoint_dir is not None else "")
+          + "), so adapter_config.json says base_model_name_or_path: null. Pass --base_model_name_or_path with a "
+          "repo id or the folder export_hf.py wrote for the base, to load the adapter with AutoPeftModelForCausalLM.",
+          file=sys.stderr)
+    return None
+
+
 def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path],
                         checkpoint_dir: Union[str, Path, None] = None,
                         base_model_name_or_path: Optional[str] = None) -> Path:
     """A lit-lora LoRA file -> a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) that
     `peft.PeftModel.from_pretrained` loads onto the base model exported by export_hf_checkpoint."""
     output_dir = Path(output_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     lora_file = read_lora_file(lora_path)
     base, lora_config = lora_file["base_config"], lora_file["lora_config"]
     if checkpoint_dir is not None:  # the LoRA must fit the base model it will be loaded onto
-        config = Config.from_file(Path(checkpoint_dir) / "model_config.json")
+        config = Config.from_file(checkpoint_dir / "model_config.json")
         for field in SHAPE_FIELDS:
             if base.get(field) != getattr(config, field):
                 raise ValueError(f"{lora_path} was trained on another base model: its {field} is {base.get(field)}, "
@@ -668,7 +690,7 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or base.get("extra", {}).get("hf_model") or base.get("name"),
+        "base_model_name_or_path": peft_base_model(base, checkpoint_dir, base_model_name_or_path),
         "r": lora_config["r"],
         "lora_alpha": lora_config["alpha"],
         "lora_dropout": lora_config["dropout"],
@@ -682,7 +704,8 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
     with atomic_folder(output_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         save_safetensors(tensors, tmp / "adapter_model.safetensors")
-    print(f"Wrote {output_dir} (adapter_config.json, adapter_model.safetensors: {len(tensors)} tensors)")
+    print(f"Wrote {output_dir} (adapter_config.json, adapter_model.safetensors: {len(tensors)} tensors); "
+          f"base model: {adapter_config['base_model_name_or_path']}")
     return output_dir
 
 

@@ -18,7 +18,7 @@ import tokenizers
 import torch
 import torch.nn as nn
 from jsonargparse import CLI
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -433,6 +433,52 @@ def test_adapter_trained_with_peft_imports_with_the_same_logits(tmp_path, tokeni
     lit = load_lora(load_model(tmp_path / "lit"), tmp_path / "imported.pth")
     assert lit.lora_config.targets == ("k", "up", "head") and lit.lora_config.alpha == 6
     assert same_logits(peft_model.eval(), lit, tokenizer.vocab_size) < 1e-4
+
+
+def test_peft_adapter_names_a_base_model_that_loads_offline(tmp_path, tokenizer_path, tokenizer, capsys):
+    """AutoPeftModelForCausalLM loads the base model from base_model_name_or_path: the Hugging Face folder the base
+    was converted from, or --checkpoint_dir if transformers can load it; never a preset name, which it would look
+    for on the Hub."""
+    hf = hf_model(tokenizer.vocab_size)
+    hf_dir = make_hf_dir(tmp_path / "hf", hf, tokenizer_path)
+    convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    model = apply_lora(load_model(tmp_path / "lit"), r=2, alpha=4, targets=("q", "v"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    save_lora(model, tmp_path / "lora.pth")
+    run_script("export_peft", "--lora_path", tmp_path / "lora.pth", "--output_dir", tmp_path / "peft")
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(hf_dir.resolve())
+    assert f"base model: {hf_dir.resolve()}" in capsys.readouterr().out
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()
+    assert same_logits(peft_model, model.eval(), tokenizer.vocab_size) < 1e-4
+
+    # --base_model_name_or_path wins (a repo id, to share the adapter)
+    export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft_shared", base_model_name_or_path="org/tiny-llama")
+    assert json.loads((tmp_path / "peft_shared" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "org/tiny-llama"
+
+
+def test_peft_adapter_of_an_unknown_base_model_says_so(tmp_path, tokenizer_path, tokenizer, capsys):
+    make_lora(tmp_path, tokenizer_path, tokenizer)  # its base (preset "micro") was made here, not converted
+    for checkpoint_dir in (None, tmp_path / "lit"):  # lit/ holds no config.json: transformers cannot load it
+        export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=checkpoint_dir)
+        assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+        err = capsys.readouterr().err
+        assert "Warning: the Hugging Face base model of this LoRA is unknown" in err
+        assert "--base_model_name_or_path" in err
+
+    # once the base is exported beside it, --checkpoint_dir is a folder AutoPeftModelForCausalLM loads
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "lit")
+    export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=tmp_path / "lit")
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "lit").resolve())
+    assert "Warning" not in capsys.readouterr().err
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()
+    assert same_logits(peft_model, load_lora(load_model(tmp_path / "lit"), tmp_path / "lora.pth"),
+                       tokenizer.vocab_size) < 1e-4
 
 
 @pytest.mark.parametrize("field, value", [("use_dora", True), ("use_rslora", True), ("target_modules", "all-linear"),
