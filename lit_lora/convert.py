@@ -342,17 +342,39 @@ def hf_files_to_download(repo_files: list[str]) -> list[str]:
     return ["config.json", "tokenizer.model", *sorted(weights)]
 
 
+def shard_paths(index_path: Path) -> list[Path]:
+    """The shard files an index lists in its weight_map (tensor name -> file), each one there.
+
+    The names come from a downloaded file, so each must be a plain file name in the index's own folder, as
+    transformers writes them (model-00001-of-00002.safetensors): a name such as ../../etc/passwd or /etc/passwd
+    is refused, not opened."""
+    folder = index_path.parent
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{index_path} is not valid JSON ({error}): download it again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no weight_map (tensor name -> shard file): download it again")
+    for tensor_name, shard in weight_map.items():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or "\\" in shard:
+            raise ValueError(f"{index_path}: the entry {json.dumps(tensor_name)}: {json.dumps(shard)} is not the "
+                             f"name of a file in {folder} (an index names the shards beside it, such as "
+                             "model-00001-of-00002.safetensors). The index is damaged or not from transformers: "
+                             "download the model again.")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise FileNotFoundError(f"{index_path} lists the shard {shard}, which is not in {folder}: "
+                                    "download it again (checkpoints/download.py resumes)")
+    return [folder / shard for shard in shards]
+
+
 def find_hf_weight_files(hf_dir: Path) -> list[Path]:
     """The files that hold the weights: one file, or every shard the index lists (each must be there)."""
     for single, index in HF_WEIGHTS:
         if (hf_dir / index).is_file():
-            weight_map = json.loads((hf_dir / index).read_text())["weight_map"]  # tensor name -> shard file
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
-                if not (hf_dir / shard).is_file():
-                    raise FileNotFoundError(f"{hf_dir / index} lists the shard {shard}, which is not in {hf_dir}: "
-                                            "download it again (checkpoints/download.py resumes)")
-            return [hf_dir / shard for shard in shards]
+            return shard_paths(hf_dir / index)
         if (hf_dir / single).is_file():
             return [hf_dir / single]
     expected = ", ".join(name for pair in HF_WEIGHTS for name in pair)

@@ -7,6 +7,7 @@ format, and for Meta's format the names, shard split and interleaved RoPE writte
 import importlib.util
 import json
 import os
+import re
 import stat
 import sys
 import types
@@ -577,6 +578,40 @@ def test_hf_folder_errors(tmp_path, tokenizer_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="No tokenizer.model in"):
         convert_hf_checkpoint(no_tokenizer, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("bad_name", ["../outside.safetensors", "OUTSIDE", "sub/../../outside.safetensors",
+                                      "..\\outside.safetensors", "..", "", 7],
+                         ids=["parent", "absolute", "through-subfolder", "backslash", "dot-dot", "empty", "number"])
+def test_index_shard_names_stay_in_the_model_folder(tmp_path, tokenizer_path, tokenizer, bad_name):
+    """Shard names come from a downloaded index file: a name that leads out of the folder is refused, not opened."""
+    hf_dir = make_hf_dir(tmp_path / "hf", hf_model(tokenizer.vocab_size), tokenizer_path, sharded=True)
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"  # a real file there: only the check keeps the conversion from it
+    outside.write_bytes(shard.read_bytes())
+    bad_name = str(outside) if bad_name == "OUTSIDE" else bad_name
+    index_path = hf_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {tensor: bad_name if file == shard.name else file for tensor, file in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    tensor = next(tensor for tensor, file in index["weight_map"].items() if file == bad_name)
+
+    expected = f"{index_path}: the entry {json.dumps(tensor)}: {json.dumps(bad_name)} is not the name of a file in {hf_dir}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    assert not (tmp_path / "lit").exists()
+
+
+def test_damaged_index_is_named(tmp_path, tokenizer_path, tokenizer):
+    hf_dir = make_hf_dir(tmp_path / "hf", hf_model(tokenizer.vocab_size), tokenizer_path, sharded=True)
+    index_path = hf_dir / "model.safetensors.index.json"
+    index_path.write_text('{"weight_map": {"lm_head.weight": "model-00001-of-')  # cut short, as by a failed download
+    with pytest.raises(ValueError, match=re.escape(f"{index_path} is not valid JSON")):
+        convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    index_path.write_text(json.dumps({"metadata": {"total_size": 1}}))
+    with pytest.raises(ValueError, match=re.escape(f"{index_path} has no weight_map")):
+        convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    assert not (tmp_path / "lit").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
