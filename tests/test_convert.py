@@ -10,14 +10,15 @@ import os
 import re
 import stat
 import sys
-import types
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import sentencepiece as spm
 import tokenizers
 import torch
 import torch.nn as nn
+from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
 from jsonargparse import CLI
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
@@ -615,30 +616,62 @@ def test_damaged_index_is_named(tmp_path, tokenizer_path, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Downloading (no network: a stand-in for huggingface_hub records what the script asks for)
+# Downloading (no network: huggingface_hub's functions are replaced by stand-ins that record what the script asks)
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_download_fetches_only_what_convert_needs(tmp_path, monkeypatch, capsys):
-    repo = ["README.md", "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
-            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-            "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-            "original/consolidated.00.pth"]
+def run_command_line(name: str, *args: str) -> tuple[int, str, str]:
+    """Run checkpoints/<name>.py as `python checkpoints/<name>.py ARGS` does, in this process (so that stand-ins
+    set with monkeypatch apply): its exit code, stdout and stderr."""
+    import contextlib
+    import io
+    import runpy
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [str(ROOT / "checkpoints" / f"{name}.py"), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+REPO_FILES = ["README.md", "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+              "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+              "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+              "original/consolidated.00.pth"]
+
+
+def test_download_fetches_only_what_convert_needs_at_the_revision(tmp_path, monkeypatch, capsys):
     calls = {}
-    hub = types.ModuleType("huggingface_hub")
-    hub.list_repo_files = lambda repo_id, token=None: repo
-    hub.snapshot_download = lambda repo_id, **kwargs: calls.update(repo_id=repo_id, **kwargs)
-    utils = types.ModuleType("huggingface_hub.utils")
-    utils.GatedRepoError = type("GatedRepoError", (Exception,), {})
-    utils.RepositoryNotFoundError = type("RepositoryNotFoundError", (Exception,), {})
-    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-    monkeypatch.setitem(sys.modules, "huggingface_hub.utils", utils)
+
+    def list_repo_files(repo_id, revision=None, token=None):
+        calls["list_repo_files"] = dict(repo_id=repo_id, revision=revision, token=token)
+        return REPO_FILES
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: calls.update(snapshot_download=dict(repo_id=repo_id, **kwargs)))
 
     repo_id, local_dir = "meta-llama/Llama-2-7b-hf", tmp_path / "meta-llama" / "Llama-2-7b-hf"
-    run_script("download", "--repo_id", repo_id, "--access_token", "hf_x", "--checkpoint_dir", tmp_path)
+    commit = "01c7f73d771dfac7d292323805ebc428287df4f9"
+    run_script("download", "--repo_id", repo_id, "--revision", commit, "--access_token", "hf_x",
+               "--checkpoint_dir", tmp_path)
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
-    assert calls == {"repo_id": repo_id, "local_dir": local_dir, "token": "hf_x",
-                     "allow_patterns": ["config.json", "tokenizer.model", *shards]}
-    assert f"python checkpoints/convert_hf.py --hf_dir {local_dir}" in capsys.readouterr().out
+    assert calls == {
+        "list_repo_files": {"repo_id": repo_id, "revision": commit, "token": "hf_x"},
+        "snapshot_download": {"repo_id": repo_id, "revision": commit, "local_dir": local_dir, "token": "hf_x",
+                              "allow_patterns": ["config.json", "tokenizer.model", *shards]}}
+    out = capsys.readouterr().out
+    assert f"from {repo_id} (revision {commit}) to {local_dir}" in out
+    assert f"python checkpoints/convert_hf.py --hf_dir {local_dir}" in out
+
+    run_script("download", "--repo_id", repo_id, "--checkpoint_dir", tmp_path)  # by default the main branch
+    assert calls["list_repo_files"]["revision"] == calls["snapshot_download"]["revision"] == "main"
 
     # .bin only where there are no safetensors; a repo without tokenizer.model is refused before any download
     assert hf_files_to_download(["config.json", "tokenizer.model", "pytorch_model.bin", "training_args.bin"]) == [
@@ -649,3 +682,55 @@ def test_download_fetches_only_what_convert_needs(tmp_path, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
         run_script("download", "--repo_id", "a/b")
+
+
+def hub_http_library():
+    """The HTTP library huggingface_hub is built on (httpx or httpx2; requests before huggingface_hub 1.0): its own
+    HfHubHTTPError derives from that library's HTTPError."""
+    return importlib.import_module(HfHubHTTPError.__mro__[1].__module__.partition(".")[0])
+
+
+def hub_connection_error() -> Exception:
+    """What huggingface_hub raises when the Hub cannot be reached, after its retries: its HTTP library's
+    ConnectError (requests' ConnectionError)."""
+    library = hub_http_library()
+    error_type = getattr(library, "ConnectError", None) or library.ConnectionError
+    return error_type("[Errno -2] Name or service not known")
+
+
+@pytest.mark.parametrize("failing", ["list_repo_files", "snapshot_download", "offline mode"])
+def test_download_offline_is_one_clear_line(tmp_path, monkeypatch, failing):
+    def fail(*args, **kwargs):
+        if failing == "offline mode":  # HF_HUB_OFFLINE=1
+            raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+        raise hub_connection_error()
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        fail if failing != "snapshot_download" else lambda *args, **kwargs: REPO_FILES)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    code, out, err = run_command_line("download", "--repo_id", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                                      "--revision", "v1.0", "--checkpoint_dir", tmp_path)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1, err  # no traceback
+    assert err.startswith("error: Could not download TinyLlama/TinyLlama-1.1B-Chat-v1.0 (revision v1.0) from "
+                          "the Hugging Face Hub (")
+    assert ("offline mode is enabled" if failing == "offline mode" else "Name or service not known") in err
+    assert "this machine may be offline" in err and "run the same command again" in err
+    assert not (tmp_path / "TinyLlama").exists()
+
+
+def test_download_names_a_missing_revision(tmp_path, monkeypatch):
+    def list_repo_files(repo_id, revision=None, token=None):
+        message = f"404 Client Error. Revision Not Found for url: .../{revision}.\nRequest id: x"
+        try:
+            raise RevisionNotFoundError(message)  # huggingface_hub before 1.0
+        except TypeError:  # later versions want the response too
+            library = hub_http_library()
+            request = library.Request("GET", f"https://huggingface.co/api/models/{repo_id}/tree/{revision}")
+            raise RevisionNotFoundError(message, response=library.Response(404, request=request)) from None
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    code, out, err = run_command_line("download", "--repo_id", "org/name", "--revision", "v9")
+    assert code == 1
+    assert err == ("error: org/name has no revision 'v9': give a branch, tag or commit hash from "
+                   "https://huggingface.co/org/name/commits/main\n")
