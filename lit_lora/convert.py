@@ -25,7 +25,7 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -143,6 +143,8 @@ def permute_meta_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 CHECKED_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "norm_eps", "rope_base")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The scripts' --dtype flag: its parser refuses any other value, listing these.
+DtypeName = Literal["float32", "float16", "bfloat16"]
 
 
 def dtype_from_name(name: Optional[str]) -> Optional[torch.dtype]:

@@ -11,6 +11,7 @@ import re
 import stat
 import sys
 from pathlib import Path
+from typing import get_args
 
 import huggingface_hub
 import pytest
@@ -24,8 +25,9 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lit_lora.convert import (config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint, export_hf_checkpoint,
-                              export_peft_adapter, hf_files_to_download, import_peft_adapter, permute_meta_qk)
+from lit_lora.convert import (DTYPES, DtypeName, config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint,
+                              export_hf_checkpoint, export_peft_adapter, hf_files_to_download, import_peft_adapter,
+                              permute_meta_qk)
 from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
 from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
 from lit_lora.tokenizer import Tokenizer
@@ -734,3 +736,21 @@ def test_download_names_a_missing_revision(tmp_path, monkeypatch):
     assert code == 1
     assert err == ("error: org/name has no revision 'v9': give a branch, tag or commit hash from "
                    "https://huggingface.co/org/name/commits/main\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command lines
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, flags", [
+    ("convert_hf", "--hf_dir {tmp}/hf"),
+    ("convert_meta", "--meta_dir {tmp}/llama/7B --model_size 7B --output_dir {tmp}/lit"),
+    ("export_hf", "--checkpoint_dir {tmp}/lit --output_dir {tmp}/hf"),
+])
+def test_dtype_flag_refuses_other_names_while_parsing(tmp_path, name, flags):
+    """--dtype is one of three names: the parser refuses others (exit code 2), naming them, before anything runs."""
+    assert set(get_args(DtypeName)) == set(DTYPES)
+    code, out, err = run_command_line(name, *flags.format(tmp=tmp_path).split(), "--dtype", "int8")
+    assert code == 2
+    assert "int8" in err and "'float32', 'float16', 'bfloat16'" in err
+    assert list(tmp_path.iterdir()) == []
