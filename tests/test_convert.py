@@ -5,6 +5,7 @@ format, and for Meta's format the names, shard split and interleaved RoPE writte
 """
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -741,6 +742,30 @@ def test_download_names_a_missing_revision(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 # The command lines
 # ----------------------------------------------------------------------------------------------------------------
+
+SCRIPTS = sorted(path.stem for path in (ROOT / "checkpoints").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_answers_help_through_cli(name, monkeypatch):
+    """Each checkpoints/*.py runs `cli(main)` (one-line errors, exit codes) and --help lists every flag of main."""
+    import lit_lora.utils
+
+    real_cli, entry_points = lit_lora.utils.cli, []
+
+    def recording_cli(main, flags=None):
+        entry_points.append((main, flags))
+        return real_cli(main, flags)
+
+    monkeypatch.setattr(lit_lora.utils, "cli", recording_cli)
+    code, out, err = run_command_line(name, "--help")
+    assert (code, err) == (0, "")
+    [(main, flags)] = entry_points
+    assert (main.__name__, main.__module__, flags) == ("main", "__main__", None)
+    for parameter in inspect.signature(main).parameters:
+        assert f"--{parameter} " in out, parameter
+    assert main.__doc__.splitlines()[0] in out
+
 
 @pytest.mark.parametrize("name, flags", [
     ("convert_hf", "--hf_dir {tmp}/hf"),
