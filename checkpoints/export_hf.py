@@ -3,8 +3,10 @@
     python checkpoints/export_hf.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --lora_path out/lora/alpaca/lit_lora_finetuned.pth --output_dir out/hf/llama-2-7b-alpaca
 
-writes config.json, model.safetensors and tokenizer.model; then in Python:
+writes config.json, model.safetensors, and the tokenizer as tokenizer.model and as tokenizer.json,
+tokenizer_config.json, special_tokens_map.json; then in Python:
     transformers.LlamaForCausalLM.from_pretrained("out/hf/llama-2-7b-alpaca")
+    transformers.AutoTokenizer.from_pretrained("out/hf/llama-2-7b-alpaca")  # the ids lit-lora's Tokenizer gives
 """
 
 from pathlib import Path

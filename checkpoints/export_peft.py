@@ -7,6 +7,8 @@ writes adapter_config.json and adapter_model.safetensors; then in Python, on the
 (the downloaded repo, or checkpoints/export_hf.py's output):
     base = transformers.LlamaForCausalLM.from_pretrained("checkpoints/meta-llama/Llama-2-7b-hf")
     model = peft.PeftModel.from_pretrained(base, "out/peft/alpaca")
+or, with the base that adapter_config.json names (see --base_model_name_or_path):
+    model = peft.AutoPeftModelForCausalLM.from_pretrained("out/peft/alpaca")
 """
 
 from pathlib import Path
