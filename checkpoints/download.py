@@ -67,7 +67,8 @@ def main(repo_id: str, revision: str = "main", access_token: Optional[str] = Non
     except unreachable_errors as error:
         raise OSError(f"Could not download {what} from the Hugging Face Hub ({first_line(error)}): this machine "
                       "may be offline or behind a proxy. Connect it (or set HTTPS_PROXY) and run the same command "
-                      f"again, which resumes; or copy the files from a machine that has them into {local_dir}.") from None
+                      f"again, which resumes; or copy the files from a machine that has them into {local_dir}."
+                      ) from None
     print(f"Done: {what}. Convert the weights with:\n  python checkpoints/convert_hf.py --hf_dir {local_dir}")
     return local_dir
 

@@ -17,7 +17,8 @@ from lit_lora.convert import DtypeName, export_hf_checkpoint
 from lit_lora.utils import cli
 
 
-def main(checkpoint_dir: Path, output_dir: Path, lora_path: Optional[Path] = None, dtype: Optional[DtypeName] = None) -> None:
+def main(checkpoint_dir: Path, output_dir: Path, lora_path: Optional[Path] = None,
+         dtype: Optional[DtypeName] = None) -> None:
     """Export lit-lora weights as a Hugging Face LlamaForCausalLM folder.
 
     Args:

@@ -496,7 +496,7 @@ SPACE = "▁"  # U+2581: SentencePiece writes each space as this character, and 
 NORMALIZATION_PROBE = "  two  spaces,\ta tab,\na newline, \ufb01 \uff21 "
 
 
-def sentencepiece_merges(processor) -> list[list[str]]:
+def sentencepiece_merges(tokenizer: Tokenizer) -> list[list[str]]:
     """The merge rules of a Hugging Face BPE model that splits text as this SentencePiece BPE model does.
 
     SentencePiece starts from single characters and repeatedly joins the adjacent pair that makes the piece with
@@ -507,6 +507,7 @@ def sentencepiece_merges(processor) -> list[list[str]]:
     (A tokenizer with user-defined pieces, which SentencePiece matches whole before merging, is not reproduced;
     LLaMA's has none.)
     """
+    processor = tokenizer.processor
     ordinary = {}  # piece -> id
     for i in range(processor.get_piece_size()):
         if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i) or processor.is_unused(i)):
@@ -583,7 +584,7 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": {piece: i for i, piece in enumerate(pieces)}, "merges": sentencepiece_merges(processor)},
+                  "vocab": {piece: i for i, piece in enumerate(pieces)}, "merges": sentencepiece_merges(tokenizer)},
     }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as it is (see above)

@@ -596,11 +596,13 @@ def test_index_shard_names_stay_in_the_model_folder(tmp_path, tokenizer_path, to
     bad_name = str(outside) if bad_name == "OUTSIDE" else bad_name
     index_path = hf_dir / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"] = {tensor: bad_name if file == shard.name else file for tensor, file in index["weight_map"].items()}
+    index["weight_map"] = {tensor: bad_name if file == shard.name else file
+                           for tensor, file in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
     tensor = next(tensor for tensor, file in index["weight_map"].items() if file == bad_name)
 
-    expected = f"{index_path}: the entry {json.dumps(tensor)}: {json.dumps(bad_name)} is not the name of a file in {hf_dir}"
+    expected = (f"{index_path}: the entry {json.dumps(tensor)}: {json.dumps(bad_name)} is not the name of a file "
+                f"in {hf_dir}")
     with pytest.raises(ValueError, match=re.escape(expected)):
         convert_hf_checkpoint(hf_dir, tmp_path / "lit")
     assert not (tmp_path / "lit").exists()
