@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 
-from lit_lora.convert import convert_hf_checkpoint
+from lit_lora.convert import DtypeName, convert_hf_checkpoint
 from lit_lora.utils import cli
 
 
 def main(hf_dir: Path, output_dir: Optional[Path] = None, model_name: Optional[str] = None,
-         dtype: Optional[str] = None) -> None:
+         dtype: Optional[DtypeName] = None) -> None:
     """Convert Hugging Face LlamaForCausalLM weights to lit-lora.
 
     Args:
@@ -24,7 +24,7 @@ def main(hf_dir: Path, output_dir: Optional[Path] = None, model_name: Optional[s
         output_dir: Where to write the lit-lora checkpoint folder; by default hf_dir itself.
         model_name: A preset of lit_lora/model.py (e.g. Llama-2-7b) to name the model and take its context
             length from; it must agree with config.json. By default everything comes from config.json.
-        dtype: float32, float16 or bfloat16; by default the checkpoint's own dtype.
+        dtype: float32, float16 or bfloat16 (others are refused); by default the checkpoint's own dtype.
     """
     convert_hf_checkpoint(hf_dir, output_dir, model_name, dtype)
 

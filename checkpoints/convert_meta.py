@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 
-from lit_lora.convert import convert_meta_checkpoint
+from lit_lora.convert import DtypeName, convert_meta_checkpoint
 from lit_lora.utils import cli
 
 
-def main(meta_dir: Path, model_size: str, output_dir: Path, dtype: Optional[str] = None) -> None:
+def main(meta_dir: Path, model_size: str, output_dir: Path, dtype: Optional[DtypeName] = None) -> None:
     """Convert Meta's LLaMA weights to lit-lora.
 
     Args:
@@ -24,7 +24,7 @@ def main(meta_dir: Path, model_size: str, output_dir: Path, dtype: Optional[str]
         model_size: The preset in lit_lora/model.py it is: 7B, 13B, 30B, 65B (LLaMA) or Llama-2-7b,
             Llama-2-13b, Llama-2-70b. It gives the name and context length and is checked against params.json.
         output_dir: Where to write the lit-lora checkpoint folder.
-        dtype: float32, float16 or bfloat16; by default the checkpoint's own dtype.
+        dtype: float32, float16 or bfloat16 (others are refused); by default the checkpoint's own dtype.
     """
     convert_meta_checkpoint(meta_dir, output_dir, model_size, dtype)
 

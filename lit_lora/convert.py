@@ -19,11 +19,13 @@ Every folder is written into a temporary folder first and moved into place at th
 """
 
 import json
+import os
 import re
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -33,7 +35,7 @@ from lit_lora.lora import (LORA_TARGETS, SHAPE_FIELDS, apply_lora, load_lora, lo
                            read_lora_file, save_lora)
 from lit_lora.model import LLaMA, Config
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_folder, format_bytes, load_model, peak_memory_bytes
+from lit_lora.utils import atomic_folder, current_umask, format_bytes, load_model, peak_memory_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names. Each table maps the names of one format to ours; the inverse direction is the same table read backwards.
@@ -141,6 +143,8 @@ def permute_meta_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 CHECKED_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "norm_eps", "rope_base")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The scripts' --dtype flag: its parser refuses any other value, listing these.
+DtypeName = Literal["float32", "float16", "bfloat16"]
 
 
 def dtype_from_name(name: Optional[str]) -> Optional[torch.dtype]:
@@ -303,6 +307,13 @@ def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokeniz
     return output_dir
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, giving the file the usual permissions (-rw-r--r-- under umask 022): save_file
+    creates it readable by its owner only."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face -> lit
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,17 +344,39 @@ def hf_files_to_download(repo_files: list[str]) -> list[str]:
     return ["config.json", "tokenizer.model", *sorted(weights)]
 
 
+def shard_paths(index_path: Path) -> list[Path]:
+    """The shard files an index lists in its weight_map (tensor name -> file), each one there.
+
+    The names come from a downloaded file, so each must be a plain file name in the index's own folder, as
+    transformers writes them (model-00001-of-00002.safetensors): a name such as ../../etc/passwd or /etc/passwd
+    is refused, not opened."""
+    folder = index_path.parent
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{index_path} is not valid JSON ({error}): download it again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no weight_map (tensor name -> shard file): download it again")
+    for tensor_name, shard in weight_map.items():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or "\\" in shard:
+            raise ValueError(f"{index_path}: the entry {json.dumps(tensor_name)}: {json.dumps(shard)} is not the "
+                             f"name of a file in {folder} (an index names the shards beside it, such as "
+                             "model-00001-of-00002.safetensors). The index is damaged or not from transformers: "
+                             "download the model again.")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise FileNotFoundError(f"{index_path} lists the shard {shard}, which is not in {folder}: "
+                                    "download it again (checkpoints/download.py resumes)")
+    return [folder / shard for shard in shards]
+
+
 def find_hf_weight_files(hf_dir: Path) -> list[Path]:
     """The files that hold the weights: one file, or every shard the index lists (each must be there)."""
     for single, index in HF_WEIGHTS:
         if (hf_dir / index).is_file():
-            weight_map = json.loads((hf_dir / index).read_text())["weight_map"]  # tensor name -> shard file
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
-                if not (hf_dir / shard).is_file():
-                    raise FileNotFoundError(f"{hf_dir / index} lists the shard {shard}, which is not in {hf_dir}: "
-                                            "download it again (checkpoints/download.py resumes)")
-            return [hf_dir / shard for shard in shards]
+            return shard_paths(hf_dir / index)
         if (hf_dir / single).is_file():
             return [hf_dir / single]
     expected = ", ".join(name for pair in HF_WEIGHTS for name in pair)
@@ -378,8 +411,9 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
     hf_config = json.loads((hf_dir / "config.json").read_text())
     config = config_from_hf(hf_config, model_name)
     config.name = config.name or hf_dir.name
-    # Where the weights came from, for the record: export_peft.py writes it as base_model_name_or_path.
-    config.extra["hf_model"] = hf_config.get("_name_or_path") or str(hf_dir)
+    # Where the weights came from, for the record: export_peft.py writes it as base_model_name_or_path, so the
+    # whole path of the folder on this machine (config.json's _name_or_path may be one on the uploader's).
+    config.extra["hf_model"] = str(hf_dir.resolve())
     check_tokenizer(tokenizer_path, config)
 
     state_dict = {}
@@ -449,13 +483,138 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Tokenizer -> Hugging Face tokenizer files
+# transformers builds a tokenizer from tokenizer.json (the `tokenizers` library's format) and tokenizer_config.json.
+# Given only tokenizer.model it needs protobuf to convert it, and without tokenizer_config.json it does not know that
+# LLaMA starts every text with BOS. So the export writes both, built here as plain JSON from the SentencePiece model.
+# ---------------------------------------------------------------------------------------------------------------
+
+SPACE = "▁"  # U+2581: SentencePiece writes each space as this character, and puts one before the text
+
+# What SentencePiece's normalizer may change: spaces at both ends and doubled, a tab, a newline, and characters that
+# Unicode NFKC normalization rewrites (the ligature "ﬁ", the full-width "Ａ"). LLaMA's tokenizer keeps them all.
+NORMALIZATION_PROBE = "  two  spaces,\ta tab,\na newline, \ufb01 \uff21 "
+
+
+def sentencepiece_merges(tokenizer: Tokenizer) -> list[list[str]]:
+    """The merge rules of a Hugging Face BPE model that splits text as this SentencePiece BPE model does.
+
+    SentencePiece starts from single characters and repeatedly joins the adjacent pair that makes the piece with
+    the highest score. Hugging Face's BPE starts the same way and repeatedly applies, among the adjacent pairs, the
+    merge rule (left, right) that comes first in its list. So: one rule for every way of cutting a piece into two
+    pieces, listed in the order of the score of the piece they make, best first (as transformers' converter does).
+    Only ordinary pieces take part: control (<s>), unknown and byte (<0x0A>) pieces are never made by a merge.
+    (A tokenizer with user-defined pieces, which SentencePiece matches whole before merging, is not reproduced;
+    LLaMA's has none.)
+    """
+    processor = tokenizer.processor
+    ordinary = {}  # piece -> id
+    for i in range(processor.get_piece_size()):
+        if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i) or processor.is_unused(i)):
+            ordinary[processor.id_to_piece(i)] = i
+    rules = []  # (sort key, [left, right])
+    for piece, piece_id in ordinary.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ordinary and right in ordinary:
+                key = (-processor.get_score(piece_id), piece_id, ordinary[left], ordinary[right])  # ties: by id
+                rules.append((key, [left, right]))
+    rules.sort(key=lambda rule: rule[0])
+    return [pair for _, pair in rules]
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, dict]:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json (file name -> content) for a LLaMA-style
+    SentencePiece BPE tokenizer, so that `AutoTokenizer.from_pretrained` gives the ids `tokenizer.encode` gives.
+
+    The pipeline of tokenizer.json, in the order it runs:
+      normalizer      one "▁" before the text (SentencePiece's dummy prefix), then each space -> "▁"
+      pre_tokenizer   none: the text stays one piece, as SentencePiece merges across spaces too
+      model           BPE over SentencePiece's pieces (same ids) with the merges above; byte_fallback writes a
+                      character outside the vocabulary as its UTF-8 bytes (<0xE2><0x82><0xAC>), as SentencePiece does
+      post_processor  BOS before the text
+      decoder         "▁" -> space, byte tokens -> characters, then drop the space of the dummy prefix
+
+    Why a normalizer and not the Metaspace pre-tokenizer of newer Llama files: Metaspace adds no "▁" before a text
+    that starts with a space, so " Hello" would lose a space that SentencePiece keeps. For the same reason
+    tokenizer_config.json names the generic PreTrainedTokenizerFast, which runs tokenizer.json as it is: transformers'
+    LlamaTokenizer class replaces the pipeline with its own Metaspace one.
+    """
+    processor = tokenizer.processor
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    special_ids = [i for i in range(len(pieces)) if processor.is_control(i) or processor.is_unknown(i)]
+    if tokenizer.bos_id < 0:
+        raise ValueError(f"{tokenizer.model_path} has no BOS token, which lit-lora puts before every text: "
+                         "it is not the tokenizer of a lit-lora model")
+    bos, unk = pieces[tokenizer.bos_id], pieces[processor.unk_id()]
+    eos = pieces[tokenizer.eos_id] if tokenizer.eos_id >= 0 else None
+
+    dummy_prefix = processor.normalize("a").startswith(SPACE)
+    normalized = processor.normalize(NORMALIZATION_PROBE)
+    if normalized != (SPACE if dummy_prefix else "") + NORMALIZATION_PROBE.replace(" ", SPACE):
+        print(f"Warning: {tokenizer.model_path} changes text before splitting it ({NORMALIZATION_PROBE!r} becomes "
+              f"{normalized!r}); tokenizer.json does not, so transformers will give other ids than lit-lora for "
+              "such text (LLaMA's tokenizers and those of Tokenizer.train keep text as it is).", file=sys.stderr)
+
+    def added_token(i: int) -> dict:  # a special token: matched as a whole in the text, never split or normalized
+        return {"id": i, "content": pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+
+    bos_first = {  # "$A" is the text; "pair" is for two texts at once (transformers asks for it)
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
+    }
+    normalizers = [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+    decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if dummy_prefix:  # LLaMA's: "Hello" is encoded as "▁Hello", like the "world" of "Hello world"
+        normalizers.insert(0, {"type": "Prepend", "prepend": SPACE})
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [added_token(i) for i in special_ids],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": bos_first,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {piece: i for i, piece in enumerate(pieces)}, "merges": sentencepiece_merges(tokenizer)},
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as it is (see above)
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": None,
+        "added_tokens_decoder": {str(i): {k: v for k, v in added_token(i).items() if k != "id"} for i in special_ids},
+        "clean_up_tokenization_spaces": False,  # else decoding turns "a ." into "a."
+        "model_max_length": model_max_length,
+    }
+    special_tokens_map = {name: {"content": piece, "lstrip": False, "normalized": False, "rstrip": False,
+                                 "single_word": False}
+                          for name, piece in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk)) if piece}
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": tokenizer_config,
+            "special_tokens_map.json": special_tokens_map}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # lit -> Hugging Face
 # ---------------------------------------------------------------------------------------------------------------
 
 def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str, Path],
                          lora_path: Union[str, Path, None] = None, dtype: Optional[str] = None) -> Path:
     """A lit-lora checkpoint folder (with a LoRA merged in, if given) -> a folder that
-    `transformers.LlamaForCausalLM.from_pretrained` loads: config.json, model.safetensors, tokenizer.model."""
+    `transformers.LlamaForCausalLM.from_pretrained` loads (config.json, model.safetensors) and
+    `transformers.AutoTokenizer.from_pretrained` too (tokenizer.json, tokenizer_config.json, special_tokens_map.json;
+    tokenizer.model is kept beside them)."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     torch_dtype = dtype_from_name(dtype)
     model = load_model(checkpoint_dir)  # memory-mapped: the checkpoint file is never written to
@@ -470,11 +629,14 @@ def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str
     tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
     hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                      torch_dtype=str(next(iter(state_dict.values())).dtype).removeprefix("torch."))
+    tokenizer_files = hf_tokenizer_files(tokenizer, model.config.block_size)
     with atomic_folder(output_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(tokenizer.model_path, tmp / "tokenizer.model")
-    print(f"Wrote {output_dir} (config.json, model.safetensors, tokenizer.model); "
+        save_safetensors(state_dict, tmp / "model.safetensors")
+        shutil.copyfile(tokenizer.model_path, tmp / "tokenizer.model")  # for SentencePiece itself (and lit-lora)
+        for name, content in tokenizer_files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(f"Wrote {output_dir} (config.json, model.safetensors, tokenizer.model, {', '.join(tokenizer_files)}); "
           f"peak memory {format_bytes(peak_memory_bytes())}")
     return output_dir
 
@@ -514,16 +676,37 @@ def peft_to_lit_key(key: str) -> Optional[str]:
     return hf_to_lit_name(module + ".weight").removesuffix(".weight") + f".{factor}"
 
 
+def peft_base_model(base_config: dict, checkpoint_dir: Optional[Path], given: Optional[str]) -> Optional[str]:
+    """What adapter_config.json names as base_model_name_or_path, where `AutoPeftModelForCausalLM` loads the base
+    model from: `given` (--base_model_name_or_path), else the Hugging Face folder the base was converted from
+    (recorded by convert_hf_checkpoint), else `checkpoint_dir` if transformers can load it (it holds config.json).
+    Else None, with a warning: a preset name such as "7B" is no Hugging Face model, and transformers would look for
+    it on the Hub."""
+    if given:
+        return given
+    if base_config.get("extra", {}).get("hf_model"):
+        return base_config["extra"]["hf_model"]
+    if checkpoint_dir is not None and (checkpoint_dir / "config.json").is_file():
+        return str(checkpoint_dir.resolve())
+    print("Warning: the Hugging Face base model of this LoRA is unknown (its base was not converted by "
+          "convert_hf.py" + (f", and {checkpoint_dir} holds no config.json" if checkpoint_dir is not None else "")
+          + "), so adapter_config.json says base_model_name_or_path: null. Pass --base_model_name_or_path with a "
+          "repo id or the folder export_hf.py wrote for the base, to load the adapter with AutoPeftModelForCausalLM.",
+          file=sys.stderr)
+    return None
+
+
 def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path],
                         checkpoint_dir: Union[str, Path, None] = None,
                         base_model_name_or_path: Optional[str] = None) -> Path:
     """A lit-lora LoRA file -> a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) that
     `peft.PeftModel.from_pretrained` loads onto the base model exported by export_hf_checkpoint."""
     output_dir = Path(output_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     lora_file = read_lora_file(lora_path)
     base, lora_config = lora_file["base_config"], lora_file["lora_config"]
     if checkpoint_dir is not None:  # the LoRA must fit the base model it will be loaded onto
-        config = Config.from_file(Path(checkpoint_dir) / "model_config.json")
+        config = Config.from_file(checkpoint_dir / "model_config.json")
         for field in SHAPE_FIELDS:
             if base.get(field) != getattr(config, field):
                 raise ValueError(f"{lora_path} was trained on another base model: its {field} is {base.get(field)}, "
@@ -532,7 +715,7 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or base.get("extra", {}).get("hf_model") or base.get("name"),
+        "base_model_name_or_path": peft_base_model(base, checkpoint_dir, base_model_name_or_path),
         "r": lora_config["r"],
         "lora_alpha": lora_config["alpha"],
         "lora_dropout": lora_config["dropout"],
@@ -545,8 +728,9 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
     tensors = {lit_to_peft_key(name): tensor.contiguous() for name, tensor in lora_file["lora"].items()}
     with atomic_folder(output_dir) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    print(f"Wrote {output_dir} (adapter_config.json, adapter_model.safetensors: {len(tensors)} tensors)")
+        save_safetensors(tensors, tmp / "adapter_model.safetensors")
+    print(f"Wrote {output_dir} (adapter_config.json, adapter_model.safetensors: {len(tensors)} tensors); "
+          f"base model: {adapter_config['base_model_name_or_path']}")
     return output_dir
 
 

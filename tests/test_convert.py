@@ -5,24 +5,35 @@ format, and for Meta's format the names, shard split and interleaved RoPE writte
 """
 
 import importlib.util
+import inspect
 import json
+import os
+import re
+import stat
 import sys
-import types
 from pathlib import Path
+from typing import get_args
 
+import huggingface_hub
 import pytest
+import sentencepiece as spm
+import tokenizers
 import torch
 import torch.nn as nn
+from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
 from jsonargparse import CLI
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lit_lora.convert import (config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint, export_hf_checkpoint,
-                              export_peft_adapter, hf_files_to_download, import_peft_adapter, permute_meta_qk)
+from lit_lora.convert import (DTYPES, DtypeName, config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint,
+                              export_hf_checkpoint, export_peft_adapter, hf_files_to_download, import_peft_adapter,
+                              permute_meta_qk)
 from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
 from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
+from lit_lora.tokenizer import Tokenizer
 from lit_lora.utils import load_model, save_checkpoint_dir
+from tests.conftest import make_checkpoint, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings(  # the libraries' own deprecation notes, not ours
@@ -268,7 +279,8 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, tokenize
     model = make_lit_checkpoint(tmp_path / "lit", tokenizer_path, tokenizer)
     run_script("export_hf", "--checkpoint_dir", tmp_path / "lit", "--output_dir", tmp_path / "hf")
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    assert files == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert files == ["config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+                     "tokenizer.model", "tokenizer_config.json"]
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.vocab_size == model.config.padded_vocab_size
     assert same_logits(hf, model, tokenizer.vocab_size) < 1e-4
@@ -280,6 +292,74 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, tokenize
     with safe_open(str(tmp_path / "hf16" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# Text where a tokenizer can go wrong: spaces at the start, at the end and doubled, newlines and tabs, digits (one
+# token each), characters outside the vocabulary (written as bytes), text that looks like a piece, and no text at all.
+HARD_STRINGS = [
+    "", " ", "  ", "Hello world", " Hello", "Hello ", "  two  spaces  ", "   leading", "trailing   ", "a\nb", "\n",
+    "\n\nx\n", "  \n  ", "line1\r\nline2", "\ttab", "12345 + 678 = 999", "3.14159", "x1y22z333", "café naïve résumé",
+    "日本語のテキスト", "😀 emoji 👍🏽", "Ω≈ç√∫", "\u200b zero width", "\x00\x01 control", "a" * 50, "ﬁ Ａ",
+    "<0x0A> looks like a byte", "▁ already a meta space", "@#$%^&*()_+{}|:\"<>?",
+    "The quick brown fox jumps over the lazy dog: 12 + 34 = 46.",
+    "### Instruction:\nWrite a response.\n\n### Response:",
+]
+
+
+def train_sentencepiece(prefix: Path, vocab_size: int, **changes) -> Path:
+    """A tokenizer trained with Tokenizer.train's options, but with more pieces (the shared one has only 10
+    merges) or with `changes` to the options."""
+    corpus = make_corpus(2000, seed=1) + ["def f(x):\n    return x  +  1", "    indented  code", "naïve café 日本語"] * 20
+    options = dict(model_type="bpe", byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
+                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, normalization_rule_name="identity",
+                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
+                                   **{**options, **changes})
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_paths(tmp_path_factory, tokenizer_path) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("tokenizers")
+    return {"shared": tokenizer_path,
+            "1000 pieces": train_sentencepiece(folder / "large", vocab_size=1000),
+            "no dummy prefix": train_sentencepiece(folder / "no_prefix", vocab_size=600, add_dummy_prefix=False)}
+
+
+@pytest.mark.parametrize("name", ["shared", "1000 pieces", "no dummy prefix"])
+def test_exported_tokenizer_gives_lit_lora_ids_in_transformers(tmp_path, tokenizer_paths, name, capsys):
+    """AutoTokenizer on the export (no protobuf, no network) encodes and decodes as lit-lora's Tokenizer does."""
+    lit_tokenizer = Tokenizer(tokenizer_paths[name])
+    make_checkpoint(tmp_path / "lit", tokenizer_paths[name])
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf")
+    assert "Warning" not in capsys.readouterr().err
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer_paths[name].read_bytes()  # kept
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tokenizer_json = tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))  # as other tools read it
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (lit_tokenizer.bos_id, lit_tokenizer.eos_id)
+    assert len(hf_tokenizer) == lit_tokenizer.vocab_size
+    for text in HARD_STRINGS:
+        ids = lit_tokenizer.encode(text, bos=True).tolist()
+        assert hf_tokenizer(text)["input_ids"] == ids, text
+        assert tokenizer_json.encode(text).ids == ids, text
+        assert hf_tokenizer.decode(ids, skip_special_tokens=True) == lit_tokenizer.decode(ids), text
+        assert tokenizer_json.decode(ids) == lit_tokenizer.decode(ids), text
+    hf_ids = hf_tokenizer(HARD_STRINGS)["input_ids"]  # a batch, as training code calls it
+    assert hf_ids == [lit_tokenizer.encode(text).tolist() for text in HARD_STRINGS]
+
+
+def test_export_warns_when_the_tokenizer_changes_text(tmp_path, capsys):
+    """A tokenizer that normalizes text (NFKC, extra spaces removed) cannot be written as this tokenizer.json:
+    the export says so instead of pretending."""
+    path = train_sentencepiece(tmp_path / "nfkc", vocab_size=600, normalization_rule_name="nmt_nfkc",
+                               remove_extra_whitespaces=True)
+    make_checkpoint(tmp_path / "lit", path)
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "hf")
+    err = capsys.readouterr().err
+    assert f"Warning: {tmp_path / 'lit' / 'tokenizer.model'} changes text before splitting it" in err
+    assert "transformers will give other ids than lit-lora" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,6 +440,52 @@ def test_adapter_trained_with_peft_imports_with_the_same_logits(tmp_path, tokeni
     assert same_logits(peft_model.eval(), lit, tokenizer.vocab_size) < 1e-4
 
 
+def test_peft_adapter_names_a_base_model_that_loads_offline(tmp_path, tokenizer_path, tokenizer, capsys):
+    """AutoPeftModelForCausalLM loads the base model from base_model_name_or_path: the Hugging Face folder the base
+    was converted from, or --checkpoint_dir if transformers can load it; never a preset name, which it would look
+    for on the Hub."""
+    hf = hf_model(tokenizer.vocab_size)
+    hf_dir = make_hf_dir(tmp_path / "hf", hf, tokenizer_path)
+    convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    model = apply_lora(load_model(tmp_path / "lit"), r=2, alpha=4, targets=("q", "v"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    save_lora(model, tmp_path / "lora.pth")
+    run_script("export_peft", "--lora_path", tmp_path / "lora.pth", "--output_dir", tmp_path / "peft")
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(hf_dir.resolve())
+    assert f"base model: {hf_dir.resolve()}" in capsys.readouterr().out
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()
+    assert same_logits(peft_model, model.eval(), tokenizer.vocab_size) < 1e-4
+
+    # --base_model_name_or_path wins (a repo id, to share the adapter)
+    export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft_shared", base_model_name_or_path="org/tiny-llama")
+    assert json.loads((tmp_path / "peft_shared" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "org/tiny-llama"
+
+
+def test_peft_adapter_of_an_unknown_base_model_says_so(tmp_path, tokenizer_path, tokenizer, capsys):
+    make_lora(tmp_path, tokenizer_path, tokenizer)  # its base (preset "micro") was made here, not converted
+    for checkpoint_dir in (None, tmp_path / "lit"):  # lit/ holds no config.json: transformers cannot load it
+        export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=checkpoint_dir)
+        assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+        err = capsys.readouterr().err
+        assert "Warning: the Hugging Face base model of this LoRA is unknown" in err
+        assert "--base_model_name_or_path" in err
+
+    # once the base is exported beside it, --checkpoint_dir is a folder AutoPeftModelForCausalLM loads
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "lit")
+    export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=tmp_path / "lit")
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "lit").resolve())
+    assert "Warning" not in capsys.readouterr().err
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()
+    assert same_logits(peft_model, load_lora(load_model(tmp_path / "lit"), tmp_path / "lora.pth"),
+                       tokenizer.vocab_size) < 1e-4
+
+
 @pytest.mark.parametrize("field, value", [("use_dora", True), ("use_rslora", True), ("target_modules", "all-linear"),
                                           ("target_modules", ["q_proj", "embed_tokens"]), ("peft_type", "IA3"),
                                           ("rank_pattern", {"q_proj": 16})])
@@ -380,6 +506,35 @@ def test_export_peft_checks_the_base_model(tmp_path, tokenizer_path, tokenizer):
     save_checkpoint_dir(wider, tokenizer_path, other)
     with pytest.raises(ValueError, match="trained on another base model: its n_embd is 32, .*other's is 64"):
         export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=other)
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
+                         ids=["umask-022", "umask-027"])
+def test_written_folders_and_files_have_the_usual_permissions(tmp_path, tokenizer_path, tokenizer, umask,
+                                                              folder_mode, file_mode):
+    """Under umask 022 every folder written is drwxr-xr-x and its files -rw-r--r--, as with mkdir and cp: the
+    temporary folder they are written into first is made owner-only by mkdtemp, and must not pass that on."""
+    previous_umask = os.umask(umask)
+    try:
+        hf_dir = make_hf_dir(tmp_path / "hf", hf_model(tokenizer.vocab_size), tokenizer_path)
+        vocab = tokenizer.vocab_size
+        meta_dir = make_meta_dir(tmp_path / "llama", LLaMA(Config.from_name("micro", vocab_size=vocab,
+                                                                            padded_vocab_size=vocab)), tokenizer_path)
+        make_lora(tmp_path, tokenizer_path, tokenizer)  # tmp_path/lit and tmp_path/lora.pth
+        folders = [convert_hf_checkpoint(hf_dir, tmp_path / "converted_hf"),
+                   convert_meta_checkpoint(meta_dir, tmp_path / "converted_meta", "micro"),
+                   export_hf_checkpoint(tmp_path / "lit", tmp_path / "exported_hf"),
+                   export_peft_adapter(tmp_path / "lora.pth", tmp_path / "exported_peft")]
+        convert_hf_checkpoint(hf_dir)  # into the existing Hugging Face folder: its files are moved in
+        import_peft_adapter(tmp_path / "exported_peft", tmp_path / "lit", tmp_path / "imported.pth")
+    finally:
+        os.umask(previous_umask)
+    files = [file for folder in folders for file in folder.iterdir()]
+    files += [hf_dir / "lit_model.pth", hf_dir / "model_config.json", tmp_path / "imported.pth"]
+    assert {str(folder): oct(stat.S_IMODE(folder.stat().st_mode)) for folder in folders} == {
+        str(folder): oct(folder_mode) for folder in folders}
+    assert {str(file): oct(stat.S_IMODE(file.stat().st_mode)) for file in files} == {
+        str(file): oct(file_mode) for file in files}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,31 +584,99 @@ def test_hf_folder_errors(tmp_path, tokenizer_path, tokenizer):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("bad_name", ["../outside.safetensors", "OUTSIDE", "sub/../../outside.safetensors",
+                                      "..\\outside.safetensors", "..", "", 7],
+                         ids=["parent", "absolute", "through-subfolder", "backslash", "dot-dot", "empty", "number"])
+def test_index_shard_names_stay_in_the_model_folder(tmp_path, tokenizer_path, tokenizer, bad_name):
+    """Shard names come from a downloaded index file: a name that leads out of the folder is refused, not opened."""
+    hf_dir = make_hf_dir(tmp_path / "hf", hf_model(tokenizer.vocab_size), tokenizer_path, sharded=True)
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"  # a real file there: only the check keeps the conversion from it
+    outside.write_bytes(shard.read_bytes())
+    bad_name = str(outside) if bad_name == "OUTSIDE" else bad_name
+    index_path = hf_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {tensor: bad_name if file == shard.name else file
+                           for tensor, file in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    tensor = next(tensor for tensor, file in index["weight_map"].items() if file == bad_name)
+
+    expected = (f"{index_path}: the entry {json.dumps(tensor)}: {json.dumps(bad_name)} is not the name of a file "
+                f"in {hf_dir}")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    assert not (tmp_path / "lit").exists()
+
+
+def test_damaged_index_is_named(tmp_path, tokenizer_path, tokenizer):
+    hf_dir = make_hf_dir(tmp_path / "hf", hf_model(tokenizer.vocab_size), tokenizer_path, sharded=True)
+    index_path = hf_dir / "model.safetensors.index.json"
+    index_path.write_text('{"weight_map": {"lm_head.weight": "model-00001-of-')  # cut short, as by a failed download
+    with pytest.raises(ValueError, match=re.escape(f"{index_path} is not valid JSON")):
+        convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    index_path.write_text(json.dumps({"metadata": {"total_size": 1}}))
+    with pytest.raises(ValueError, match=re.escape(f"{index_path} has no weight_map")):
+        convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    assert not (tmp_path / "lit").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Downloading (no network: a stand-in for huggingface_hub records what the script asks for)
+# Downloading (no network: huggingface_hub's functions are replaced by stand-ins that record what the script asks)
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_download_fetches_only_what_convert_needs(tmp_path, monkeypatch, capsys):
-    repo = ["README.md", "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
-            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-            "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-            "original/consolidated.00.pth"]
+def run_command_line(name: str, *args: str) -> tuple[int, str, str]:
+    """Run checkpoints/<name>.py as `python checkpoints/<name>.py ARGS` does, in this process (so that stand-ins
+    set with monkeypatch apply): its exit code, stdout and stderr."""
+    import contextlib
+    import io
+    import runpy
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [str(ROOT / "checkpoints" / f"{name}.py"), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+REPO_FILES = ["README.md", "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+              "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+              "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+              "original/consolidated.00.pth"]
+
+
+def test_download_fetches_only_what_convert_needs_at_the_revision(tmp_path, monkeypatch, capsys):
     calls = {}
-    hub = types.ModuleType("huggingface_hub")
-    hub.list_repo_files = lambda repo_id, token=None: repo
-    hub.snapshot_download = lambda repo_id, **kwargs: calls.update(repo_id=repo_id, **kwargs)
-    utils = types.ModuleType("huggingface_hub.utils")
-    utils.GatedRepoError = type("GatedRepoError", (Exception,), {})
-    utils.RepositoryNotFoundError = type("RepositoryNotFoundError", (Exception,), {})
-    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-    monkeypatch.setitem(sys.modules, "huggingface_hub.utils", utils)
+
+    def list_repo_files(repo_id, revision=None, token=None):
+        calls["list_repo_files"] = dict(repo_id=repo_id, revision=revision, token=token)
+        return REPO_FILES
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: calls.update(snapshot_download=dict(repo_id=repo_id, **kwargs)))
 
     repo_id, local_dir = "meta-llama/Llama-2-7b-hf", tmp_path / "meta-llama" / "Llama-2-7b-hf"
-    run_script("download", "--repo_id", repo_id, "--access_token", "hf_x", "--checkpoint_dir", tmp_path)
+    commit = "01c7f73d771dfac7d292323805ebc428287df4f9"
+    run_script("download", "--repo_id", repo_id, "--revision", commit, "--access_token", "hf_x",
+               "--checkpoint_dir", tmp_path)
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
-    assert calls == {"repo_id": repo_id, "local_dir": local_dir, "token": "hf_x",
-                     "allow_patterns": ["config.json", "tokenizer.model", *shards]}
-    assert f"python checkpoints/convert_hf.py --hf_dir {local_dir}" in capsys.readouterr().out
+    assert calls == {
+        "list_repo_files": {"repo_id": repo_id, "revision": commit, "token": "hf_x"},
+        "snapshot_download": {"repo_id": repo_id, "revision": commit, "local_dir": local_dir, "token": "hf_x",
+                              "allow_patterns": ["config.json", "tokenizer.model", *shards]}}
+    out = capsys.readouterr().out
+    assert f"from {repo_id} (revision {commit}) to {local_dir}" in out
+    assert f"python checkpoints/convert_hf.py --hf_dir {local_dir}" in out
+
+    run_script("download", "--repo_id", repo_id, "--checkpoint_dir", tmp_path)  # by default the main branch
+    assert calls["list_repo_files"]["revision"] == calls["snapshot_download"]["revision"] == "main"
 
     # .bin only where there are no safetensors; a repo without tokenizer.model is refused before any download
     assert hf_files_to_download(["config.json", "tokenizer.model", "pytorch_model.bin", "training_args.bin"]) == [
@@ -464,3 +687,97 @@ def test_download_fetches_only_what_convert_needs(tmp_path, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
         run_script("download", "--repo_id", "a/b")
+
+
+def hub_http_library():
+    """The HTTP library huggingface_hub is built on (httpx or httpx2; requests before huggingface_hub 1.0): its own
+    HfHubHTTPError derives from that library's HTTPError."""
+    return importlib.import_module(HfHubHTTPError.__mro__[1].__module__.partition(".")[0])
+
+
+def hub_connection_error() -> Exception:
+    """What huggingface_hub raises when the Hub cannot be reached, after its retries: its HTTP library's
+    ConnectError (requests' ConnectionError)."""
+    library = hub_http_library()
+    error_type = getattr(library, "ConnectError", None) or library.ConnectionError
+    return error_type("[Errno -2] Name or service not known")
+
+
+@pytest.mark.parametrize("failing", ["list_repo_files", "snapshot_download", "offline mode"])
+def test_download_offline_is_one_clear_line(tmp_path, monkeypatch, failing):
+    def fail(*args, **kwargs):
+        if failing == "offline mode":  # HF_HUB_OFFLINE=1
+            raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+        raise hub_connection_error()
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        fail if failing != "snapshot_download" else lambda *args, **kwargs: REPO_FILES)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    code, out, err = run_command_line("download", "--repo_id", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                                      "--revision", "v1.0", "--checkpoint_dir", tmp_path)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1, err  # no traceback
+    assert err.startswith("error: Could not download TinyLlama/TinyLlama-1.1B-Chat-v1.0 (revision v1.0) from "
+                          "the Hugging Face Hub (")
+    assert ("offline mode is enabled" if failing == "offline mode" else "Name or service not known") in err
+    assert "this machine may be offline" in err and "run the same command again" in err
+    assert not (tmp_path / "TinyLlama").exists()
+
+
+def test_download_names_a_missing_revision(tmp_path, monkeypatch):
+    def list_repo_files(repo_id, revision=None, token=None):
+        message = f"404 Client Error. Revision Not Found for url: .../{revision}.\nRequest id: x"
+        try:
+            raise RevisionNotFoundError(message)  # huggingface_hub before 1.0
+        except TypeError:  # later versions want the response too
+            library = hub_http_library()
+            request = library.Request("GET", f"https://huggingface.co/api/models/{repo_id}/tree/{revision}")
+            raise RevisionNotFoundError(message, response=library.Response(404, request=request)) from None
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    code, out, err = run_command_line("download", "--repo_id", "org/name", "--revision", "v9")
+    assert code == 1
+    assert err == ("error: org/name has no revision 'v9': give a branch, tag or commit hash from "
+                   "https://huggingface.co/org/name/commits/main\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command lines
+# ----------------------------------------------------------------------------------------------------------------
+
+SCRIPTS = sorted(path.stem for path in (ROOT / "checkpoints").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_answers_help_through_cli(name, monkeypatch):
+    """Each checkpoints/*.py runs `cli(main)` (one-line errors, exit codes) and --help lists every flag of main."""
+    import lit_lora.utils
+
+    real_cli, entry_points = lit_lora.utils.cli, []
+
+    def recording_cli(main, flags=None):
+        entry_points.append((main, flags))
+        return real_cli(main, flags)
+
+    monkeypatch.setattr(lit_lora.utils, "cli", recording_cli)
+    code, out, err = run_command_line(name, "--help")
+    assert (code, err) == (0, "")
+    [(main, flags)] = entry_points
+    assert (main.__name__, main.__module__, flags) == ("main", "__main__", None)
+    for parameter in inspect.signature(main).parameters:
+        assert f"--{parameter} " in out, parameter
+    assert main.__doc__.splitlines()[0] in out
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("convert_hf", "--hf_dir {tmp}/hf"),
+    ("convert_meta", "--meta_dir {tmp}/llama/7B --model_size 7B --output_dir {tmp}/lit"),
+    ("export_hf", "--checkpoint_dir {tmp}/lit --output_dir {tmp}/hf"),
+])
+def test_dtype_flag_refuses_other_names_while_parsing(tmp_path, name, flags):
+    """--dtype is one of three names: the parser refuses others (exit code 2), naming them, before anything runs."""
+    assert set(get_args(DtypeName)) == set(DTYPES)
+    code, out, err = run_command_line(name, *flags.format(tmp=tmp_path).split(), "--dtype", "int8")
+    assert code == 2
+    assert "int8" in err and "'float32', 'float16', 'bfloat16'" in err
+    assert list(tmp_path.iterdir()) == []
