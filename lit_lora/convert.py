@@ -31,11 +31,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lit_lora.lora import (LORA_TARGETS, SHAPE_FIELDS, apply_lora, load_lora, lora_state_dict, merge_lora,
+from lit_lora.lora import (LORA_TARGETS, apply_lora, load_lora, lora_state_dict, merge_lora,
                            read_lora_file, save_lora)
 from lit_lora.model import LLaMA, Config
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_folder, current_umask, format_bytes, load_model, peak_memory_bytes
+from lit_lora.utils import SHAPE_FIELDS, atomic_folder, current_umask, format_bytes, load_model, peak_memory_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names. Each table maps the names of one format to ours; the inverse direction is the same table read backwards.

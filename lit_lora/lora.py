@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from lit_lora.model import LLaMA
-from lit_lora.utils import SHAPE_FIELDS, atomic_save, check_base_model, check_tensors  # noqa: F401 (SHAPE_FIELDS: convert.py)
+from lit_lora.utils import atomic_save, check_base_model, check_tensors
 
 # Where each target lives: in every Block (attn.* and mlp.*), or on the model itself (lm_head).
 LORA_TARGETS = {
