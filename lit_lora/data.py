@@ -1,7 +1,7 @@
 """Instruction data: the prompt template, preparing datasets, and batching them for training.
 
-The data path: JSON/JSONL records {instruction, input, output} -> the Alpaca prompt template -> tokens, with
-the prompt's labels masked to -100 so the loss is on the response only -> data/<name>/{train,test}.pt ->
+The data path: JSON/JSONL records {instruction, input, output} -> the Alpaca-LoRA prompt template -> tokens,
+with the prompt's labels masked to -100 so the loss is on the response only -> data/<name>/{train,test}.pt ->
 shuffled, right-padded micro batches in the training loop.
 """
 
@@ -23,8 +23,10 @@ from lit_lora.utils import current_umask
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
-# The Alpaca template (Taori et al., 2023). Training, evaluation and every generate script use
-# `format_prompt`, so a model never sees a prompt at inference that it was not trained on.
+# The prompt template of Alpaca-LoRA (tloen/alpaca-lora, templates/alpaca.json): Stanford Alpaca's template
+# (Taori et al., 2023, tatsu-lab/stanford_alpaca) with a newline after "### Response:", so that the response
+# starts on a line of its own; Stanford's prompt ends at the colon. Training, evaluation and every generate
+# script use `format_prompt`, so a model never sees a prompt at inference that it was not trained on.
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
