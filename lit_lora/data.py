@@ -106,18 +106,20 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
     """BOS + prompt + response + EOS as input_ids; labels equal, with the prompt set to -100 if mask_inputs.
 
     Prompt and response are encoded as one text, exactly as the model will read them, and the prompt alone
-    tells how many tokens to mask. A too-long example loses the end of its response, never its EOS (the
-    model must learn to stop). An example whose prompt leaves no room for a response token is dropped
-    (None): it would have nothing to learn.
+    tells how many tokens to mask. A too-long example is cut at max_seq_length: it loses the end of its
+    response and its EOS. EOS is where the model learns to stop, so it belongs only after a whole answer: a cut
+    answer followed by EOS would teach the model to stop in the middle of a sentence, or a word (Lit-LLaMA
+    and Alpaca-LoRA also add EOS only when the whole response fits). An example whose prompt leaves no room
+    for a response token is dropped (None): it would have nothing to learn.
     """
     prompt = format_prompt(record["instruction"], record.get("input", ""))
     prompt_length = len(tokenizer.encode(prompt, bos=True, eos=False))
-    input_ids = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
-    if prompt_length > max_seq_length - 2:
+    if prompt_length >= max_seq_length:
         return None
+    input_ids = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
     truncated = len(input_ids) > max_seq_length
-    if truncated:
-        input_ids = torch.cat([input_ids[: max_seq_length - 1], input_ids[-1:]])  # keep the EOS at the end
+    if truncated:  # the cut example simply ends at max_seq_length, without EOS
+        input_ids = input_ids[:max_seq_length].clone()  # a copy: torch.save of a slice would save all its tokens
     labels = input_ids.clone()
     if mask_inputs:
         labels[:prompt_length] = IGNORE_INDEX
@@ -171,7 +173,7 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     write_prepared(Path(destination_path), prepared, summary)
     print(f"Prepared {destination_path} in {time.perf_counter() - start:.1f} s: "
           f"{summary['train_examples']:,} train + {summary['test_examples']:,} test examples kept, "
-          f"{dropped} dropped (prompt too long), {truncated} truncated (EOS kept)\n"
+          f"{dropped} dropped (prompt too long), {truncated} truncated (response cut, no EOS)\n"
           f"  tokens per example: min {summary['length_min']}, mean {summary['length_mean']}, "
           f"p95 {summary['length_p95']}, max {summary['length_max']}; "
           f"{100 * summary['loss_token_share']:.1f}% of tokens carry loss")
@@ -229,8 +231,8 @@ class PrepareArgs:
         data_file: A local copy of the data; when not given, the script downloads it (json_data.py requires it).
         checkpoint_dir: The model folder whose tokenizer.model tokenizes the data.
         destination_path: Where train.pt, test.pt and prepare_config.json go.
-        max_seq_length: Longer examples lose the end of their response (EOS kept); examples whose prompt
-            alone does not fit are dropped.
+        max_seq_length: Longer examples are cut: they lose the end of their response and its EOS; examples
+            whose prompt alone leaves no room for a response token are dropped.
         test_split_size: Examples held out for validation: a count (2000) or a fraction (0.1).
         seed: Seeds the shuffle before the split.
         mask_inputs: Set the prompt's labels to -100, so the loss is on the response only.

@@ -44,16 +44,26 @@ def test_masking_puts_ignore_index_exactly_on_the_prompt(tokenizer, record):
     assert torch.equal(unmasked["labels"], unmasked["input_ids"])
 
 
-def test_truncation_keeps_eos_and_drops_examples_without_room(tokenizer):
+def test_a_cut_response_ends_without_eos_and_a_whole_one_with_it(tokenizer):
     record = {"instruction": "Say hello.", "input": "", "output": "hello " * 50}
-    prompt_length = len(tokenizer.encode(format_prompt("Say hello."), bos=True))
-    example = tokenize_example(record, tokenizer, max_seq_length=prompt_length + 5)
-    assert example["truncated"] and len(example["input_ids"]) == prompt_length + 5
-    assert example["input_ids"][-1].item() == tokenizer.eos_id
-    assert example["labels"][-1].item() == tokenizer.eos_id
-    assert ((example["labels"] != IGNORE_INDEX).sum()).item() == 5
-    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length + 2)["input_ids"].shape == (prompt_length + 2,)
-    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length + 1) is None  # only EOS would fit
+    prompt = format_prompt("Say hello.")
+    prompt_length = len(tokenizer.encode(prompt, bos=True))
+    whole = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
+
+    cut = tokenize_example(record, tokenizer, max_seq_length=prompt_length + 5)
+    assert cut["truncated"] and torch.equal(cut["input_ids"], whole[: prompt_length + 5])
+    assert tokenizer.eos_id not in cut["input_ids"].tolist()  # no EOS after a cut response: it would teach to stop
+    assert torch.equal(cut["labels"][prompt_length:], whole[prompt_length : prompt_length + 5])  # 5 response tokens
+    assert cut["input_ids"].untyped_storage().nbytes() == (prompt_length + 5) * 8  # saved alone, not the whole
+
+    fits = tokenize_example(record, tokenizer, max_seq_length=len(whole))  # exactly fits: whole, with EOS
+    assert not fits["truncated"] and torch.equal(fits["input_ids"], whole)
+    one_short = tokenize_example(record, tokenizer, max_seq_length=len(whole) - 1)  # the response fits, EOS not
+    assert one_short["truncated"] and tokenizer.eos_id not in one_short["input_ids"].tolist()
+
+    # room for one response token is enough; a prompt that fills max_seq_length leaves nothing to learn
+    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length + 1)["input_ids"].shape == (prompt_length + 1,)
+    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length) is None
 
 
 def test_prepare_writes_splits_settings_and_counts(tmp_path, tokenizer, capsys):
@@ -66,7 +76,7 @@ def test_prepare_writes_splits_settings_and_counts(tmp_path, tokenizer, capsys):
     assert 0 < config["loss_token_share"] < 0.5
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepare_config.json", "test.pt", "train.pt"]
     out = capsys.readouterr().out
-    assert "1 dropped" in out and "p95" in out and "carry loss" in out
+    assert "1 dropped" in out and "p95" in out and "carry loss" in out and "EOS kept" not in out
     # a fraction, and the same seed gives the same split
     prepare(RECORDS, tokenizer, tmp_path / "again", max_seq_length=256, test_split_size=0.25, seed=7)
     prepare(RECORDS, tokenizer, tmp_path / "again2", max_seq_length=256, test_split_size=0.25, seed=7)
@@ -168,4 +178,7 @@ def test_real_alpaca_format_data(tmp_path, tokenizer):
     prepare(records[:200], tokenizer, tmp_path / "gsm8k", max_seq_length=512, test_split_size=20)
     train, test, config = load_prepared(tmp_path / "gsm8k", tokenizer)
     assert len(train) + len(test) + config["dropped"] == 200
-    assert all(e["input_ids"][-1].item() == tokenizer.eos_id for e in train)
+    # a whole answer ends in EOS; a cut one fills max_seq_length and has no EOS
+    without_eos = [e for e in train + test if e["input_ids"][-1].item() != tokenizer.eos_id]
+    assert len(without_eos) == config["truncated"] > 0
+    assert all(len(e["input_ids"]) == 512 and tokenizer.eos_id not in e["input_ids"].tolist() for e in without_eos)
