@@ -53,8 +53,8 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
                  output_key: str = "output") -> list[dict]:
     """Records from a JSON list or a JSONL file (one object per line), as {instruction, input, output}.
 
-    A missing input counts as empty; a missing instruction or output, or a value that is not a string, is an
-    error naming the record (and line) and the field.
+    A missing or null input counts as empty (no input); a missing or null instruction or output, or a value
+    that is not a string, is an error naming the record (and line) and the field.
     """
     path = Path(path)
     if not path.is_file():
@@ -87,10 +87,16 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
             raise ValueError(f"{path}, {where}: expected an object with fields, found {type(record).__name__}")
         out = {}
         for field, key in (("instruction", instruction_key), ("input", input_key), ("output", output_key)):
-            value = record.get(key, "" if field == "input" else None)
-            if value is None:
+            if field == "input" and record.get(key) is None:  # missing, or null: both mean "no input"
+                out[field] = ""
+                continue
+            if key not in record:
                 raise ValueError(f"{path}, {where}: missing the field {key!r} ({field}); "
                                  f"its fields are {sorted(record)}. Name the right one with --{field}_key")
+            value = record[key]
+            if value is None:
+                raise ValueError(f"{path}, {where}: field {key!r} ({field}) is null; it must be a string. "
+                                 f"Give the record its {field}, or remove the record")
             if not isinstance(value, str):
                 raise ValueError(f"{path}, {where}: field {key!r} must be a string, found {type(value).__name__}")
             out[field] = value

@@ -113,6 +113,19 @@ def test_bad_input_names_the_file_line_record_and_field(tmp_path):
         load_records(write_json(tmp_path / "empty.json", []))
 
 
+def test_null_input_means_no_input_and_a_null_instruction_or_output_is_named_null(tmp_path):
+    records = load_records(write_json(tmp_path / "null.json", [{"instruction": "a", "input": None, "output": "b"}]))
+    assert records == [{"instruction": "a", "input": "", "output": "b"}]
+    null_output = tmp_path / "null_output.jsonl"
+    null_output.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": "x", "output": null}\n')
+    with pytest.raises(ValueError, match=r"record 1 \(line 2\): field 'output' \(output\) is null; it must be a string"):
+        load_records(null_output)
+    with pytest.raises(ValueError, match=r"record 0: field 'question' \(instruction\) is null") as error:
+        load_records(write_json(tmp_path / "q.json", [{"question": None, "answer": "b"}]), instruction_key="question",
+                     output_key="answer")
+    assert "missing" not in str(error.value)
+
+
 def test_a_failed_preparation_leaves_nothing_behind(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="leaves no training examples"):
         prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=12)
