@@ -5,6 +5,7 @@ with the prompt's labels masked to -100 so the loss is on the response only -> d
 shuffled, right-padded micro batches in the training loop.
 """
 
+import codecs
 import json
 import os
 import random
@@ -48,6 +49,39 @@ def format_prompt(instruction: str, input: str = "") -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Reading records
 
+# Byte-order marks that say a file is not UTF-8 (UTF-32's first: UTF-32-LE's begins with UTF-16-LE's).
+OTHER_BYTE_ORDER_MARKS = {
+    "UTF-32": (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE),
+    "UTF-16": (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE),
+}
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a data file, which must be UTF-8 (JSON's encoding); a UTF-8 byte-order mark is dropped.
+
+    Another encoding is refused, with where the first byte that is not UTF-8 is and the command that
+    re-encodes the file: guessing the encoding could silently turn characters into others.
+    """
+    data = path.read_bytes()
+    utf8_copy = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    for encoding, marks in OTHER_BYTE_ORDER_MARKS.items():
+        if data.startswith(marks):
+            raise ValueError(f"{path} is {encoding}, not UTF-8 (it starts with the {encoding} byte-order mark); "
+                             f"data files must be UTF-8. Re-encode it: iconv -f {encoding} -t UTF-8 {path} > {utf8_copy}")
+    if b"\x00" in data:  # valid UTF-8, but no JSON text holds a NUL byte: UTF-16 without its mark, or not text
+        position = data.index(b"\x00")
+        line = data.count(b"\n", 0, position) + 1
+        raise ValueError(f"{path}, line {line} (byte {position}): a NUL byte, which no UTF-8 JSON file holds. "
+                         "If the file is UTF-16 without a byte-order mark, re-encode it: "
+                         f"iconv -f UTF-16LE -t UTF-8 {path} > {utf8_copy}")
+    try:
+        return data.decode("utf-8-sig")  # -sig: drop the byte-order mark some Windows editors put first
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}, line {line} (byte {e.start}): byte 0x{data[e.start]:02x} is not UTF-8; data "
+                         "files must be UTF-8. If the file is Latin-1, re-encode it: "
+                         f"iconv -f LATIN1 -t UTF-8 {path} > {utf8_copy} (Windows-1252: -f CP1252)") from None
+
 
 def load_records(path: Union[str, Path], instruction_key: str = "instruction", input_key: str = "input",
                  output_key: str = "output") -> list[dict]:
@@ -59,7 +93,7 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No data file at {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     raw: list[tuple[str, object]] = []  # (where, record)
     if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{"):
         for line_number, line in enumerate(text.splitlines(), start=1):

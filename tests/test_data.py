@@ -126,6 +126,27 @@ def test_null_input_means_no_input_and_a_null_instruction_or_output_is_named_nul
     assert "missing" not in str(error.value)
 
 
+def test_a_file_that_is_not_utf8_is_refused_with_its_place_and_the_command_that_fixes_it(tmp_path):
+    records = [{"instruction": "Un café ?", "output": "Oui."}]
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(json.dumps(records, ensure_ascii=False, indent=1).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.json, line 3 \(byte 29\): byte 0xe9 is not UTF-8.*"
+                                         r"iconv -f LATIN1 -t UTF-8 .*latin1.json > .*latin1.utf8.json"):
+        load_records(latin1)
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text(json.dumps(records[0]), encoding="utf-16")  # Python writes the byte-order mark first
+    with pytest.raises(ValueError, match=r"utf16.jsonl is UTF-16, not UTF-8 .*iconv -f UTF-16 -t UTF-8"):
+        load_records(utf16)
+    utf16_unmarked = tmp_path / "utf16le.json"
+    utf16_unmarked.write_text(json.dumps(records), encoding="utf-16-le")
+    with pytest.raises(ValueError, match=r"utf16le.json, line 1 \(byte 1\): a NUL byte.*UTF-16"):
+        load_records(utf16_unmarked)
+    # a UTF-8 byte-order mark (as some Windows editors write) is simply accepted, in JSON and in JSONL
+    for name, text in (("bom.json", json.dumps(records)), ("bom.jsonl", json.dumps(records[0]) + "\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert load_records(tmp_path / name) == [{"instruction": "Un café ?", "input": "", "output": "Oui."}]
+
+
 def test_a_failed_preparation_leaves_nothing_behind(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="leaves no training examples"):
         prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=12)
