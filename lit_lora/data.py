@@ -49,39 +49,6 @@ def format_prompt(instruction: str, input: str = "") -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Reading records
 
-# Byte-order marks that say a file is not UTF-8 (UTF-32's first: UTF-32-LE's begins with UTF-16-LE's).
-OTHER_BYTE_ORDER_MARKS = {
-    "UTF-32": (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE),
-    "UTF-16": (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE),
-}
-
-
-def read_utf8(path: Path) -> str:
-    """The text of a data file, which must be UTF-8 (JSON's encoding); a UTF-8 byte-order mark is dropped.
-
-    Another encoding is refused, with where the first byte that is not UTF-8 is and the command that
-    re-encodes the file: guessing the encoding could silently turn characters into others.
-    """
-    data = path.read_bytes()
-    utf8_copy = path.with_name(f"{path.stem}.utf8{path.suffix}")
-    for encoding, marks in OTHER_BYTE_ORDER_MARKS.items():
-        if data.startswith(marks):
-            raise ValueError(f"{path} is {encoding}, not UTF-8 (it starts with the {encoding} byte-order mark); "
-                             f"data files must be UTF-8. Re-encode it: iconv -f {encoding} -t UTF-8 {path} > {utf8_copy}")
-    if b"\x00" in data:  # valid UTF-8, but no JSON text holds a NUL byte: UTF-16 without its mark, or not text
-        position = data.index(b"\x00")
-        line = data.count(b"\n", 0, position) + 1
-        raise ValueError(f"{path}, line {line} (byte {position}): a NUL byte, which no UTF-8 JSON file holds. "
-                         "If the file is UTF-16 without a byte-order mark, re-encode it: "
-                         f"iconv -f UTF-16LE -t UTF-8 {path} > {utf8_copy}")
-    try:
-        return data.decode("utf-8-sig")  # -sig: drop the byte-order mark some Windows editors put first
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}, line {line} (byte {e.start}): byte 0x{data[e.start]:02x} is not UTF-8; data "
-                         "files must be UTF-8. If the file is Latin-1, re-encode it: "
-                         f"iconv -f LATIN1 -t UTF-8 {path} > {utf8_copy} (Windows-1252: -f CP1252)") from None
-
 
 def load_records(path: Union[str, Path], instruction_key: str = "instruction", input_key: str = "input",
                  output_key: str = "output") -> list[dict]:
@@ -93,25 +60,7 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No data file at {path}")
-    text = read_utf8(path)
-    raw: list[tuple[str, object]] = []  # (where, record)
-    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{"):
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((f"record {len(raw)} (line {line_number})", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}). "
-                                 "A JSONL file holds one JSON object per line.") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
-        raw = [(f"record {i}", record) for i, record in enumerate(data)]
+    raw = parse_json_records(path, read_utf8(path))
     if not raw:
         raise ValueError(f"{path} holds no records: an empty dataset cannot be prepared")
 
@@ -136,6 +85,99 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
             out[field] = value
         records.append(out)
     return records
+
+
+# Byte-order marks that say a file is not UTF-8 (UTF-32's first: UTF-32-LE's begins with UTF-16-LE's).
+OTHER_BYTE_ORDER_MARKS = {
+    "UTF-32": (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE),
+    "UTF-16": (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE),
+}
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a data file, which must be UTF-8 (JSON's encoding); a UTF-8 byte-order mark is dropped.
+
+    Another encoding is refused, with where the first byte that is not UTF-8 is and the command that
+    re-encodes the file: guessing the encoding could silently turn characters into others.
+    """
+    data = path.read_bytes()
+    utf8_copy = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    for encoding, marks in OTHER_BYTE_ORDER_MARKS.items():
+        if data.startswith(marks):
+            raise ValueError(f"{path} is {encoding}, not UTF-8 (it starts with the {encoding} byte-order mark); data "
+                             f"files must be UTF-8. Re-encode it: iconv -f {encoding} -t UTF-8 {path} > {utf8_copy}")
+    if b"\x00" in data:  # valid UTF-8, but no JSON text holds a NUL byte: UTF-16 without its mark, or not text
+        position = data.index(b"\x00")
+        line = data.count(b"\n", 0, position) + 1
+        raise ValueError(f"{path}, line {line} (byte {position}): a NUL byte, which no UTF-8 JSON file holds. "
+                         "If the file is UTF-16 without a byte-order mark, re-encode it: "
+                         f"iconv -f UTF-16LE -t UTF-8 {path} > {utf8_copy}")
+    try:
+        return data.decode("utf-8-sig")  # -sig: drop the byte-order mark some Windows editors put first
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}, line {line} (byte {e.start}): byte 0x{data[e.start]:02x} is not UTF-8; data "
+                         "files must be UTF-8. If the file is Latin-1, re-encode it: "
+                         f"iconv -f LATIN1 -t UTF-8 {path} > {utf8_copy} (Windows-1252: -f CP1252)") from None
+
+
+def parse_json_records(path: Path, text: str) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON list, or of a JSONL file (one JSON object per line).
+
+    The text tells which, not the file's name: a text starting with "{" whose first line is a whole JSON
+    object is JSONL; any other text is one JSON document, which must be a list of records.
+    """
+    lines = text.splitlines()
+    first_line = next((line for line in lines if line.strip()), "")
+    if first_line.lstrip().startswith("{") and is_json(first_line):
+        raw = []
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((f"record {len(raw)} (line {line_number})", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}). "
+                                 "A JSONL file holds one JSON object per line.") from None
+        # One line holding an object whose records sit in a list under one of its keys is one JSON object too
+        if len(raw) == 1 and isinstance(raw[0][1], dict) and keys_holding_records(raw[0][1]):
+            raise ValueError(one_object_message(path, raw[0][1], n_lines=1))
+        return raw
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict):  # e.g. a pretty-printed object spanning lines: not JSONL, and not a list
+        raise ValueError(one_object_message(path, data, n_lines=len(lines)))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
+    return [(f"record {i}", record) for i, record in enumerate(data)]
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def keys_holding_records(data: dict) -> list[str]:
+    """The keys of `data` whose value is a list of objects: where a file wrapped in an object keeps its records."""
+    return [key for key, value in data.items()
+            if isinstance(value, list) and value and all(isinstance(item, dict) for item in value)]
+
+
+def one_object_message(path: Path, data: dict, n_lines: int) -> str:
+    spanning = f" spanning {n_lines} lines" if n_lines > 1 else ""
+    message = (f"{path} holds one JSON object{spanning}, not records: expected a JSON list of records "
+               "([{...}, {...}]) or a JSONL file with one record per line.")
+    keys = keys_holding_records(data)
+    if keys:
+        lists = ", ".join(f"{key!r} ({len(data[key])} objects)" for key in keys)
+        message += (f" The object has a list of objects under {lists}: if those are the records, save that list "
+                    f"alone as the data file, e.g. jq '.[{json.dumps(keys[0])}]' {path} > records.json")
+    return message
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def test_a_cut_response_ends_without_eos_and_a_whole_one_with_it(tokenizer):
     assert one_short["truncated"] and tokenizer.eos_id not in one_short["input_ids"].tolist()
 
     # room for one response token is enough; a prompt that fills max_seq_length leaves nothing to learn
-    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length + 1)["input_ids"].shape == (prompt_length + 1,)
+    one_token = tokenize_example(record, tokenizer, max_seq_length=prompt_length + 1)
+    assert one_token["input_ids"].shape == (prompt_length + 1,)
     assert tokenize_example(record, tokenizer, max_seq_length=prompt_length) is None
 
 
@@ -118,12 +119,36 @@ def test_null_input_means_no_input_and_a_null_instruction_or_output_is_named_nul
     assert records == [{"instruction": "a", "input": "", "output": "b"}]
     null_output = tmp_path / "null_output.jsonl"
     null_output.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": "x", "output": null}\n')
-    with pytest.raises(ValueError, match=r"record 1 \(line 2\): field 'output' \(output\) is null; it must be a string"):
+    with pytest.raises(ValueError, match=r"record 1 \(line 2\): field 'output' \(output\) is null; it must be a str"):
         load_records(null_output)
     with pytest.raises(ValueError, match=r"record 0: field 'question' \(instruction\) is null") as error:
         load_records(write_json(tmp_path / "q.json", [{"question": None, "answer": "b"}]), instruction_key="question",
                      output_key="answer")
     assert "missing" not in str(error.value)
+
+
+def test_one_json_object_is_reported_as_such_naming_the_key_that_holds_the_records(tmp_path):
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"version": 2, "data": RECORDS[:2]}, indent=2))  # pretty-printed: many lines
+    with pytest.raises(ValueError, match=r"wrapped.json holds one JSON object spanning 15 lines, not records: "
+                                         r"expected a JSON list of records .* or a JSONL file.*"
+                                         r"under 'data' \(2 objects\).*jq '\.\[\"data\"\]' .*wrapped.json > records"):
+        load_records(wrapped)
+    on_one_line = write_json(tmp_path / "one_line.json", {"data": RECORDS[:2]})
+    with pytest.raises(ValueError, match=r"one_line.json holds one JSON object, not records.*under 'data'"):
+        load_records(on_one_line)
+    pretty_record = tmp_path / "record.json"
+    pretty_record.write_text(json.dumps(RECORDS[0], indent=2))
+    with pytest.raises(ValueError, match=r"record.json holds one JSON object spanning 5 lines") as error:
+        load_records(pretty_record)
+    assert "JSONL" in str(error.value) and "under" not in str(error.value)  # no key holds a list of objects
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "data": [\n    {"instruction": "a" "output": "b"}\n  ]\n}')
+    with pytest.raises(ValueError, match=r"broken.json, line 3, column 25: not valid JSON \(Expecting ','"):
+        load_records(broken)
+    # what decides is the text, not the name: one record on one line is JSONL, a list is a list
+    assert load_records(write_json(tmp_path / "one.jsonl", RECORDS[0])) == [RECORDS[0]]
+    assert len(load_records(write_json(tmp_path / "list.jsonl", RECORDS))) == len(RECORDS)
 
 
 def test_a_file_that_is_not_utf8_is_refused_with_its_place_and_the_command_that_fixes_it(tmp_path):
