@@ -9,8 +9,6 @@ import codecs
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import current_umask
+from lit_lora.utils import atomic_folder
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
@@ -217,6 +215,7 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     Returns the summary that is also printed and saved in prepare_config.json.
     """
     start = time.perf_counter()
+    check_destination(Path(destination_path))  # before the work, not after it
     n = len(records)
     n_test = test_split_size if isinstance(test_split_size, int) else round(n * test_split_size)
     if not 0 <= n_test < n:
@@ -262,32 +261,46 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     return summary
 
 
+PREPARED_FILES = ("train.pt", "test.pt", "prepare_config.json")
+
+
+def check_destination(destination: Path) -> None:
+    """Refuse a destination that prepare cannot replace as a whole folder, before any work is done."""
+    if destination.is_symlink():
+        raise FileExistsError(
+            f"--destination_path {destination} is a symbolic link (to {os.readlink(destination)}): prepare replaces "
+            "the whole folder, so it would replace the link, not write into its target. Give the target folder "
+            "itself, or a new path")
+    for path in (destination, *destination.parents):
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(
+                f"--destination_path {destination}: {path} is a file, not a folder, and prepare writes a folder "
+                f"({', '.join(PREPARED_FILES)}) there. Choose another path, or move the file away")
+    if destination.is_dir():
+        foreign = sorted(p.name for p in destination.iterdir() if p.name not in PREPARED_FILES)
+        if foreign:
+            raise FileExistsError(f"{destination} holds files that prepare did not write ({foreign[:3]}); it "
+                                  "replaces the whole folder, so choose an empty or new --destination_path")
+
+
 def write_prepared(destination: Path, prepared: dict, summary: dict) -> None:
-    """Write into a temporary folder beside the destination, then swap it in: never a half-written dataset."""
-    written = {"train.pt", "test.pt", "prepare_config.json"}
-    if destination.is_dir() and not {p.name for p in destination.iterdir()} <= written:
-        raise FileExistsError(f"{destination} holds files that prepare did not write "
-                              f"({sorted({p.name for p in destination.iterdir()} - written)[:3]}); "
-                              "it replaces the whole folder, so choose an empty or new --destination_path")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes folders only their owner can read
-    try:
+    """Write into a temporary folder beside the destination, then swap it in: never a half-written dataset.
+
+    An existing dataset is swapped out by renaming, not deleted first (atomic_folder with replace=True), so a
+    complete dataset exists at every moment: a crash in the middle of the swap leaves the old one in the
+    hidden folder .NAME.old-*, beside the destination.
+    """
+    check_destination(destination)
+    with atomic_folder(destination, replace=True) as tmp:
         torch.save(prepared["train"], tmp / "train.pt")
         torch.save(prepared["test"], tmp / "test.pt")
         (tmp / "prepare_config.json").write_text(json.dumps(summary, indent=2))
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_prepared(data_dir: Union[str, Path], tokenizer: Optional[Tokenizer] = None) -> tuple[list, list, dict]:
     """train, test and the preparation settings; refuses data tokenized by another tokenizer."""
     data_dir = Path(data_dir)
-    files = [data_dir / name for name in ("train.pt", "test.pt", "prepare_config.json")]
+    files = [data_dir / name for name in PREPARED_FILES]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(
