@@ -258,7 +258,23 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
           f"  tokens per example: min {summary['length_min']}, mean {summary['length_mean']}, "
           f"p95 {summary['length_p95']}, max {summary['length_max']}; "
           f"{100 * summary['loss_token_share']:.1f}% of tokens carry loss")
+    if not prepared["test"]:
+        print(no_test_split_message(test_split_size, n, n_test))
     return summary
+
+
+def no_test_split_message(test_split_size: Union[int, float], n_records: int, n_test: int) -> str:
+    """What an empty test split means, and, unless the user asked for none, why it is empty."""
+    meaning = ("finetuning will have no held-out examples to compute a validation loss on (its 'val loss' will "
+               "read 0.0000, which measures nothing), so overfitting will go unnoticed")
+    if test_split_size == 0:
+        return f"No test split (--test_split_size 0): {meaning}."
+    if n_test == 0:
+        return (f"Warning: --test_split_size {test_split_size} of {n_records} records rounds to 0 examples: there is "
+                f"no test split, and {meaning}. Hold out a count instead (--test_split_size 1 or more) or a larger "
+                "fraction.")
+    return (f"Warning: all {n_test} test examples were dropped (prompt too long): there is no test split, and "
+            f"{meaning}. Raise --max_seq_length.")
 
 
 PREPARED_FILES = ("train.pt", "test.pt", "prepare_config.json")

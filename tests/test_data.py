@@ -1,5 +1,6 @@
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,32 @@ def test_prepare_writes_splits_settings_and_counts(tmp_path, tokenizer, capsys):
     prepare(RECORDS, tokenizer, tmp_path / "again2", max_seq_length=256, test_split_size=0.25, seed=7)
     a, b = load_prepared(tmp_path / "again")[1], load_prepared(tmp_path / "again2")[1]
     assert len(a) == 3 and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+
+
+def test_an_empty_test_split_is_announced_and_a_fraction_rounding_to_none_is_a_warning(tmp_path, tokenizer, capsys):
+    prepare(RECORDS, tokenizer, tmp_path / "asked", max_seq_length=256, test_split_size=0)
+    out = capsys.readouterr().out
+    assert "12 train + 0 test" in out and "No test split (--test_split_size 0)" in out
+    assert "no held-out examples to compute a validation loss on" in out and "Warning" not in out
+    summary = prepare(RECORDS, tokenizer, tmp_path / "rounded", max_seq_length=256, test_split_size=0.04)
+    out = capsys.readouterr().out
+    assert summary["test_examples"] == 0
+    assert "Warning: --test_split_size 0.04 of 12 records rounds to 0 examples: there is no test split" in out
+    assert "validation loss" in out and "--test_split_size 1 or more" in out
+    long = {"instruction": "word " * 200, "input": "", "output": "x"}  # too long for 256 tokens: dropped
+    records = [long] * 2 + RECORDS
+
+    def shuffled(seed):  # the order prepare splits: the first test_split_size records are the test split
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        return order
+
+    seed = next(seed for seed in range(1000) if set(shuffled(seed)[:2]) == {0, 1})  # both long ones in test
+    prepare(records, tokenizer, tmp_path / "dropped", max_seq_length=256, test_split_size=2, seed=seed)
+    out = capsys.readouterr().out
+    assert "12 train + 0 test" in out and "Warning: all 2 test examples were dropped (prompt too long)" in out
+    prepare(RECORDS, tokenizer, tmp_path / "split", max_seq_length=256, test_split_size=2)
+    assert "test split" not in capsys.readouterr().out
 
 
 def test_data_from_another_tokenizer_is_refused(tmp_path, tokenizer):
