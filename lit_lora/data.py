@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_folder
+from lit_lora.utils import atomic_folder, check_flag
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
@@ -334,6 +334,14 @@ def load_prepared(data_dir: Union[str, Path], tokenizer: Optional[Tokenizer] = N
     return train, test, config
 
 
+# The smallest --max_seq_length accepted. An example is BOS + the template's own text (140 characters around
+# an empty instruction: 31 tokens with the 4,000-token tokenizer of howto/prepare_dataset.md) + the instruction
+# + at least one response token, so a limit under 16 holds no example with any subword tokenizer of the usual
+# sizes: it is a slip of the keyboard. Whether a larger limit fits your prompts is told once they are tokenized
+# (the summary counts the dropped examples; none fitting is an error).
+MIN_MAX_SEQ_LENGTH = 16
+
+
 @dataclass
 class PrepareArgs:
     """Options shared by the prepare_data/ scripts (each script sets its dataset's defaults).
@@ -342,10 +350,10 @@ class PrepareArgs:
         data_file: A local copy of the data; when not given, the script downloads it (json_data.py requires it).
         checkpoint_dir: The model folder whose tokenizer.model tokenizes the data.
         destination_path: Where train.pt, test.pt and prepare_config.json go.
-        max_seq_length: Longer examples are cut: they lose the end of their response and its EOS; examples
-            whose prompt alone leaves no room for a response token are dropped.
-        test_split_size: Examples held out for validation: a count (2000) or a fraction (0.1).
-        seed: Seeds the shuffle before the split.
+        max_seq_length: Tokens per example at most (16 or more). Longer examples are cut: they lose the end of
+            their response and its EOS; examples whose prompt alone leaves no room for a response token are dropped.
+        test_split_size: Examples held out for validation: a count (2000, 0 for none) or a fraction below 1 (0.1).
+        seed: Seeds the shuffle before the split (0 or more).
         mask_inputs: Set the prompt's labels to -100, so the loss is on the response only.
     """
 
@@ -356,6 +364,16 @@ class PrepareArgs:
     test_split_size: Union[int, float] = 0.1
     seed: int = 42
     mask_inputs: bool = True
+
+    def __post_init__(self):
+        check_flag(self, "max_seq_length", self.max_seq_length >= MIN_MAX_SEQ_LENGTH,
+                   f"must be at least {MIN_MAX_SEQ_LENGTH} tokens, room for a prompt and a response")
+        if isinstance(self.test_split_size, float):
+            check_flag(self, "test_split_size", 0 <= self.test_split_size < 1,
+                       "a fraction must be at least 0 and below 1 (0.1 holds out 10%); a whole number is a count")
+        else:
+            check_flag(self, "test_split_size", self.test_split_size >= 0, "a count of examples must be 0 or more")
+        check_flag(self, "seed", self.seed >= 0, "must be 0 or more")
 
 
 def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, Path]) -> dict:

@@ -1,17 +1,20 @@
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import lit_lora.utils
-from lit_lora.data import (IGNORE_INDEX, collate, format_prompt, load_prepared, load_records, prepare,
+from lit_lora.data import (IGNORE_INDEX, PrepareArgs, collate, format_prompt, load_prepared, load_records, prepare,
                            tokenize_example)
 from lit_lora.tokenizer import Tokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k-alpaca.json"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "gsm8k-alpaca.json"
 
 RECORDS = [
     {"instruction": "Add the numbers.", "input": "12 and 30", "output": "42"},
@@ -292,6 +295,49 @@ def test_a_failure_at_the_first_rename_leaves_no_empty_folder_aside(tmp_path, to
         prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=3)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+BAD_FLAGS = [  # (flag, value, words its error must contain)
+    ("max_seq_length", 0, "--max_seq_length 0: must be at least 16 tokens"),
+    ("max_seq_length", 15, "--max_seq_length 15: must be at least 16 tokens, room for a prompt and a response"),
+    ("max_seq_length", -256, "--max_seq_length -256: must be at least 16"),
+    ("test_split_size", -1, "--test_split_size -1: a count of examples must be 0 or more"),
+    ("test_split_size", 1.0, "--test_split_size 1.0: a fraction must be at least 0 and below 1"),
+    ("test_split_size", 1.5, "--test_split_size 1.5: a fraction must be at least 0 and below 1"),
+    ("test_split_size", -0.1, "--test_split_size -0.1: a fraction must be at least 0"),
+    ("test_split_size", float("nan"), "--test_split_size nan: a fraction must be at least 0 and below 1"),
+    ("seed", -1, "--seed -1: must be 0 or more"),
+]
+
+
+@pytest.mark.parametrize("flag,value,words", BAD_FLAGS, ids=[f"{flag}={value}" for flag, value, _ in BAD_FLAGS])
+def test_bad_flag_values_are_refused_naming_the_flag_the_value_and_the_rule(flag, value, words):
+    from prepare_data.alpaca import AlpacaArgs
+    from prepare_data.dolly import DollyArgs
+    from prepare_data.json_data import JSONArgs
+
+    for args_class in (PrepareArgs, AlpacaArgs, DollyArgs, JSONArgs):
+        with pytest.raises(ValueError) as error:
+            args_class(**{flag: value})
+        assert str(error.value).startswith(words)
+
+
+def test_good_flag_values_are_accepted():
+    for values in ({"max_seq_length": 16}, {"test_split_size": 0}, {"test_split_size": 0.0},
+                   {"test_split_size": 0.5}, {"test_split_size": 2000}, {"seed": 0}):
+        PrepareArgs(**values)
+
+
+def test_a_script_given_a_bad_flag_ends_with_one_line_and_exit_code_2(tmp_path):
+    data_file = write_json(tmp_path / "mine.json", RECORDS)
+    command = [sys.executable, str(ROOT / "prepare_data" / "json_data.py"), "--data_file", str(data_file),
+               "--destination_path", str(tmp_path / "data"), "--test_split_size", "1.5"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's lit_lora, whatever the environment installed
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["error: --test_split_size 1.5: a fraction must be at least 0 and below 1 "
+                                          "(0.1 holds out 10%); a whole number is a count"]
+    assert not (tmp_path / "data").exists()
 
 
 def test_dolly_field_mapping(tmp_path, tokenizer):
