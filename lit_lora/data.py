@@ -9,7 +9,9 @@ import codecs
 import json
 import os
 import random
+import shutil
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Optional, Union
 import torch
 
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_folder, check_flag
+from lit_lora.utils import atomic_folder, atomic_write, check_flag
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
@@ -383,18 +385,25 @@ def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, P
 
 
 def download(url: str, path: Path) -> Path:
-    """Fetch `url` to `path` (once: an existing file is reused), through a temporary file."""
+    """Fetch `url` to `path` (once: an existing file is reused).
+
+    The bytes go to a temporary file beside `path`, renamed to `path` when complete (atomic_write): a failed or
+    interrupted download (offline, Ctrl-C) leaves no partial file that a later run would take for the data.
+    """
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     print(f"Downloading {url} to {path}")
-    tmp = path.with_name(path.name + ".part")
+
+    def fetch(tmp: str) -> None:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as file:
+            shutil.copyfileobj(response, file)
+
     try:
-        urllib.request.urlretrieve(url, tmp)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"Could not download {url} ({e}). Download it yourself and pass --data_file") from None
-    os.replace(tmp, path)
+        atomic_write(path, fetch)
+    except OSError as e:  # no network, a wrong address, a server error, a timeout, a full disk
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise ConnectionError(f"Could not download {url} ({reason}). Download it on a machine with internet "
+                              "access and pass it with --data_file") from None
     return path
 
 

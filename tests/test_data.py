@@ -1,16 +1,20 @@
+import io
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 import lit_lora.utils
-from lit_lora.data import (IGNORE_INDEX, PrepareArgs, collate, format_prompt, load_prepared, load_records, prepare,
-                           tokenize_example)
+from lit_lora.data import (IGNORE_INDEX, PrepareArgs, collate, download, format_prompt, load_prepared, load_records,
+                           prepare, tokenize_example)
 from lit_lora.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,6 +342,35 @@ def test_a_script_given_a_bad_flag_ends_with_one_line_and_exit_code_2(tmp_path):
     assert result.stderr.splitlines() == ["error: --test_split_size 1.5: a fraction must be at least 0 and below 1 "
                                           "(0.1 holds out 10%); a whole number is a count"]
     assert not (tmp_path / "data").exists()
+
+
+def test_download_fails_in_one_line_and_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    source = write_json(tmp_path / "source.json", RECORDS)
+    copy = tmp_path / "fetched" / "copy.json"
+    assert download(source.as_uri(), copy) == copy and copy.read_bytes() == source.read_bytes()
+    assert download("https://example.invalid/never-asked", copy) == copy  # an existing copy is reused
+
+    def offline(url, timeout):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(OSError) as error:
+        download("https://example.invalid/data.json", tmp_path / "offline" / "data.json")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("Could not download https://example.invalid/data.json (")
+    assert "Temporary failure in name resolution" in message and message.endswith("pass it with --data_file")
+    assert list((tmp_path / "offline").glob("*")) == []
+
+    class InterruptedResponse(io.BytesIO):  # sends some bytes, then the user presses Ctrl-C
+        def read(self, size=-1):
+            if self.tell() > 0:
+                raise KeyboardInterrupt
+            return super().read(5)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: InterruptedResponse(b"[1, 2, 3, 4, 5]"))
+    with pytest.raises(KeyboardInterrupt):
+        download("https://example.invalid/data.json", tmp_path / "interrupted" / "data.json")
+    assert list((tmp_path / "interrupted").glob("*")) == []  # no partial file, hidden or .part
 
 
 def test_dolly_field_mapping(tmp_path, tokenizer):
