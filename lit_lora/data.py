@@ -6,6 +6,7 @@ shuffled, right-padded micro batches in the training loop.
 """
 
 import codecs
+import hashlib
 import json
 import os
 import random
@@ -210,10 +211,12 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
 
 def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[str, Path], max_seq_length: int,
             test_split_size: Union[int, float] = 0.1, seed: int = 42, mask_inputs: bool = True,
-            source: Union[str, Path] = "", checkpoint_dir: Union[str, Path] = "") -> dict:
+            source: Union[str, Path] = "", checkpoint_dir: Union[str, Path] = "",
+            source_sha256: Optional[str] = None) -> dict:
     """Shuffle, split, tokenize and write train.pt, test.pt and prepare_config.json, all or nothing.
 
     test_split_size is a count of examples (an int, e.g. 2000) or a fraction (a float below 1, e.g. 0.1).
+    source and source_sha256 (the data file and its checksum) are recorded, to tell later what was prepared.
     Returns the summary that is also printed and saved in prepare_config.json.
     """
     start = time.perf_counter()
@@ -244,7 +247,8 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     lengths = sorted(len(e["input_ids"]) for e in kept)
     loss_tokens = sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in kept)
     summary = {
-        "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
+        "source": str(source), "source_sha256": source_sha256, "checkpoint_dir": str(checkpoint_dir),
+        "max_seq_length": max_seq_length,
         "mask_inputs": mask_inputs, "seed": seed, "test_split_size": n_test,
         "tokenizer_checksum": tokenizer.checksum(), "tokenizer_vocab_size": tokenizer.vocab_size,
         "train_examples": len(prepared["train"]), "test_examples": len(prepared["test"]),
@@ -378,10 +382,40 @@ class PrepareArgs:
         check_flag(self, "seed", self.seed >= 0, "must be 0 or more")
 
 
-def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, Path]) -> dict:
+def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, Path],
+                    source_sha256: Optional[str] = None) -> dict:
     """What every prepare_data/ script ends with: tokenize with the checkpoint's tokenizer and write."""
     return prepare(records, Tokenizer(args.checkpoint_dir), args.destination_path, args.max_seq_length,
-                   args.test_split_size, args.seed, args.mask_inputs, source, args.checkpoint_dir)
+                   args.test_split_size, args.seed, args.mask_inputs, source, args.checkpoint_dir, source_sha256)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):  # 1 MiB at a time: any size in little memory
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: Optional[str], allow_mismatch: bool = False) -> str:
+    """The sha256 of a public dataset's file (downloaded, or given with --data_file), checked against the one
+    recorded for it; returned, to be recorded in prepare_config.json.
+
+    The pinned URL fixes which file is asked for; the checksum tells that the file at hand is that one, not a
+    damaged or edited copy or another release, which would silently give other examples and other results.
+    `expected` None means that no checksum is known yet: the file's is printed, not checked.
+    """
+    found = file_sha256(path)
+    if expected is None:
+        print(f"sha256 of {path}: {found} (no known checksum to check it against; recorded in prepare_config.json)")
+    elif found != expected:
+        mismatch = f"{path} is not the expected file: sha256 expected {expected}, found {found}"
+        if not allow_mismatch:
+            raise ValueError(f"{mismatch}. It may be damaged, another release or another dataset: delete it and run "
+                             "again to download it anew, or, to prepare this copy anyway (your own cleaned version, "
+                             "say), pass --allow_checksum_mismatch true")
+        print(f"Warning: {mismatch}; preparing it anyway (--allow_checksum_mismatch true)")
+    return found
 
 
 def download(url: str, path: Path) -> Path:

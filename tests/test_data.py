@@ -1,7 +1,9 @@
+import hashlib
 import io
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -383,11 +385,57 @@ def test_dolly_field_mapping(tmp_path, tokenizer):
     records = load_records(data_file, input_key="context", output_key="response")
     assert records[2] == {"instruction": "Summarise 2.", "input": "Text 2", "output": "Summary 2"}
     main(DollyArgs(data_file=data_file, checkpoint_dir=tokenizer.model_path.parent,
-                   destination_path=tmp_path / "dolly", test_split_size=2))
+                   destination_path=tmp_path / "dolly", test_split_size=2, allow_checksum_mismatch=True))
     train, test, config = load_prepared(tmp_path / "dolly", tokenizer)
     assert (len(train), len(test), config["max_seq_length"]) == (4, 2, 1024)
     text = tokenizer.decode(train[0]["input_ids"])
     assert "### Input:\nText" in text and "### Response:\nSummary" in text
+
+
+def test_public_datasets_are_fetched_from_a_fixed_commit_with_their_checksum():
+    import prepare_data.alpaca as alpaca
+    import prepare_data.dolly as dolly
+
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/tloen/alpaca-lora/[0-9a-f]{40}/"
+                        r"alpaca_data_cleaned_archive\.json", alpaca.URL)
+    assert re.fullmatch(r"https://huggingface\.co/datasets/databricks/databricks-dolly-15k/resolve/[0-9a-f]{40}/"
+                        r"databricks-dolly-15k\.jsonl", dolly.URL)
+    for sha256 in (alpaca.SHA256, dolly.SHA256):
+        assert sha256 is None or re.fullmatch(r"[0-9a-f]{64}", sha256)  # None: not known yet, printed unchecked
+
+
+def test_a_data_file_that_is_not_the_pinned_one_is_refused_unless_allowed(tmp_path, tokenizer, monkeypatch, capsys):
+    import prepare_data.alpaca as alpaca
+    import prepare_data.dolly as dolly
+
+    lines = [{"instruction": f"Summarise {i}.", "context": "", "response": f"Summary {i}"} for i in range(6)]
+    data_file = tmp_path / "dolly.jsonl"
+    data_file.write_text("\n".join(json.dumps(line) for line in lines))
+    known = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    flags = dict(data_file=data_file, checkpoint_dir=tokenizer.model_path.parent, test_split_size=2)
+
+    monkeypatch.setattr(dolly, "SHA256", known)  # the file is the pinned one
+    dolly.main(dolly.DollyArgs(**flags, destination_path=tmp_path / "same"))
+    assert load_prepared(tmp_path / "same")[2]["source_sha256"] == known
+
+    monkeypatch.setattr(dolly, "SHA256", "0" * 64)  # it is another file
+    with pytest.raises(ValueError, match=rf"dolly.jsonl is not the expected file: sha256 expected 0{{64}}, found "
+                                         rf"{known}\. .*delete it and run again.*--allow_checksum_mismatch true"):
+        dolly.main(dolly.DollyArgs(**flags, destination_path=tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    capsys.readouterr()
+    dolly.main(dolly.DollyArgs(**flags, destination_path=tmp_path / "allowed", allow_checksum_mismatch=True))
+    assert f"Warning: {data_file} is not the expected file: sha256 expected {'0' * 64}, found {known}" in (
+        capsys.readouterr().out)
+    assert load_prepared(tmp_path / "allowed")[2]["source_sha256"] == known
+
+    # no known checksum: the file's is printed and recorded, not checked
+    alpaca_file = write_json(tmp_path / "alpaca.json", RECORDS)
+    alpaca_sha256 = hashlib.sha256(alpaca_file.read_bytes()).hexdigest()
+    monkeypatch.setattr(alpaca, "SHA256", None)
+    alpaca.main(alpaca.AlpacaArgs(**{**flags, "data_file": alpaca_file}, destination_path=tmp_path / "alpaca"))
+    assert f"sha256 of {alpaca_file}: {alpaca_sha256} (no known checksum" in capsys.readouterr().out
+    assert load_prepared(tmp_path / "alpaca")[2]["source_sha256"] == alpaca_sha256
 
 
 def test_json_script_and_inspect_marks_exactly_the_loss_tokens(tmp_path, tokenizer, capsys):
@@ -398,8 +446,9 @@ def test_json_script_and_inspect_marks_exactly_the_loss_tokens(tmp_path, tokeniz
                                                    for i in range(10)])
     main(JSONArgs(data_file=data_file, checkpoint_dir=tokenizer.model_path.parent, destination_path=tmp_path / "d",
                   instruction_key="question", output_key="answer", test_split_size=0.2))
-    train, test, _ = load_prepared(tmp_path / "d", tokenizer)
+    train, test, config = load_prepared(tmp_path / "d", tokenizer)
     assert (len(train), len(test)) == (8, 2)
+    assert config["source_sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()  # your file, recorded
     text = inspect(data_dir=tmp_path / "d", index=1, checkpoint_dir=tokenizer.model_path.parent)
     answer = tokenizer.decode(train[1]["input_ids"][train[1]["labels"] != IGNORE_INDEX])
     assert text.startswith("<s>Below is an instruction") and text.count("[[") == 1
