@@ -8,7 +8,6 @@ shuffled, right-padded micro batches in the training loop.
 import codecs
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -271,16 +270,15 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
 
 def no_test_split_message(test_split_size: Union[int, float], n_records: int, n_test: int) -> str:
     """What an empty test split means, and, unless the user asked for none, why it is empty."""
-    meaning = ("finetuning will have no held-out examples to compute a validation loss on (its 'val loss' will "
-               "read 0.0000, which measures nothing), so overfitting will go unnoticed")
+    meaning = ("finetuning will have no held-out examples for its validation loss (which will read 0.0000, "
+               "measuring nothing)")
     if test_split_size == 0:
         return f"No test split (--test_split_size 0): {meaning}."
     if n_test == 0:
-        return (f"Warning: --test_split_size {test_split_size} of {n_records} records rounds to 0 examples: there is "
-                f"no test split, and {meaning}. Hold out a count instead (--test_split_size 1 or more) or a larger "
-                "fraction.")
-    return (f"Warning: all {n_test} test examples were dropped (prompt too long): there is no test split, and "
-            f"{meaning}. Raise --max_seq_length.")
+        return (f"Warning: --test_split_size {test_split_size} of {n_records} records rounds to 0 examples: no test "
+                f"split, so {meaning}. Hold out a count instead (--test_split_size 1 or more) or a larger fraction.")
+    return (f"Warning: all {n_test} test examples were dropped (prompt too long): no test split, so {meaning}. "
+            "Raise --max_seq_length.")
 
 
 PREPARED_FILES = ("train.pt", "test.pt", "prepare_config.json")
@@ -290,7 +288,7 @@ def check_destination(destination: Path) -> None:
     """Refuse a destination that prepare cannot replace as a whole folder, before any work is done."""
     if destination.is_symlink():
         raise FileExistsError(
-            f"--destination_path {destination} is a symbolic link (to {os.readlink(destination)}): prepare replaces "
+            f"--destination_path {destination} is a symbolic link (to {destination.resolve()}): prepare replaces "
             "the whole folder, so it would replace the link, not write into its target. Give the target folder "
             "itself, or a new path")
     for path in (destination, *destination.parents):
@@ -301,8 +299,8 @@ def check_destination(destination: Path) -> None:
     if destination.is_dir():
         foreign = sorted(p.name for p in destination.iterdir() if p.name not in PREPARED_FILES)
         if foreign:
-            raise FileExistsError(f"{destination} holds files that prepare did not write ({foreign[:3]}); it "
-                                  "replaces the whole folder, so choose an empty or new --destination_path")
+            raise FileExistsError(f"--destination_path {destination} holds files that prepare did not write "
+                                  f"({foreign[:3]}); prepare replaces the whole folder, so choose an empty or new one")
 
 
 def write_prepared(destination: Path, prepared: dict, summary: dict) -> None:
@@ -412,8 +410,8 @@ def check_sha256(path: Path, expected: Optional[str], allow_mismatch: bool = Fal
         mismatch = f"{path} is not the expected file: sha256 expected {expected}, found {found}"
         if not allow_mismatch:
             raise ValueError(f"{mismatch}. It may be damaged, another release or another dataset: delete it and run "
-                             "again to download it anew, or, to prepare this copy anyway (your own cleaned version, "
-                             "say), pass --allow_checksum_mismatch true")
+                             "again without --data_file to download the recorded one, or, to prepare this copy anyway "
+                             "(your own cleaned version, say), pass --allow_checksum_mismatch true")
         print(f"Warning: {mismatch}; preparing it anyway (--allow_checksum_mismatch true)")
     return found
 

@@ -101,11 +101,11 @@ def test_an_empty_test_split_is_announced_and_a_fraction_rounding_to_none_is_a_w
     prepare(RECORDS, tokenizer, tmp_path / "asked", max_seq_length=256, test_split_size=0)
     out = capsys.readouterr().out
     assert "12 train + 0 test" in out and "No test split (--test_split_size 0)" in out
-    assert "no held-out examples to compute a validation loss on" in out and "Warning" not in out
+    assert "no held-out examples for its validation loss" in out and "Warning" not in out
     summary = prepare(RECORDS, tokenizer, tmp_path / "rounded", max_seq_length=256, test_split_size=0.04)
     out = capsys.readouterr().out
     assert summary["test_examples"] == 0
-    assert "Warning: --test_split_size 0.04 of 12 records rounds to 0 examples: there is no test split" in out
+    assert "Warning: --test_split_size 0.04 of 12 records rounds to 0 examples: no test split" in out
     assert "validation loss" in out and "--test_split_size 1 or more" in out
     long = {"instruction": "word " * 200, "input": "", "output": "x"}  # too long for 256 tokens: dropped
     records = [long] * 2 + RECORDS
