@@ -247,8 +247,7 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     loss_tokens = sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in kept)
     summary = {
         "source": str(source), "source_sha256": source_sha256, "checkpoint_dir": str(checkpoint_dir),
-        "max_seq_length": max_seq_length,
-        "mask_inputs": mask_inputs, "seed": seed, "test_split_size": n_test,
+        "max_seq_length": max_seq_length, "mask_inputs": mask_inputs, "seed": seed, "test_split_size": n_test,
         "tokenizer_checksum": tokenizer.checksum(), "tokenizer_vocab_size": tokenizer.vocab_size,
         "train_examples": len(prepared["train"]), "test_examples": len(prepared["test"]),
         "dropped": dropped, "truncated": truncated,
