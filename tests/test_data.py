@@ -339,6 +339,7 @@ def test_a_script_given_a_bad_flag_ends_with_one_line_and_exit_code_2(tmp_path):
     command = [sys.executable, str(ROOT / "prepare_data" / "json_data.py"), "--data_file", str(data_file),
                "--destination_path", str(tmp_path / "data"), "--test_split_size", "1.5"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's lit_lora, whatever the environment installed
+    env.pop("LIT_LORA_TRACEBACK", None)  # which would show the traceback instead of the one line
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == ["error: --test_split_size 1.5: a fraction must be at least 0 and below 1 "
