@@ -1,16 +1,17 @@
 """Instruction data: the prompt template, preparing datasets, and batching them for training.
 
-The data path: JSON/JSONL records {instruction, input, output} -> the Alpaca prompt template -> tokens, with
-the prompt's labels masked to -100 so the loss is on the response only -> data/<name>/{train,test}.pt ->
+The data path: JSON/JSONL records {instruction, input, output} -> the Alpaca-LoRA prompt template -> tokens,
+with the prompt's labels masked to -100 so the loss is on the response only -> data/<name>/{train,test}.pt ->
 shuffled, right-padded micro batches in the training loop.
 """
 
+import codecs
+import hashlib
 import json
-import os
 import random
 import shutil
-import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,14 @@ from typing import Optional, Union
 import torch
 
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import current_umask
+from lit_lora.utils import atomic_folder, atomic_write, check_flag
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
-# The Alpaca template (Taori et al., 2023). Training, evaluation and every generate script use
-# `format_prompt`, so a model never sees a prompt at inference that it was not trained on.
+# The prompt template of Alpaca-LoRA (tloen/alpaca-lora, templates/alpaca.json): Stanford Alpaca's template
+# (Taori et al., 2023, tatsu-lab/stanford_alpaca) with a newline after "### Response:", so that the response
+# starts on a line of its own; Stanford's prompt ends at the colon. Training, evaluation and every generate
+# script use `format_prompt`, so a model never sees a prompt at inference that it was not trained on.
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -51,31 +54,13 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
                  output_key: str = "output") -> list[dict]:
     """Records from a JSON list or a JSONL file (one object per line), as {instruction, input, output}.
 
-    A missing input counts as empty; a missing instruction or output, or a value that is not a string, is an
-    error naming the record (and line) and the field.
+    A missing or null input counts as empty (no input); a missing or null instruction or output, or a value
+    that is not a string, is an error naming the record (and line) and the field.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No data file at {path}")
-    text = path.read_text(encoding="utf-8")
-    raw: list[tuple[str, object]] = []  # (where, record)
-    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{"):
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((f"record {len(raw)} (line {line_number})", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}). "
-                                 "A JSONL file holds one JSON object per line.") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
-        raw = [(f"record {i}", record) for i, record in enumerate(data)]
+    raw = parse_json_records(path, read_utf8(path))
     if not raw:
         raise ValueError(f"{path} holds no records: an empty dataset cannot be prepared")
 
@@ -85,15 +70,114 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
             raise ValueError(f"{path}, {where}: expected an object with fields, found {type(record).__name__}")
         out = {}
         for field, key in (("instruction", instruction_key), ("input", input_key), ("output", output_key)):
-            value = record.get(key, "" if field == "input" else None)
-            if value is None:
+            if field == "input" and record.get(key) is None:  # missing, or null: both mean "no input"
+                out[field] = ""
+                continue
+            if key not in record:
                 raise ValueError(f"{path}, {where}: missing the field {key!r} ({field}); "
                                  f"its fields are {sorted(record)}. Name the right one with --{field}_key")
+            value = record[key]
+            if value is None:
+                raise ValueError(f"{path}, {where}: field {key!r} ({field}) is null; it must be a string. "
+                                 f"Give the record its {field}, or remove the record")
             if not isinstance(value, str):
                 raise ValueError(f"{path}, {where}: field {key!r} must be a string, found {type(value).__name__}")
             out[field] = value
         records.append(out)
     return records
+
+
+# Byte-order marks that say a file is not UTF-8 (UTF-32's first: UTF-32-LE's begins with UTF-16-LE's).
+OTHER_BYTE_ORDER_MARKS = {
+    "UTF-32": (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE),
+    "UTF-16": (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE),
+}
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a data file, which must be UTF-8 (JSON's encoding); a UTF-8 byte-order mark is dropped.
+
+    Another encoding is refused, with where the first byte that is not UTF-8 is and the command that
+    re-encodes the file: guessing the encoding could silently turn characters into others.
+    """
+    data = path.read_bytes()
+    utf8_copy = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    for encoding, marks in OTHER_BYTE_ORDER_MARKS.items():
+        if data.startswith(marks):
+            raise ValueError(f"{path} is {encoding}, not UTF-8 (it starts with the {encoding} byte-order mark); data "
+                             f"files must be UTF-8. Re-encode it: iconv -f {encoding} -t UTF-8 {path} > {utf8_copy}")
+    if b"\x00" in data:  # valid UTF-8, but no JSON text holds a NUL byte: UTF-16 without its mark, or not text
+        position = data.index(b"\x00")
+        line = data.count(b"\n", 0, position) + 1
+        raise ValueError(f"{path}, line {line} (byte {position}): a NUL byte, which no UTF-8 JSON file holds. "
+                         "If the file is UTF-16 without a byte-order mark, re-encode it: "
+                         f"iconv -f UTF-16LE -t UTF-8 {path} > {utf8_copy}")
+    try:
+        return data.decode("utf-8-sig")  # -sig: drop the byte-order mark some Windows editors put first
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}, line {line} (byte {e.start}): byte 0x{data[e.start]:02x} is not UTF-8; data "
+                         "files must be UTF-8. If the file is Latin-1, re-encode it: "
+                         f"iconv -f LATIN1 -t UTF-8 {path} > {utf8_copy} (Windows-1252: -f CP1252)") from None
+
+
+def parse_json_records(path: Path, text: str) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON list, or of a JSONL file (one JSON object per line).
+
+    The text tells which, not the file's name: a text starting with "{" whose first line is a whole JSON
+    object is JSONL; any other text is one JSON document, which must be a list of records.
+    """
+    lines = text.splitlines()
+    first_line = next((line for line in lines if line.strip()), "")
+    if first_line.lstrip().startswith("{") and is_json(first_line):
+        raw = []
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((f"record {len(raw)} (line {line_number})", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}). "
+                                 "A JSONL file holds one JSON object per line.") from None
+        # One line holding an object whose records sit in a list under one of its keys is one JSON object too
+        if len(raw) == 1 and isinstance(raw[0][1], dict) and keys_holding_records(raw[0][1]):
+            raise ValueError(one_object_message(path, raw[0][1], n_lines=1))
+        return raw
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict):  # e.g. a pretty-printed object spanning lines: not JSONL, and not a list
+        raise ValueError(one_object_message(path, data, n_lines=len(lines)))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
+    return [(f"record {i}", record) for i, record in enumerate(data)]
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def keys_holding_records(data: dict) -> list[str]:
+    """The keys of `data` whose value is a list of objects: where a file wrapped in an object keeps its records."""
+    return [key for key, value in data.items()
+            if isinstance(value, list) and value and all(isinstance(item, dict) for item in value)]
+
+
+def one_object_message(path: Path, data: dict, n_lines: int) -> str:
+    spanning = f" spanning {n_lines} lines" if n_lines > 1 else ""
+    message = (f"{path} holds one JSON object{spanning}, not records: expected a JSON list of records "
+               "([{...}, {...}]) or a JSONL file with one record per line.")
+    keys = keys_holding_records(data)
+    if keys:
+        lists = ", ".join(f"{key!r} ({len(data[key])} objects)" for key in keys)
+        message += (f" The object has a list of objects under {lists}: if those are the records, save that list "
+                    f"alone as the data file, e.g. jq '.[{json.dumps(keys[0])}]' {path} > records.json")
+    return message
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,18 +188,20 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
     """BOS + prompt + response + EOS as input_ids; labels equal, with the prompt set to -100 if mask_inputs.
 
     Prompt and response are encoded as one text, exactly as the model will read them, and the prompt alone
-    tells how many tokens to mask. A too-long example loses the end of its response, never its EOS (the
-    model must learn to stop). An example whose prompt leaves no room for a response token is dropped
-    (None): it would have nothing to learn.
+    tells how many tokens to mask. A too-long example is cut at max_seq_length: it loses the end of its
+    response and its EOS. EOS is where the model learns to stop, so it belongs only after a whole answer: a cut
+    answer followed by EOS would teach the model to stop in the middle of a sentence, or a word (Lit-LLaMA
+    and Alpaca-LoRA also add EOS only when the whole response fits). An example whose prompt leaves no room
+    for a response token is dropped (None): it would have nothing to learn.
     """
     prompt = format_prompt(record["instruction"], record.get("input", ""))
     prompt_length = len(tokenizer.encode(prompt, bos=True, eos=False))
-    input_ids = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
-    if prompt_length > max_seq_length - 2:
+    if prompt_length >= max_seq_length:
         return None
+    input_ids = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
     truncated = len(input_ids) > max_seq_length
-    if truncated:
-        input_ids = torch.cat([input_ids[: max_seq_length - 1], input_ids[-1:]])  # keep the EOS at the end
+    if truncated:  # the cut example simply ends at max_seq_length, without EOS
+        input_ids = input_ids[:max_seq_length].clone()  # a copy: torch.save of a slice would save all its tokens
     labels = input_ids.clone()
     if mask_inputs:
         labels[:prompt_length] = IGNORE_INDEX
@@ -124,13 +210,16 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
 
 def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[str, Path], max_seq_length: int,
             test_split_size: Union[int, float] = 0.1, seed: int = 42, mask_inputs: bool = True,
-            source: Union[str, Path] = "", checkpoint_dir: Union[str, Path] = "") -> dict:
+            source: Union[str, Path] = "", checkpoint_dir: Union[str, Path] = "",
+            source_sha256: Optional[str] = None) -> dict:
     """Shuffle, split, tokenize and write train.pt, test.pt and prepare_config.json, all or nothing.
 
     test_split_size is a count of examples (an int, e.g. 2000) or a fraction (a float below 1, e.g. 0.1).
+    source and source_sha256 (the data file and its checksum) are recorded, to tell later what was prepared.
     Returns the summary that is also printed and saved in prepare_config.json.
     """
     start = time.perf_counter()
+    check_destination(Path(destination_path))  # before the work, not after it
     n = len(records)
     n_test = test_split_size if isinstance(test_split_size, int) else round(n * test_split_size)
     if not 0 <= n_test < n:
@@ -157,8 +246,8 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     lengths = sorted(len(e["input_ids"]) for e in kept)
     loss_tokens = sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in kept)
     summary = {
-        "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
-        "mask_inputs": mask_inputs, "seed": seed, "test_split_size": n_test,
+        "source": str(source), "source_sha256": source_sha256, "checkpoint_dir": str(checkpoint_dir),
+        "max_seq_length": max_seq_length, "mask_inputs": mask_inputs, "seed": seed, "test_split_size": n_test,
         "tokenizer_checksum": tokenizer.checksum(), "tokenizer_vocab_size": tokenizer.vocab_size,
         "train_examples": len(prepared["train"]), "test_examples": len(prepared["test"]),
         "dropped": dropped, "truncated": truncated,
@@ -169,39 +258,68 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     write_prepared(Path(destination_path), prepared, summary)
     print(f"Prepared {destination_path} in {time.perf_counter() - start:.1f} s: "
           f"{summary['train_examples']:,} train + {summary['test_examples']:,} test examples kept, "
-          f"{dropped} dropped (prompt too long), {truncated} truncated (EOS kept)\n"
+          f"{dropped} dropped (prompt too long), {truncated} truncated (response cut, no EOS)\n"
           f"  tokens per example: min {summary['length_min']}, mean {summary['length_mean']}, "
           f"p95 {summary['length_p95']}, max {summary['length_max']}; "
           f"{100 * summary['loss_token_share']:.1f}% of tokens carry loss")
+    if not prepared["test"]:
+        print(no_test_split_message(test_split_size, n, n_test))
     return summary
 
 
+def no_test_split_message(test_split_size: Union[int, float], n_records: int, n_test: int) -> str:
+    """What an empty test split means, and, unless the user asked for none, why it is empty."""
+    meaning = ("finetuning will have no held-out examples for its validation loss (which will read 0.0000, "
+               "measuring nothing)")
+    if test_split_size == 0:
+        return f"No test split (--test_split_size 0): {meaning}."
+    if n_test == 0:
+        return (f"Warning: --test_split_size {test_split_size} of {n_records} records rounds to 0 examples: no test "
+                f"split, so {meaning}. Hold out a count instead (--test_split_size 1 or more) or a larger fraction.")
+    return (f"Warning: all {n_test} test examples were dropped (prompt too long): no test split, so {meaning}. "
+            "Raise --max_seq_length.")
+
+
+PREPARED_FILES = ("train.pt", "test.pt", "prepare_config.json")
+
+
+def check_destination(destination: Path) -> None:
+    """Refuse a destination that prepare cannot replace as a whole folder, before any work is done."""
+    if destination.is_symlink():
+        raise FileExistsError(
+            f"--destination_path {destination} is a symbolic link (to {destination.resolve()}): prepare replaces "
+            "the whole folder, so it would replace the link, not write into its target. Give the target folder "
+            "itself, or a new path")
+    for path in (destination, *destination.parents):
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(
+                f"--destination_path {destination}: {path} is a file, not a folder, and prepare writes a folder "
+                f"({', '.join(PREPARED_FILES)}) there. Choose another path, or move the file away")
+    if destination.is_dir():
+        foreign = sorted(p.name for p in destination.iterdir() if p.name not in PREPARED_FILES)
+        if foreign:
+            raise FileExistsError(f"--destination_path {destination} holds files that prepare did not write "
+                                  f"({foreign[:3]}); prepare replaces the whole folder, so choose an empty or new one")
+
+
 def write_prepared(destination: Path, prepared: dict, summary: dict) -> None:
-    """Write into a temporary folder beside the destination, then swap it in: never a half-written dataset."""
-    written = {"train.pt", "test.pt", "prepare_config.json"}
-    if destination.is_dir() and not {p.name for p in destination.iterdir()} <= written:
-        raise FileExistsError(f"{destination} holds files that prepare did not write "
-                              f"({sorted({p.name for p in destination.iterdir()} - written)[:3]}); "
-                              "it replaces the whole folder, so choose an empty or new --destination_path")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes folders only their owner can read
-    try:
+    """Write into a temporary folder beside the destination, then swap it in: never a half-written dataset.
+
+    An existing dataset is swapped out by renaming, not deleted first (atomic_folder with replace=True), so a
+    complete dataset exists at every moment: a crash in the middle of the swap leaves the old one in the
+    hidden folder .NAME.old-*, beside the destination.
+    """
+    check_destination(destination)
+    with atomic_folder(destination, replace=True) as tmp:
         torch.save(prepared["train"], tmp / "train.pt")
         torch.save(prepared["test"], tmp / "test.pt")
         (tmp / "prepare_config.json").write_text(json.dumps(summary, indent=2))
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_prepared(data_dir: Union[str, Path], tokenizer: Optional[Tokenizer] = None) -> tuple[list, list, dict]:
     """train, test and the preparation settings; refuses data tokenized by another tokenizer."""
     data_dir = Path(data_dir)
-    files = [data_dir / name for name in ("train.pt", "test.pt", "prepare_config.json")]
+    files = [data_dir / name for name in PREPARED_FILES]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(
@@ -219,6 +337,14 @@ def load_prepared(data_dir: Union[str, Path], tokenizer: Optional[Tokenizer] = N
     return train, test, config
 
 
+# The smallest --max_seq_length accepted. An example is BOS + the template's own text (140 characters around
+# an empty instruction: 31 tokens with the 4,000-token tokenizer of howto/prepare_dataset.md) + the instruction
+# + at least one response token, so a limit under 16 holds no example with any subword tokenizer of the usual
+# sizes: it is a slip of the keyboard. Whether a larger limit fits your prompts is told once they are tokenized
+# (the summary counts the dropped examples; none fitting is an error).
+MIN_MAX_SEQ_LENGTH = 16
+
+
 @dataclass
 class PrepareArgs:
     """Options shared by the prepare_data/ scripts (each script sets its dataset's defaults).
@@ -227,10 +353,10 @@ class PrepareArgs:
         data_file: A local copy of the data; when not given, the script downloads it (json_data.py requires it).
         checkpoint_dir: The model folder whose tokenizer.model tokenizes the data.
         destination_path: Where train.pt, test.pt and prepare_config.json go.
-        max_seq_length: Longer examples lose the end of their response (EOS kept); examples whose prompt
-            alone does not fit are dropped.
-        test_split_size: Examples held out for validation: a count (2000) or a fraction (0.1).
-        seed: Seeds the shuffle before the split.
+        max_seq_length: Tokens per example at most (16 or more). Longer examples are cut: they lose the end of
+            their response and its EOS; examples whose prompt alone leaves no room for a response token are dropped.
+        test_split_size: Examples held out for validation: a count (2000, 0 for none) or a fraction below 1 (0.1).
+        seed: Seeds the shuffle before the split (0 or more).
         mask_inputs: Set the prompt's labels to -100, so the loss is on the response only.
     """
 
@@ -242,26 +368,73 @@ class PrepareArgs:
     seed: int = 42
     mask_inputs: bool = True
 
+    def __post_init__(self):
+        check_flag(self, "max_seq_length", self.max_seq_length >= MIN_MAX_SEQ_LENGTH,
+                   f"must be at least {MIN_MAX_SEQ_LENGTH} tokens, room for a prompt and a response")
+        if isinstance(self.test_split_size, float):
+            check_flag(self, "test_split_size", 0 <= self.test_split_size < 1,
+                       "a fraction must be at least 0 and below 1 (0.1 holds out 10%); a whole number is a count")
+        else:
+            check_flag(self, "test_split_size", self.test_split_size >= 0, "a count of examples must be 0 or more")
+        check_flag(self, "seed", self.seed >= 0, "must be 0 or more")
 
-def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, Path]) -> dict:
+
+def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, Path],
+                    source_sha256: Optional[str] = None) -> dict:
     """What every prepare_data/ script ends with: tokenize with the checkpoint's tokenizer and write."""
     return prepare(records, Tokenizer(args.checkpoint_dir), args.destination_path, args.max_seq_length,
-                   args.test_split_size, args.seed, args.mask_inputs, source, args.checkpoint_dir)
+                   args.test_split_size, args.seed, args.mask_inputs, source, args.checkpoint_dir, source_sha256)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):  # 1 MiB at a time: any size in little memory
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: Optional[str], allow_mismatch: bool = False) -> str:
+    """The sha256 of a public dataset's file (downloaded, or given with --data_file), checked against the one
+    recorded for it; returned, to be recorded in prepare_config.json.
+
+    The pinned URL fixes which file is asked for; the checksum tells that the file at hand is that one, not a
+    damaged or edited copy or another release, which would silently give other examples and other results.
+    `expected` None means that no checksum is known yet: the file's is printed, not checked.
+    """
+    found = file_sha256(path)
+    if expected is None:
+        print(f"sha256 of {path}: {found} (no known checksum to check it against; recorded in prepare_config.json)")
+    elif found != expected:
+        mismatch = f"{path} is not the expected file: sha256 expected {expected}, found {found}"
+        if not allow_mismatch:
+            raise ValueError(f"{mismatch}. It may be damaged, another release or another dataset: delete it and run "
+                             "again without --data_file to download the recorded one, or, to prepare this copy anyway "
+                             "(your own cleaned version, say), pass --allow_checksum_mismatch true")
+        print(f"Warning: {mismatch}; preparing it anyway (--allow_checksum_mismatch true)")
+    return found
 
 
 def download(url: str, path: Path) -> Path:
-    """Fetch `url` to `path` (once: an existing file is reused), through a temporary file."""
+    """Fetch `url` to `path` (once: an existing file is reused).
+
+    The bytes go to a temporary file beside `path`, renamed to `path` when complete (atomic_write): a failed or
+    interrupted download (offline, Ctrl-C) leaves no partial file that a later run would take for the data.
+    """
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     print(f"Downloading {url} to {path}")
-    tmp = path.with_name(path.name + ".part")
+
+    def fetch(tmp: str) -> None:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as file:
+            shutil.copyfileobj(response, file)
+
     try:
-        urllib.request.urlretrieve(url, tmp)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"Could not download {url} ({e}). Download it yourself and pass --data_file") from None
-    os.replace(tmp, path)
+        atomic_write(path, fetch)
+    except OSError as e:  # no network, a wrong address, a server error, a timeout, a full disk
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise ConnectionError(f"Could not download {url} ({reason}). Download it on a machine with internet "
+                              "access and pass it with --data_file") from None
     return path
 
 

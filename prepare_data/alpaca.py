@@ -2,8 +2,9 @@
 
     python prepare_data/alpaca.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 
-Downloads alpaca_data_cleaned_archive.json from the tloen/alpaca-lora repository unless --data_file names a
-local copy, then writes data/alpaca/{train,test}.pt. The test split of 2000 is Alpaca-LoRA's.
+Downloads alpaca_data_cleaned_archive.json from the tloen/alpaca-lora repository, at a fixed commit, unless
+--data_file names a local copy, then writes data/alpaca/{train,test}.pt. The test split of 2000 is
+Alpaca-LoRA's.
 """
 
 from dataclasses import dataclass
@@ -11,24 +12,35 @@ from pathlib import Path
 from typing import Union
 
 
-from lit_lora.data import PrepareArgs, download, load_records, prepare_records
+from lit_lora.data import PrepareArgs, check_sha256, download, load_records, prepare_records
 from lit_lora.utils import cli
 
-URL = "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json"
+# A fixed commit of tloen/alpaca-lora, not the head of a branch that can move: every download is the same file.
+COMMIT = "8bb8579e403dc78e37fe81ffbb253c413007323f"
+URL = f"https://raw.githubusercontent.com/tloen/alpaca-lora/{COMMIT}/alpaca_data_cleaned_archive.json"
+# The file's sha256 is not known yet (it could not be computed where this was written: no internet). Until it
+# is filled in here, each run prints the file's sha256 and records it in prepare_config.json, unchecked.
+SHA256 = None
 
 
 @dataclass
 class AlpacaArgs(PrepareArgs):
-    """Prepare Alpaca (instruction, input, output records)."""
+    """Prepare Alpaca (instruction, input, output records).
+
+    Args:
+        allow_checksum_mismatch: Prepare a data file whose sha256 is not the one recorded for the dataset.
+    """
 
     destination_path: Path = Path("data/alpaca")
     max_seq_length: int = 256
     test_split_size: Union[int, float] = 2000
+    allow_checksum_mismatch: bool = False
 
 
 def main(args: AlpacaArgs) -> dict:
     data_file = args.data_file or download(URL, args.destination_path.parent / "alpaca_data_cleaned_archive.json")
-    return prepare_records(load_records(data_file), args, source=data_file)
+    sha256 = check_sha256(data_file, SHA256, args.allow_checksum_mismatch)
+    return prepare_records(load_records(data_file), args, source=data_file, source_sha256=sha256)
 
 
 if __name__ == "__main__":

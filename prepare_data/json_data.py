@@ -9,7 +9,7 @@ Each record has an instruction, an optional input and an output; if your fields 
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_lora.data import PrepareArgs, load_records, prepare_records
+from lit_lora.data import PrepareArgs, file_sha256, load_records, prepare_records
 from lit_lora.utils import cli
 
 
@@ -33,7 +33,8 @@ def main(args: JSONArgs) -> dict:
     if args.data_file is None:
         raise ValueError("json_data.py needs --data_file: a JSON list or JSONL file of records")
     records = load_records(args.data_file, args.instruction_key, args.input_key, args.output_key)
-    return prepare_records(records, args, source=args.data_file)
+    # your file has no checksum to check against; its sha256 in prepare_config.json tells later what was prepared
+    return prepare_records(records, args, source=args.data_file, source_sha256=file_sha256(args.data_file))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,26 @@
+import hashlib
+import io
 import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from lit_lora.data import (IGNORE_INDEX, collate, format_prompt, load_prepared, load_records, prepare,
-                           tokenize_example)
+import lit_lora.utils
+from lit_lora.data import (IGNORE_INDEX, PrepareArgs, collate, download, format_prompt, load_prepared, load_records,
+                           prepare, tokenize_example)
 from lit_lora.tokenizer import Tokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k-alpaca.json"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "gsm8k-alpaca.json"
 
 RECORDS = [
     {"instruction": "Add the numbers.", "input": "12 and 30", "output": "42"},
@@ -44,16 +56,27 @@ def test_masking_puts_ignore_index_exactly_on_the_prompt(tokenizer, record):
     assert torch.equal(unmasked["labels"], unmasked["input_ids"])
 
 
-def test_truncation_keeps_eos_and_drops_examples_without_room(tokenizer):
+def test_a_cut_response_ends_without_eos_and_a_whole_one_with_it(tokenizer):
     record = {"instruction": "Say hello.", "input": "", "output": "hello " * 50}
-    prompt_length = len(tokenizer.encode(format_prompt("Say hello."), bos=True))
-    example = tokenize_example(record, tokenizer, max_seq_length=prompt_length + 5)
-    assert example["truncated"] and len(example["input_ids"]) == prompt_length + 5
-    assert example["input_ids"][-1].item() == tokenizer.eos_id
-    assert example["labels"][-1].item() == tokenizer.eos_id
-    assert ((example["labels"] != IGNORE_INDEX).sum()).item() == 5
-    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length + 2)["input_ids"].shape == (prompt_length + 2,)
-    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length + 1) is None  # only EOS would fit
+    prompt = format_prompt("Say hello.")
+    prompt_length = len(tokenizer.encode(prompt, bos=True))
+    whole = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
+
+    cut = tokenize_example(record, tokenizer, max_seq_length=prompt_length + 5)
+    assert cut["truncated"] and torch.equal(cut["input_ids"], whole[: prompt_length + 5])
+    assert tokenizer.eos_id not in cut["input_ids"].tolist()  # no EOS after a cut response: it would teach to stop
+    assert torch.equal(cut["labels"][prompt_length:], whole[prompt_length : prompt_length + 5])  # 5 response tokens
+    assert cut["input_ids"].untyped_storage().nbytes() == (prompt_length + 5) * 8  # saved alone, not the whole
+
+    fits = tokenize_example(record, tokenizer, max_seq_length=len(whole))  # exactly fits: whole, with EOS
+    assert not fits["truncated"] and torch.equal(fits["input_ids"], whole)
+    one_short = tokenize_example(record, tokenizer, max_seq_length=len(whole) - 1)  # the response fits, EOS not
+    assert one_short["truncated"] and tokenizer.eos_id not in one_short["input_ids"].tolist()
+
+    # room for one response token is enough; a prompt that fills max_seq_length leaves nothing to learn
+    one_token = tokenize_example(record, tokenizer, max_seq_length=prompt_length + 1)
+    assert one_token["input_ids"].shape == (prompt_length + 1,)
+    assert tokenize_example(record, tokenizer, max_seq_length=prompt_length) is None
 
 
 def test_prepare_writes_splits_settings_and_counts(tmp_path, tokenizer, capsys):
@@ -66,12 +89,38 @@ def test_prepare_writes_splits_settings_and_counts(tmp_path, tokenizer, capsys):
     assert 0 < config["loss_token_share"] < 0.5
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepare_config.json", "test.pt", "train.pt"]
     out = capsys.readouterr().out
-    assert "1 dropped" in out and "p95" in out and "carry loss" in out
+    assert "1 dropped" in out and "p95" in out and "carry loss" in out and "EOS kept" not in out
     # a fraction, and the same seed gives the same split
     prepare(RECORDS, tokenizer, tmp_path / "again", max_seq_length=256, test_split_size=0.25, seed=7)
     prepare(RECORDS, tokenizer, tmp_path / "again2", max_seq_length=256, test_split_size=0.25, seed=7)
     a, b = load_prepared(tmp_path / "again")[1], load_prepared(tmp_path / "again2")[1]
     assert len(a) == 3 and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+
+
+def test_an_empty_test_split_is_announced_and_a_fraction_rounding_to_none_is_a_warning(tmp_path, tokenizer, capsys):
+    prepare(RECORDS, tokenizer, tmp_path / "asked", max_seq_length=256, test_split_size=0)
+    out = capsys.readouterr().out
+    assert "12 train + 0 test" in out and "No test split (--test_split_size 0)" in out
+    assert "no held-out examples for its validation loss" in out and "Warning" not in out
+    summary = prepare(RECORDS, tokenizer, tmp_path / "rounded", max_seq_length=256, test_split_size=0.04)
+    out = capsys.readouterr().out
+    assert summary["test_examples"] == 0
+    assert "Warning: --test_split_size 0.04 of 12 records rounds to 0 examples: no test split" in out
+    assert "validation loss" in out and "--test_split_size 1 or more" in out
+    long = {"instruction": "word " * 200, "input": "", "output": "x"}  # too long for 256 tokens: dropped
+    records = [long] * 2 + RECORDS
+
+    def shuffled(seed):  # the order prepare splits: the first test_split_size records are the test split
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        return order
+
+    seed = next(seed for seed in range(1000) if set(shuffled(seed)[:2]) == {0, 1})  # both long ones in test
+    prepare(records, tokenizer, tmp_path / "dropped", max_seq_length=256, test_split_size=2, seed=seed)
+    out = capsys.readouterr().out
+    assert "12 train + 0 test" in out and "Warning: all 2 test examples were dropped (prompt too long)" in out
+    prepare(RECORDS, tokenizer, tmp_path / "split", max_seq_length=256, test_split_size=2)
+    assert "test split" not in capsys.readouterr().out
 
 
 def test_data_from_another_tokenizer_is_refused(tmp_path, tokenizer):
@@ -103,6 +152,64 @@ def test_bad_input_names_the_file_line_record_and_field(tmp_path):
         load_records(write_json(tmp_path / "empty.json", []))
 
 
+def test_null_input_means_no_input_and_a_null_instruction_or_output_is_named_null(tmp_path):
+    records = load_records(write_json(tmp_path / "null.json", [{"instruction": "a", "input": None, "output": "b"}]))
+    assert records == [{"instruction": "a", "input": "", "output": "b"}]
+    null_output = tmp_path / "null_output.jsonl"
+    null_output.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": "x", "output": null}\n')
+    with pytest.raises(ValueError, match=r"record 1 \(line 2\): field 'output' \(output\) is null; it must be a str"):
+        load_records(null_output)
+    with pytest.raises(ValueError, match=r"record 0: field 'question' \(instruction\) is null") as error:
+        load_records(write_json(tmp_path / "q.json", [{"question": None, "answer": "b"}]), instruction_key="question",
+                     output_key="answer")
+    assert "missing" not in str(error.value)
+
+
+def test_one_json_object_is_reported_as_such_naming_the_key_that_holds_the_records(tmp_path):
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"version": 2, "data": RECORDS[:2]}, indent=2))  # pretty-printed: many lines
+    with pytest.raises(ValueError, match=r"wrapped.json holds one JSON object spanning 15 lines, not records: "
+                                         r"expected a JSON list of records .* or a JSONL file.*"
+                                         r"under 'data' \(2 objects\).*jq '\.\[\"data\"\]' .*wrapped.json > records"):
+        load_records(wrapped)
+    on_one_line = write_json(tmp_path / "one_line.json", {"data": RECORDS[:2]})
+    with pytest.raises(ValueError, match=r"one_line.json holds one JSON object, not records.*under 'data'"):
+        load_records(on_one_line)
+    pretty_record = tmp_path / "record.json"
+    pretty_record.write_text(json.dumps(RECORDS[0], indent=2))
+    with pytest.raises(ValueError, match=r"record.json holds one JSON object spanning 5 lines") as error:
+        load_records(pretty_record)
+    assert "JSONL" in str(error.value) and "under" not in str(error.value)  # no key holds a list of objects
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "data": [\n    {"instruction": "a" "output": "b"}\n  ]\n}')
+    with pytest.raises(ValueError, match=r"broken.json, line 3, column 25: not valid JSON \(Expecting ','"):
+        load_records(broken)
+    # what decides is the text, not the name: one record on one line is JSONL, a list is a list
+    assert load_records(write_json(tmp_path / "one.jsonl", RECORDS[0])) == [RECORDS[0]]
+    assert len(load_records(write_json(tmp_path / "list.jsonl", RECORDS))) == len(RECORDS)
+
+
+def test_a_file_that_is_not_utf8_is_refused_with_its_place_and_the_command_that_fixes_it(tmp_path):
+    records = [{"instruction": "Un café ?", "output": "Oui."}]
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(json.dumps(records, ensure_ascii=False, indent=1).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.json, line 3 \(byte 29\): byte 0xe9 is not UTF-8.*"
+                                         r"iconv -f LATIN1 -t UTF-8 .*latin1.json > .*latin1.utf8.json"):
+        load_records(latin1)
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text(json.dumps(records[0]), encoding="utf-16")  # Python writes the byte-order mark first
+    with pytest.raises(ValueError, match=r"utf16.jsonl is UTF-16, not UTF-8 .*iconv -f UTF-16 -t UTF-8"):
+        load_records(utf16)
+    utf16_unmarked = tmp_path / "utf16le.json"
+    utf16_unmarked.write_text(json.dumps(records), encoding="utf-16-le")
+    with pytest.raises(ValueError, match=r"utf16le.json, line 1 \(byte 1\): a NUL byte.*UTF-16"):
+        load_records(utf16_unmarked)
+    # a UTF-8 byte-order mark (as some Windows editors write) is simply accepted, in JSON and in JSONL
+    for name, text in (("bom.json", json.dumps(records)), ("bom.jsonl", json.dumps(records[0]) + "\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert load_records(tmp_path / name) == [{"instruction": "Un café ?", "input": "", "output": "Oui."}]
+
+
 def test_a_failed_preparation_leaves_nothing_behind(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="leaves no training examples"):
         prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=12)
@@ -116,6 +223,159 @@ def test_a_failed_preparation_leaves_nothing_behind(tmp_path, tokenizer):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_a_destination_that_is_a_file_or_a_link_is_refused_naming_it(tmp_path, tokenizer):
+    a_file = tmp_path / "data.pt"
+    a_file.write_text("mine")
+    for destination in (a_file, a_file / "sub"):
+        with pytest.raises(FileExistsError, match=r"--destination_path .*: .*data.pt is a file, not a folder.*"
+                                                  r"Choose another path, or move the file away"):
+            prepare(RECORDS, tokenizer, destination, max_seq_length=256, test_split_size=2)
+    assert a_file.read_text() == "mine"
+    prepare(RECORDS, tokenizer, tmp_path / "real", max_seq_length=256, test_split_size=2)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "broken_link").symlink_to(tmp_path / "nothing")
+    for link in ("link", "broken_link"):
+        with pytest.raises(FileExistsError, match=rf"--destination_path .*{link} is a symbolic link \(to .*\): .*"
+                                                  "Give the target folder itself, or a new path"):
+            prepare(RECORDS, tokenizer, tmp_path / link, max_seq_length=256, test_split_size=2)
+    assert (tmp_path / "link").is_symlink() and len(load_prepared(tmp_path / "real")[1]) == 2
+
+
+def test_a_failure_at_any_rename_leaves_a_complete_dataset_and_no_temporary_folder(tmp_path, tokenizer, monkeypatch):
+    """Inject a failure at each os.replace of the swap (as a crash there would stop it) and look at what is left."""
+    real_replace = os.replace
+    renames = []
+
+    def replace_failing_at(n):
+        def replace(source, target):
+            renames.append((source, target))
+            if len(renames) == n:
+                raise OSError(f"injected failure at rename {n}")
+            real_replace(source, target)
+        return replace
+
+    def test_split_of(folder):  # tells the old dataset (2 test examples) from the new one (3)
+        return len(load_prepared(folder)[1])
+
+    # how many renames replacing a dataset takes (2 today: the old one aside, the new one in)
+    prepare(RECORDS, tokenizer, tmp_path / "count" / "data", max_seq_length=256, test_split_size=2)
+    monkeypatch.setattr(lit_lora.utils.os, "replace", replace_failing_at(0))
+    prepare(RECORDS, tokenizer, tmp_path / "count" / "data", max_seq_length=256, test_split_size=3)
+    monkeypatch.undo()
+    assert renames
+
+    for n in range(1, len(renames) + 1):
+        folder = tmp_path / f"fail_at_{n}"
+        prepare(RECORDS, tokenizer, folder / "data", max_seq_length=256, test_split_size=2)  # the old dataset
+        renames.clear()
+        monkeypatch.setattr(lit_lora.utils.os, "replace", replace_failing_at(n))
+        with pytest.raises(OSError, match=f"injected failure at rename {n}"):
+            prepare(RECORDS, tokenizer, folder / "data", max_seq_length=256, test_split_size=3)
+        monkeypatch.undo()
+        assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]  # the new files' folder is gone
+        asides = [p for p in folder.glob(".data.old-*") if any(p.iterdir())]
+        if (folder / "data").exists():
+            assert test_split_of(folder / "data") in (2, 3) and not asides
+        else:  # stopped in the middle of the swap: the old dataset is whole, aside under its hidden name
+            assert [test_split_of(aside / "data") for aside in asides] == [2]
+
+    # a first preparation that fails at its one rename (the new folder in) leaves nothing at all
+    renames.clear()
+    monkeypatch.setattr(lit_lora.utils.os, "replace", replace_failing_at(1))
+    with pytest.raises(OSError, match="injected"):
+        prepare(RECORDS, tokenizer, tmp_path / "new" / "data", max_seq_length=256, test_split_size=3)
+    monkeypatch.undo()
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason="lit_lora/utils.py atomic_folder keeps the empty .NAME.old-* folder it made "
+                                       "when renaming the old folder aside fails")
+def test_a_failure_at_the_first_rename_leaves_no_empty_folder_aside(tmp_path, tokenizer, monkeypatch):
+    prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=2)
+
+    def fail(source, target):
+        raise OSError("injected failure at rename 1")
+
+    monkeypatch.setattr(lit_lora.utils.os, "replace", fail)
+    with pytest.raises(OSError, match="injected"):
+        prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=3)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+BAD_FLAGS = [  # (flag, value, words its error must contain)
+    ("max_seq_length", 0, "--max_seq_length 0: must be at least 16 tokens"),
+    ("max_seq_length", 15, "--max_seq_length 15: must be at least 16 tokens, room for a prompt and a response"),
+    ("max_seq_length", -256, "--max_seq_length -256: must be at least 16"),
+    ("test_split_size", -1, "--test_split_size -1: a count of examples must be 0 or more"),
+    ("test_split_size", 1.0, "--test_split_size 1.0: a fraction must be at least 0 and below 1"),
+    ("test_split_size", 1.5, "--test_split_size 1.5: a fraction must be at least 0 and below 1"),
+    ("test_split_size", -0.1, "--test_split_size -0.1: a fraction must be at least 0"),
+    ("test_split_size", float("nan"), "--test_split_size nan: a fraction must be at least 0 and below 1"),
+    ("seed", -1, "--seed -1: must be 0 or more"),
+]
+
+
+@pytest.mark.parametrize("flag,value,words", BAD_FLAGS, ids=[f"{flag}={value}" for flag, value, _ in BAD_FLAGS])
+def test_bad_flag_values_are_refused_naming_the_flag_the_value_and_the_rule(flag, value, words):
+    from prepare_data.alpaca import AlpacaArgs
+    from prepare_data.dolly import DollyArgs
+    from prepare_data.json_data import JSONArgs
+
+    for args_class in (PrepareArgs, AlpacaArgs, DollyArgs, JSONArgs):
+        with pytest.raises(ValueError) as error:
+            args_class(**{flag: value})
+        assert str(error.value).startswith(words)
+
+
+def test_good_flag_values_are_accepted():
+    for values in ({"max_seq_length": 16}, {"test_split_size": 0}, {"test_split_size": 0.0},
+                   {"test_split_size": 0.5}, {"test_split_size": 2000}, {"seed": 0}):
+        PrepareArgs(**values)
+
+
+def test_a_script_given_a_bad_flag_ends_with_one_line_and_exit_code_2(tmp_path):
+    data_file = write_json(tmp_path / "mine.json", RECORDS)
+    command = [sys.executable, str(ROOT / "prepare_data" / "json_data.py"), "--data_file", str(data_file),
+               "--destination_path", str(tmp_path / "data"), "--test_split_size", "1.5"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's lit_lora, whatever the environment installed
+    env.pop("LIT_LORA_TRACEBACK", None)  # which would show the traceback instead of the one line
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["error: --test_split_size 1.5: a fraction must be at least 0 and below 1 "
+                                          "(0.1 holds out 10%); a whole number is a count"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_download_fails_in_one_line_and_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    source = write_json(tmp_path / "source.json", RECORDS)
+    copy = tmp_path / "fetched" / "copy.json"
+    assert download(source.as_uri(), copy) == copy and copy.read_bytes() == source.read_bytes()
+    assert download("https://example.invalid/never-asked", copy) == copy  # an existing copy is reused
+
+    def offline(url, timeout):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(OSError) as error:
+        download("https://example.invalid/data.json", tmp_path / "offline" / "data.json")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("Could not download https://example.invalid/data.json (")
+    assert "Temporary failure in name resolution" in message and message.endswith("pass it with --data_file")
+    assert list((tmp_path / "offline").glob("*")) == []
+
+    class InterruptedResponse(io.BytesIO):  # sends some bytes, then the user presses Ctrl-C
+        def read(self, size=-1):
+            if self.tell() > 0:
+                raise KeyboardInterrupt
+            return super().read(5)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: InterruptedResponse(b"[1, 2, 3, 4, 5]"))
+    with pytest.raises(KeyboardInterrupt):
+        download("https://example.invalid/data.json", tmp_path / "interrupted" / "data.json")
+    assert list((tmp_path / "interrupted").glob("*")) == []  # no partial file, hidden or .part
+
+
 def test_dolly_field_mapping(tmp_path, tokenizer):
     from prepare_data.dolly import DollyArgs, main
 
@@ -126,11 +386,57 @@ def test_dolly_field_mapping(tmp_path, tokenizer):
     records = load_records(data_file, input_key="context", output_key="response")
     assert records[2] == {"instruction": "Summarise 2.", "input": "Text 2", "output": "Summary 2"}
     main(DollyArgs(data_file=data_file, checkpoint_dir=tokenizer.model_path.parent,
-                   destination_path=tmp_path / "dolly", test_split_size=2))
+                   destination_path=tmp_path / "dolly", test_split_size=2, allow_checksum_mismatch=True))
     train, test, config = load_prepared(tmp_path / "dolly", tokenizer)
     assert (len(train), len(test), config["max_seq_length"]) == (4, 2, 1024)
     text = tokenizer.decode(train[0]["input_ids"])
     assert "### Input:\nText" in text and "### Response:\nSummary" in text
+
+
+def test_public_datasets_are_fetched_from_a_fixed_commit_with_their_checksum():
+    import prepare_data.alpaca as alpaca
+    import prepare_data.dolly as dolly
+
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/tloen/alpaca-lora/[0-9a-f]{40}/"
+                        r"alpaca_data_cleaned_archive\.json", alpaca.URL)
+    assert re.fullmatch(r"https://huggingface\.co/datasets/databricks/databricks-dolly-15k/resolve/[0-9a-f]{40}/"
+                        r"databricks-dolly-15k\.jsonl", dolly.URL)
+    for sha256 in (alpaca.SHA256, dolly.SHA256):
+        assert sha256 is None or re.fullmatch(r"[0-9a-f]{64}", sha256)  # None: not known yet, printed unchecked
+
+
+def test_a_data_file_that_is_not_the_pinned_one_is_refused_unless_allowed(tmp_path, tokenizer, monkeypatch, capsys):
+    import prepare_data.alpaca as alpaca
+    import prepare_data.dolly as dolly
+
+    lines = [{"instruction": f"Summarise {i}.", "context": "", "response": f"Summary {i}"} for i in range(6)]
+    data_file = tmp_path / "dolly.jsonl"
+    data_file.write_text("\n".join(json.dumps(line) for line in lines))
+    known = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    flags = dict(data_file=data_file, checkpoint_dir=tokenizer.model_path.parent, test_split_size=2)
+
+    monkeypatch.setattr(dolly, "SHA256", known)  # the file is the pinned one
+    dolly.main(dolly.DollyArgs(**flags, destination_path=tmp_path / "same"))
+    assert load_prepared(tmp_path / "same")[2]["source_sha256"] == known
+
+    monkeypatch.setattr(dolly, "SHA256", "0" * 64)  # it is another file
+    with pytest.raises(ValueError, match=rf"dolly.jsonl is not the expected file: sha256 expected 0{{64}}, found "
+                                         rf"{known}\. .*delete it and run again.*--allow_checksum_mismatch true"):
+        dolly.main(dolly.DollyArgs(**flags, destination_path=tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    capsys.readouterr()
+    dolly.main(dolly.DollyArgs(**flags, destination_path=tmp_path / "allowed", allow_checksum_mismatch=True))
+    assert f"Warning: {data_file} is not the expected file: sha256 expected {'0' * 64}, found {known}" in (
+        capsys.readouterr().out)
+    assert load_prepared(tmp_path / "allowed")[2]["source_sha256"] == known
+
+    # no known checksum: the file's is printed and recorded, not checked
+    alpaca_file = write_json(tmp_path / "alpaca.json", RECORDS)
+    alpaca_sha256 = hashlib.sha256(alpaca_file.read_bytes()).hexdigest()
+    monkeypatch.setattr(alpaca, "SHA256", None)
+    alpaca.main(alpaca.AlpacaArgs(**{**flags, "data_file": alpaca_file}, destination_path=tmp_path / "alpaca"))
+    assert f"sha256 of {alpaca_file}: {alpaca_sha256} (no known checksum" in capsys.readouterr().out
+    assert load_prepared(tmp_path / "alpaca")[2]["source_sha256"] == alpaca_sha256
 
 
 def test_json_script_and_inspect_marks_exactly_the_loss_tokens(tmp_path, tokenizer, capsys):
@@ -141,8 +447,9 @@ def test_json_script_and_inspect_marks_exactly_the_loss_tokens(tmp_path, tokeniz
                                                    for i in range(10)])
     main(JSONArgs(data_file=data_file, checkpoint_dir=tokenizer.model_path.parent, destination_path=tmp_path / "d",
                   instruction_key="question", output_key="answer", test_split_size=0.2))
-    train, test, _ = load_prepared(tmp_path / "d", tokenizer)
+    train, test, config = load_prepared(tmp_path / "d", tokenizer)
     assert (len(train), len(test)) == (8, 2)
+    assert config["source_sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()  # your file, recorded
     text = inspect(data_dir=tmp_path / "d", index=1, checkpoint_dir=tokenizer.model_path.parent)
     answer = tokenizer.decode(train[1]["input_ids"][train[1]["labels"] != IGNORE_INDEX])
     assert text.startswith("<s>Below is an instruction") and text.count("[[") == 1
@@ -168,4 +475,7 @@ def test_real_alpaca_format_data(tmp_path, tokenizer):
     prepare(records[:200], tokenizer, tmp_path / "gsm8k", max_seq_length=512, test_split_size=20)
     train, test, config = load_prepared(tmp_path / "gsm8k", tokenizer)
     assert len(train) + len(test) + config["dropped"] == 200
-    assert all(e["input_ids"][-1].item() == tokenizer.eos_id for e in train)
+    # a whole answer ends in EOS; a cut one fills max_seq_length and has no EOS
+    without_eos = [e for e in train + test if e["input_ids"][-1].item() != tokenizer.eos_id]
+    assert len(without_eos) == config["truncated"] > 0
+    assert all(len(e["input_ids"]) == 512 and tokenizer.eos_id not in e["input_ids"].tolist() for e in without_eos)
