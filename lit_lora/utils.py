@@ -185,8 +185,8 @@ def atomic_folder(path: Union[str, Path], replace: bool = False) -> Iterator[Pat
     A new `path` is the temporary folder renamed, in one step. An existing `path` either gets the new files
     moved in one by one (each file appears whole; other files stay), or with `replace=True` is swapped for the
     new folder: the old one is renamed aside, the new one renamed in, then the old one deleted, so a complete
-    folder exists at every moment (after a crash in the swap, under the hidden name `.NAME.old-*`).
-    A failure leaves `path` as it was and removes the temporary folder.
+    folder exists at every moment (after a crash between the two renames, under the hidden name
+    `.NAME.old-*/NAME`). An error leaves `path` as it was and removes the temporary folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,10 +197,17 @@ def atomic_folder(path: Union[str, Path], replace: bool = False) -> Iterator[Pat
         if not path.exists():
             os.replace(tmp, path)
         elif replace:
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            try:
+                os.replace(path, aside / path.name)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(aside / path.name, path)  # an error, not a crash: the old folder goes back
+                    raise
+            finally:
+                if path.exists():  # the new folder or the old one is in place: what is aside is not needed
+                    shutil.rmtree(aside, ignore_errors=True)
         else:
             for file in sorted(tmp.iterdir()):
                 os.replace(file, path / file.name)

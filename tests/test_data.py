@@ -288,8 +288,6 @@ def test_a_failure_at_any_rename_leaves_a_complete_dataset_and_no_temporary_fold
     assert list((tmp_path / "new").iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="lit_lora/utils.py atomic_folder keeps the empty .NAME.old-* folder it made "
-                                       "when renaming the old folder aside fails")
 def test_a_failure_at_the_first_rename_leaves_no_empty_folder_aside(tmp_path, tokenizer, monkeypatch):
     prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=2)
 

@@ -5,8 +5,8 @@
    The parser is captured without running the script's main: `capture_parser` executes the script as
    `__main__` and stops it at the start of `parse_args`, so each flag is parsed exactly as on the command line.
 2. Every relative link in those files points at a file that exists (and, for `#L12` anchors, a line it has).
-3. The links of howto/lora_explained.md into lit_lora/lora.py point at lines holding what the text says
-   they hold (LORA_LINE_CLAIMS below): when lora.py changes, this test says which links to renumber.
+3. howto/lora_explained.md cites lit_lora/lora.py by names that lora.py defines and by quotes of its code
+   that lora.py holds word for word (LORA_QUOTES below), never by line number.
 """
 
 import functools
@@ -159,42 +159,47 @@ def test_relative_links_point_at_files_and_lines():
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
-# Every link of howto/lora_explained.md into lit_lora/lora.py, and text that the line (or one of the lines of
-# a range) must contain. A link missing here fails, so each new link comes with its claim.
-LORA_LINE_CLAIMS = {
-    "L7": "h = W0 x + (alpha / r) * B A x",
-    "L41": "class LoRALinear(nn.Linear)",
-    "L48": "self.weight.requires_grad = False",
-    "L49": "self.lora_A = nn.Parameter(torch.empty(r, in_features",
-    "L50": "self.lora_B = nn.Parameter(torch.empty(out_features, r",
-    "L51": "nn.Dropout(dropout)",
-    "L52": "self.scaling = r, alpha, alpha / r",
-    "L57": "nn.init.kaiming_uniform_(self.lora_A",
-    "L58": "nn.init.zeros_(self.lora_B)",
-    "L67": "lora.weight = nn.Parameter(w.data, requires_grad=False)",
-    "L74": "return (self.lora_B @ self.lora_A) * self.scaling",
-    "L82": "@ self.lora_A.T) * self.scaling) @ self.lora_B.T",
-    "L85-L90": "self.weight.data += self.delta_weight()",
-    "L93-L96": "self.weight.data -= self.delta_weight()",
-    "L34-L38": '"q": "attn.q_proj"',
-    "L131-L140": "setattr(parent, name, LoRALinear.from_linear(",
-    "L147-L149": 'param.requires_grad = "lora_" in name',
-    "L170-L180": '"lora_config": asdict(model.lora_config)',
-}
+# The code that howto/lora_explained.md quotes from lit_lora/lora.py (in backticks; a quote may be the start of
+# a line, followed by "..." in the guide). Each must be in lora.py word for word, and every quote of code in the
+# guide (a backticked span with "self.") must be listed here, so the guide cannot drift from the code.
+LORA_QUOTES = [
+    "self.weight.requires_grad = False",
+    "self.lora_A = nn.Parameter(torch.empty(r, in_features",
+    "self.lora_B = nn.Parameter(torch.empty(out_features, r",
+    "lora.weight = nn.Parameter(w.data, requires_grad=False)",
+    "((self.lora_dropout(x) @ self.lora_A.T) * self.scaling) @ self.lora_B.T",
+    "setattr(parent, name, LoRALinear.from_linear(",
+    "nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))",
+    "nn.init.zeros_(self.lora_B)",
+    "self.r, self.alpha, self.scaling = r, alpha, alpha / r",
+    "nn.Dropout(dropout)",
+    'param.requires_grad = "lora_" in name',
+    "return (self.lora_B @ self.lora_A) * self.scaling",
+    "self.weight.data += self.delta_weight()",
+    "self.weight.data -= self.delta_weight()",
+    '"lora_config": asdict(model.lora_config)',
+    "h = W0 x + (alpha / r) * B A x",
+]
 
 
-def test_lora_explained_links_point_at_what_they_claim():
-    doc = ROOT / "howto" / "lora_explained.md"
-    lora_py = ROOT / "lit_lora" / "lora.py"
-    lines = lora_py.read_text().splitlines()
-    anchors = {fragment for _, path, fragment in relative_links(doc) if path == lora_py and fragment}
-    assert anchors, "howto/lora_explained.md links to no line of lit_lora/lora.py"
-    assert not anchors - set(LORA_LINE_CLAIMS), f"links without a claim in LORA_LINE_CLAIMS: {anchors - set(LORA_LINE_CLAIMS)}"
-    assert not set(LORA_LINE_CLAIMS) - anchors, f"claims no link uses: {set(LORA_LINE_CLAIMS) - anchors}"
-    wrong = []
-    for anchor, text in LORA_LINE_CLAIMS.items():
-        first, last = LINE_ANCHOR.match(anchor).groups()
-        span = lines[int(first) - 1: int(last or first)]
-        if not any(text in line for line in span):
-            wrong.append(f"#{anchor} should hold {text!r}, holds {span}")
-    assert not wrong, "lit_lora/lora.py changed; renumber these links in howto/lora_explained.md:\n" + "\n".join(wrong)
+def test_lora_explained_cites_lora_py_by_name_and_quotes_it_word_for_word():
+    """howto/lora_explained.md points into lit_lora/lora.py by names (functions, classes, methods) and quoted
+    code, never by line number, so editing lora.py never means renumbering the guide."""
+    doc = (ROOT / "howto" / "lora_explained.md").read_text()
+    code = (ROOT / "lit_lora" / "lora.py").read_text()
+    links = re.findall(r"\[`([\w.]+)`\]\(\.\./lit_lora/lora\.py(#[^)]*)?\)", doc)
+    assert len(links) >= 8, "the guide names the parts of lora.py it explains"
+    assert not [name for name, anchor in links if anchor], "link lora.py by name, not by line number"
+    for name, _ in links:
+        owner, _, member = name.rpartition(".")
+        assert re.search(rf"^\s*(def|class) {member}\b|^{member} = ", code, re.M), f"lora.py defines no {name}"
+        if owner:
+            body = code[code.index(f"class {owner}("):]
+            assert re.search(rf"^    def {member}\b", body, re.M), f"{owner} has no method {member}"
+    spans = re.findall(r"`([^`\n]+)`", doc)
+    missing_in_code = [q for q in LORA_QUOTES if q not in code]
+    missing_in_doc = [q for q in LORA_QUOTES if q not in spans and "    " + q not in doc]
+    unlisted = [span for span in spans if "self." in span and span not in LORA_QUOTES]
+    assert not missing_in_code, f"lit_lora/lora.py changed; update these quotes in howto/lora_explained.md: {missing_in_code}"
+    assert not missing_in_doc, f"quotes the guide no longer shows: {missing_in_doc}"
+    assert not unlisted, f"code quoted in the guide but not checked (add it to LORA_QUOTES): {unlisted}"
