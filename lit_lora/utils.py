@@ -128,7 +128,8 @@ def check_vocabulary(config: Config, tokenizer_path: Path) -> None:
 def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 256) -> str:
     """A cheap identity of a model's weights, never a hash of gigabytes: sha256 of `samples` values spread
     evenly over each of a few tensors (the embedding, the first and last Block's weights, the norm, lm_head),
-    taken as fp32, so the same weights held in bf16 or fp32 agree. Reads a few pages of a memory-mapped file."""
+    rounded to bf16, so a model and its copy converted to bf16 agree (an fp16 copy of fp32 weights may not:
+    rounding twice can land elsewhere). Reads a few pages of a memory-mapped file."""
     n_layer = 1 + max((int(name.split(".")[1]) for name in state_dict if name.startswith("blocks.")), default=0)
     chosen = [name for name in sorted(state_dict) if not name.startswith("blocks.")
               or name.startswith(("blocks.0.", f"blocks.{n_layer - 1}."))]
@@ -136,7 +137,7 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 256)
     for name in chosen:
         flat = state_dict[name].reshape(-1)
         step = max(1, flat.numel() // samples)
-        digest.update(name.encode() + bytes(flat[::step][:samples].float().contiguous().view(torch.uint8).tolist()))
+        digest.update(name.encode() + bytes(flat[::step][:samples].to(torch.bfloat16).contiguous().view(torch.uint8).tolist()))
     return digest.hexdigest()[:16]
 
 

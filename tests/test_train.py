@@ -510,3 +510,203 @@ def test_gradients_are_synchronised_after_every_micro_batch_only_when_sharded():
         fabric = RecordingFabric()
         loss = forward_backward(fabric, model, micro_batches, sync_every_micro_batch=sharded)
         assert fabric.skipped_sync == expected and math.isfinite(loss)
+
+
+# One table of bad training flags and the words their errors must contain. Every value is refused while the
+# flags are parsed (the dataclass's __post_init__), before anything is read or written.
+BAD_TRAIN_FLAGS = [
+    ("global_batch_size", -8, "--global_batch_size -8: must be at least 1"),
+    ("global_batch_size", 0, "--global_batch_size 0: must be at least 1"),
+    ("micro_batch_size", -4, "--micro_batch_size -4: must be at least 1"),
+    ("micro_batch_size", 0, "--micro_batch_size 0: must be at least 1"),
+    ("micro_batch_size", 3, "--global_batch_size 8: must be divisible by --micro_batch_size (3) x devices (1)"),
+    ("devices", 0, "--devices 0: must be at least 1"),
+    ("max_steps", -3, "--max_steps -3: must be at least 1"),
+    ("max_steps", 0, "--max_steps 0: must be at least 1"),
+    ("max_seq_length", 0, "--max_seq_length 0: must be at least 2"),
+    ("log_interval", 0, "--log_interval 0: must be at least 1"),
+    ("epochs", 0, "--epochs 0: must be positive"),
+    ("epochs", -1, "--epochs -1: must be positive"),
+    ("eval_examples", 0, "--eval_examples 0: must be at least 1"),
+    ("learning_rate", 0, "--learning_rate 0: must be positive"),
+    ("learning_rate", -1e-3, "--learning_rate -0.001: must be positive"),
+    ("min_lr", 1.0, "--min_lr 1.0: must not exceed --learning_rate"),
+    ("weight_decay", -0.1, "--weight_decay -0.1: must not be negative"),
+    ("warmup_steps", -1, "--warmup_steps -1: must not be negative"),
+    ("warmup_epochs", -1.0, "--warmup_epochs -1.0: must not be negative"),
+    ("grad_clip", -1.0, "--grad_clip -1.0: must not be negative"),
+    ("eval_interval", -1, "--eval_interval -1: must not be negative"),
+    ("save_interval", -1, "--save_interval -1: must not be negative"),
+    ("eval_max_new_tokens", -5, "--eval_max_new_tokens -5: must not be negative"),
+    ("seed", -1, "--seed -1: must not be negative"),
+    ("lora_r", 0, "--lora_r 0: the LoRA rank r must be at least 1"),
+    ("lora_alpha", 0, "--lora_alpha 0: must be positive"),
+    ("lora_dropout", -0.1, "--lora_dropout -0.1: must be in [0, 1)"),
+    ("lora_dropout", 1.0, "--lora_dropout 1.0: must be in [0, 1)"),
+    ("lora_targets", (), "No LoRA targets given"),
+    ("adapter_prompt_length", 0, "--adapter_prompt_length 0: the prompt needs at least 1 vector"),
+    ("adapter_start_layer", -1, "--adapter_start_layer -1: must not be negative"),
+    ("model_name", "7b", "--model_name 7b: is not a preset"),
+    ("from_scratch", True, "--from_scratch true needs --model_name"),
+]
+
+
+@pytest.mark.parametrize("flag,value,words", BAD_TRAIN_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_TRAIN_FLAGS])
+def test_bad_training_flags_are_refused_while_parsing(tmp_path, flag, value, words):
+    from finetune.adapter import AdapterArgs
+    from finetune.full import FullArgs
+    from finetune.lora import LoRAArgs
+
+    classes = [cls for cls in (LoRAArgs, AdapterArgs, FullArgs) if flag in cls.__dataclass_fields__]
+    for cls in classes:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            cls(**{"out_dir": tmp_path / "out", "global_batch_size": 8, flag: value})
+    assert classes and not (tmp_path / "out").exists()
+
+
+def test_a_bad_training_flag_ends_the_script_with_one_line_and_exit_code_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "LIT_LORA_TRACEBACK"}
+    result = subprocess.run([sys.executable, "finetune/lora.py", "--max_steps", "-3", "--out_dir", str(tmp_path / "o")],
+                            capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: --max_steps -3: must be at least 1 (leave it out to train for --epochs)"
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_before_training_ends_with_one_line_and_exit_code_130(capsys, monkeypatch):
+    """Ctrl-C while a script starts (say, inside torch.load of a 13 GB checkpoint): no traceback."""
+    from dataclasses import dataclass
+
+    from lit_lora.utils import cli
+
+    @dataclass
+    class NoFlags:
+        pass
+
+    def main(args):
+        raise KeyboardInterrupt  # as torch.load would, on Ctrl-C
+
+    monkeypatch.setattr("sys.argv", ["script.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main, NoFlags)
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "Interrupted."
+
+
+def test_a_run_whose_labels_are_all_cut_is_an_error(setup):
+    """--max_seq_length shorter than every prompt: every label would be cut, the loss 0 and nothing learned."""
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    with pytest.raises(ValueError, match="No training example of .* has a response token within --max_seq_length 20 "
+                                         r"\(the shortest prompt is \d+ tokens\): nothing would be learned"):
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", max_seq_length=20))
+    assert not (tmp_path / "out" / "lit_lora_finetuned.pth").exists()
+
+
+def test_examples_without_labels_are_left_out_and_an_empty_test_split_is_said(tmp_path, tokenizer_path, tokenizer,
+                                                                              capsys):
+    from finetune.lora import main
+
+    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_path, block_size=256)
+    records = [{"instruction": "Say the word.", "input": "", "output": w} for w in WORDS]
+    records.append({"instruction": "Repeat " + "the word " * 10, "input": "", "output": "cat"})  # a 209-token prompt
+    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=0, seed=0)
+    summary = main(lora_args(checkpoint_dir, tmp_path / "data", tmp_path / "out", max_seq_length=180, max_steps=2,
+                             global_batch_size=4, micro_batch_size=4, eval_interval=1))
+    out = capsys.readouterr().out
+    assert "Warning: 1 of 13 training examples have no response token within 180 tokens and are left out" in out
+    assert "has no test examples: no validation loss will be computed" in out
+    assert "val loss" not in out and summary["val_loss"] is None
+    assert "12 training examples" in out
+
+
+def test_out_dir_that_is_a_file_is_refused(setup):
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match="--out_dir .*a_file is a file, not a folder"):
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "a_file"))
+
+
+@pytest.mark.parametrize("content", [b"", b"random bytes, not a checkpoint \x00\x01\x02", "old", "list"])
+def test_a_damaged_or_foreign_weights_file_is_named(tmp_path, tokenizer_path, content):
+    from lit_lora.utils import load_model
+
+    folder = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
+    state_dict = torch.load(folder / "lit_model.pth", weights_only=True)
+    if content == "old":  # the pre-zip format of torch < 1.6, which cannot be memory-mapped
+        torch.save(state_dict, folder / "lit_model.pth", _use_new_zipfile_serialization=False)
+    elif content == "list":
+        torch.save(list(state_dict.values()), folder / "lit_model.pth")
+    else:
+        (folder / "lit_model.pth").write_bytes(content)
+    with pytest.raises(ValueError, match="lit_model.pth (cannot be read as a state dict saved by torch.save|holds a list)"):
+        load_model(folder)
+
+
+def test_a_weights_file_of_another_shape_is_named(tmp_path, tokenizer_path):
+    from lit_lora.utils import load_model
+
+    folder = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
+    state_dict = torch.load(folder / "lit_model.pth", weights_only=True)
+    state_dict["blocks.0.attn.q_proj.weight"] = torch.zeros(8, 32)
+    del state_dict["norm.weight"]
+    torch.save(state_dict, folder / "lit_model.pth")
+    with pytest.raises(ValueError, match=r"lit_model.pth does not fit: missing tensors: \['norm.weight'\]"):
+        load_model(folder)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, tokenizer_path, tokenizer):
+    from lit_lora.model import Config, LLaMA
+    from lit_lora.utils import load_model, save_checkpoint_dir
+
+    model = LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size - 10))  # the tokenizer of another model
+    folder = save_checkpoint_dir(model, tokenizer_path, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=rf"tokenizer.model has {tokenizer.vocab_size:,} tokens, more than the model's "
+                                         rf"vocabulary of {tokenizer.vocab_size - 10:,}"):
+        load_model(folder)
+
+
+def test_a_method_file_on_other_base_weights_of_the_same_shape_loads_with_a_warning(tmp_path, tokenizer_path, capsys):
+    from lit_lora.adapter import apply_adapter, load_adapter, save_adapter
+    from lit_lora.lora import apply_lora, load_lora, save_lora
+    from lit_lora.utils import load_model
+
+    base = make_checkpoint(tmp_path / "base", tokenizer_path, seed=0)
+    other = make_checkpoint(tmp_path / "other", tokenizer_path, seed=1)
+    save_lora(apply_lora(load_model(base)), tmp_path / "lora.pth")
+    save_adapter(apply_adapter(load_model(base), start_layer=1), tmp_path / "adapter.pth")
+    assert read_lora_file(tmp_path / "lora.pth")["base_fingerprint"] == load_model(base).base_fingerprint
+    for load, path in ((load_lora, "lora.pth"), (load_adapter, "adapter.pth")):
+        load(load_model(base), tmp_path / path)
+        assert "Warning" not in capsys.readouterr().err
+        load(load_model(other), tmp_path / path)
+        assert f"Warning: {tmp_path / path} was trained on other base weights than these" in capsys.readouterr().err
+    # the same model stored in another dtype is the same base; another model is not, even in the same dtype
+    assert load_model(base, dtype=torch.bfloat16).base_fingerprint == load_model(base).base_fingerprint
+    fp16 = checkpoint_in(torch.float16, tmp_path / "fp16", tokenizer_path)
+    assert load_model(fp16, dtype=torch.bfloat16).base_fingerprint == load_model(fp16).base_fingerprint
+    assert load_model(other, dtype=torch.bfloat16).base_fingerprint != load_model(base, dtype=torch.bfloat16).base_fingerprint
+
+
+def test_training_never_uses_fabric_save(setup, monkeypatch):
+    """Lightning's save writes the whole state into memory, then to a temporary file in the system temp folder
+    (left there, state-sized, by a kill); the loop writes its state itself, beside the final file."""
+    from lightning.fabric import Fabric
+
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Fabric.save was called")
+
+    monkeypatch.setattr(Fabric, "save", refuse)
+    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", max_steps=2, save_interval=1, eval_interval=0))
+    assert torch.load(tmp_path / "out" / "state.pth", weights_only=True)["step"] == 2
