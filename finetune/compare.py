@@ -59,7 +59,8 @@ class CompareArgs:
         max_steps: Optimizer steps of every method.
         micro_batch_size: Examples per forward/backward pass.
         global_batch_size: Examples per optimizer step (gradient accumulation makes up the rest).
-        precision: 32-true, bf16-true, bf16-mixed or 16-mixed; default bf16-true on a GPU that supports it, else 32-true.
+        precision: 32-true, bf16-true, bf16-mixed or 16-mixed; default bf16-true on a GPU that supports it, else
+            32-true (with --estimate_only, bf16-true: the estimate is for a GPU).
         max_seq_length: Truncate examples to this many tokens (default: as prepared).
         lora_learning_rate: LoRA's peak learning rate (default: finetune/lora.py's).
         adapter_learning_rate: LLaMA-Adapter's peak learning rate (default: finetune/adapter.py's).
@@ -103,8 +104,9 @@ def main(args: CompareArgs) -> dict:
         raise ValueError("--model_name is for --estimate_only true; a run uses checkpoint_dir's model_config.json")
     config = (Config.from_name(args.model_name) if args.model_name is not None
               else Config.from_file(check_checkpoint_dir(args.checkpoint_dir) / "model_config.json"))
-    precision = args.precision or default_precision()
     device = "cuda" if torch.cuda.is_available() or args.estimate_only else "cpu"  # an estimate is for a GPU
+    # An estimate describes a GPU run, so by default the precision such a run takes (bf16-true), even on a CPU.
+    precision = args.precision or ("bf16-true" if args.estimate_only else default_precision())
     data = data_facts(args, config)
     estimates = {m: estimate_memory(config, training_setup(m, args, precision, device, data)) for m in args.methods}
     print(f"Predicted memory of one training step ({config.name or 'model'}, {precision}, micro batch "

@@ -2,20 +2,26 @@
 
 A training step holds five kinds of tensors at its peak:
 
-    weights      every parameter, trainable or frozen, in the parameter dtype
+    weights      every parameter, trainable or frozen, in the parameter dtype, which the training loop sets
+                 from the precision (lit_lora/train.py): fp32 under 32-true and the mixed precisions (the
+                 frozen base too, whatever the checkpoint's dtype), bf16 under bf16-true
     gradients    one per *trainable* parameter, in the parameter dtype
     optimizer    AdamW's two moments (m and v) per *trainable* parameter. torch's AdamW creates them with
-                 zeros_like(param), so they are in the parameter dtype: fp32 moments with fp32 weights
-                 (32-true, and the mixed precisions, whose weights are fp32), bf16 moments in bf16-true
+                 zeros_like(param), so they are in the parameter dtype: fp32 under 32-true and the mixed
+                 precisions, bf16 under bf16-true
     activations  what autograd saves in the forward pass for the backward pass (see `saved_tensors`)
     logits       the fp32 log-probabilities of the loss and, at the start of the backward pass, their
                  gradient and the gradient of the logits: 3 x 4 bytes x (label positions) x vocabulary
 
 So full finetuning in bf16-true costs 2 + 2 + 4 = 8 bytes per parameter before any activation (LLaMA 7B:
 54 GB), and 4 + 4 + 8 = 16 with fp32 weights (108 GB): more than one 80 GB GPU holds. LoRA and
-LLaMA-Adapter pay 2 bytes per frozen parameter (13.5 GB for 7B) and nothing more for them: no gradient and
-no optimizer state for W0. Their activations stay: the backward pass still has to run through every layer
-above the lowest trainable one.
+LLaMA-Adapter pay the weight's bytes per frozen parameter (bf16-true: 2, 13.5 GB for 7B; 32-true or mixed:
+4, 27 GB) and nothing more for them: no gradient and no optimizer state for W0. Their activations stay: the
+backward pass still has to run through every layer above the lowest trainable one.
+
+Under FSDP (full finetuning on several devices) each device holds 1/devices of the weights, gradients and
+moments, plus the Block it is computing, gathered whole. The training loop reduce-scatters the gradients
+after every micro batch under FSDP, so they stay sharded during gradient accumulation too.
 
 The total is `weights + gradients + optimizer + max(activations + logits, optimizer step scratch)`:
 gradients are counted in full while the activations are alive, which is exact from the second micro batch

@@ -171,6 +171,16 @@ def test_estimate_only_needs_no_checkpoint(capsys):
     assert "| **total** | **19.0 GB** | **18.2 GB** | **67.4 GB** |" in out
 
 
+def test_an_estimate_without_precision_is_for_the_precision_of_a_gpu_run(capsys):
+    """On a CPU-only machine too: the estimate describes a GPU run, which defaults to bf16-true (not the
+    32-true a CPU run would take: 327.6 GB for LoRA on Llama-2-70b instead of 167.3 GB)."""
+    from finetune.compare import CompareArgs, main
+
+    result = main(CompareArgs(estimate_only=True, model_name="Llama-2-70b", data_dir="no/such/dir"))
+    assert {e.setup.precision for e in result["estimates"].values()} == {"bf16-true"}
+    assert "(Llama-2-70b, bf16-true, micro batch 4 x 256 tokens, cuda" in capsys.readouterr().out
+
+
 WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish", "moon", "rain"]
 
 

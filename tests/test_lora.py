@@ -156,3 +156,31 @@ def test_mismatched_loads_fail_clearly(tmp_path):
         load_lora(base_model(), tmp_path / "partial.pth")
     with pytest.raises(FileNotFoundError, match="finetune/lora.py"):
         load_lora(base_model(), tmp_path / "nothing.pth")
+
+
+def test_loading_into_a_merged_model_is_refused_and_switching_goes_through_unmerge(tmp_path):
+    """Loading a LoRA file into a model whose LoRA is merged would keep the old update in W, and a later
+    unmerge would subtract the new one: W0 corrupted. It is refused; unmerge, load, merge switches exactly."""
+    torch.manual_seed(0)
+    first, second = apply_lora(base_model()), apply_lora(base_model())
+    for model, seed in ((first, 1), (second, 2)):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                torch.nn.init.normal_(module.lora_B, std=0.1)
+    save_lora(first, tmp_path / "first.pth")
+    save_lora(second, tmp_path / "second.pth")
+
+    model = load_lora(base_model(), tmp_path / "first.pth")
+    w0 = {name: t.clone() for name, t in model.state_dict().items() if "lora_" not in name}
+    merge_lora(model)
+    with pytest.raises(ValueError, match="into a model whose LoRA is merged.*unmerge_lora"):
+        load_lora(model, tmp_path / "second.pth")
+    unmerge_lora(model)
+    load_lora(model, tmp_path / "second.pth")
+    merge_lora(model)
+    idx = torch.randint(0, 256, (2, 8))
+    reference = load_lora(base_model(), tmp_path / "second.pth").eval()
+    assert torch.allclose(model.eval()(idx), reference(idx), atol=1e-5)
+    unmerge_lora(model)
+    assert all(torch.allclose(model.state_dict()[name], w, atol=1e-6) for name, w in w0.items())
