@@ -3,7 +3,7 @@ weights, and against the memory-bandwidth bound.
 
     python benchmarks/generate_throughput.py
 
-The configuration: the `bench-8x512` preset (8 layers, n_embd 512, 8 heads, vocab 32000), fp32, a prompt of
+The configuration: `bench-8x512` (benchmarks/bench_config.py: 8 layers, n_embd 512, 8 heads, vocab 32000), fp32, a prompt of
 32 tokens, 128 new tokens, greedy. Both implementations must produce the same tokens.
 
 The bound. At batch size 1 a decode step multiplies every weight matrix by one vector: each weight is read
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lit_lora.generation import generate  # noqa: E402
-from lit_lora.model import Config, LLaMA  # noqa: E402
+from lit_lora.model import LLaMA  # noqa: E402
+from benchmarks.bench_config import bench_config  # noqa: E402
 from lit_lora.utils import cli  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main(prompt_length: int = 32, new_tokens: int = 128, repeats: int = 3) -> di
         repeats: Runs of each; the best is reported.
     """
     torch.manual_seed(0)
-    config = Config.from_name("bench-8x512")
+    config = bench_config()
     model = LLaMA(config).eval()
     prompt = torch.randint(0, config.vocab_size, (prompt_length,))
 

@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py            # both, alternating, each in its own process
     python benchmarks/train_throughput.py --impl lit # one implementation only
 
-The configuration: the `bench-8x512` preset (8 layers, n_embd 512, 8 heads, vocab 32000), micro batch 4,
+The configuration: `bench-8x512` (benchmarks/bench_config.py: 8 layers, n_embd 512, 8 heads, vocab 32000), micro batch 4,
 sequence 256, fp32, LoRA r 8 / alpha 16 / dropout 0.05 on q and v, AdamW. Both models get the same weights
 and the same batch: instruction data with the prompt masked, here the first half of every sequence (in
 Alpaca-style data about half the tokens carry loss: 50% for GSM8K prepared with prepare_data/).
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
 from lit_lora.model import Config, LLaMA  # noqa: E402
 from lit_lora.train import loss_sum  # noqa: E402
+from benchmarks.bench_config import bench_config  # noqa: E402
 from lit_lora.utils import cli  # noqa: E402
 
 MICRO_BATCH, SEQ_LEN = 4, 256
@@ -92,7 +93,7 @@ def build_hf(config: Config, state_dict: dict):
 def measure(impl: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = Config.from_name("bench-8x512")
+    config = bench_config()
     state_dict = LLaMA(config).state_dict()  # the same random weights for both (seeded)
     model, loss_fn = (build_lit if impl == "lit" else build_hf)(config, state_dict)
     del state_dict

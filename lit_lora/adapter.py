@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_lora.model import CausalSelfAttention, LLaMA
+from lit_lora.model import CausalSelfAttention, LLaMA, repeat_kv
 from lit_lora.utils import atomic_save, check_base_model, check_tensors
 
 ADAPTER_PARAMETERS = ("adaption_prompt", "gating_factor")  # the names of the tensors LLaMA-Adapter adds
@@ -94,10 +94,7 @@ class AdapterAttention(CausalSelfAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         y = super().attend(q, k, v, mask)  # (B, n_head, T, hs): the base model's attention, unchanged
         prompt_k, prompt_v = self.prompt_kv()  # (1, n_query_groups, K, hs)
-        if self.n_query_groups != self.n_head:  # grouped-query attention: share each prompt head, as in `attend`
-            group = self.n_head // self.n_query_groups
-            prompt_k = prompt_k.repeat_interleave(group, dim=1)  # (1, n_head, K, hs)
-            prompt_v = prompt_v.repeat_interleave(group, dim=1)
+        prompt_k, prompt_v = repeat_kv(prompt_k, self.n_head), repeat_kv(prompt_v, self.n_head)  # (1, n_head, K, hs)
         B = q.size(0)
         # softmax(q prompt_k^T / sqrt(hs)) prompt_v, no mask: every query sees the whole prompt
         prompt_y = F.scaled_dot_product_attention(q, prompt_k.expand(B, -1, -1, -1), prompt_v.expand(B, -1, -1, -1))

@@ -102,7 +102,7 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
 
     last = torch.zeros(B, T, dtype=torch.bool, device=device)
     last[torch.arange(B, device=device), lengths - 1] = True  # each row's last prompt position
-    logits = model(idx, torch.arange(T, device=device), output_mask=last)  # prefill: (B, vocab)
+    logits = model(idx, torch.arange(T, device=device), logits_at=last)  # prefill: (B, vocab)
     input_pos = lengths.clone()  # (B,): where each row's next token goes
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):

@@ -216,7 +216,7 @@ def saved_tensors(config: Config, setup: TrainingSetup) -> dict[str, int]:
     # the loss: cross-entropy of the logits at the N label positions
     h_grad = rms_norm("head.norm", x_grad, R)
     if h_grad:
-        saved["head.output_mask"] = R  # x[output_mask] saves the (B, T) bool mask
+        saved["head.logits_at"] = R  # x[logits_at] saves the (B, T) bool mask
     linear("head.lm_head", "head", "head.lm_head_input", h_grad, N)
     saved["head.log_probs"] = 4 * N * V  # log_softmax in fp32 saves its output
     saved["head.targets"] = 8 * N  # int64

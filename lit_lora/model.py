@@ -39,14 +39,11 @@ class Config:
 
     def __post_init__(self):
         if self.padded_vocab_size is None:
-            m = self.padding_multiple
-            self.padded_vocab_size = (self.vocab_size + m - 1) // m * m
+            self.padded_vocab_size = math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
-        if self.intermediate_size is None:
-            # The paper's SwiGLU size: 2/3 of 4 * n_embd, rounded up to a multiple of 256 (11008 for 7B).
-            hidden = int(2 * (4 * self.n_embd) / 3)
-            self.intermediate_size = (hidden + 255) // 256 * 256
+        if self.intermediate_size is None:  # the paper's SwiGLU size: 2/3 of 4 n_embd, up to a multiple of 256
+            self.intermediate_size = math.ceil(int(2 * 4 * self.n_embd / 3) / 256) * 256  # 11008 for 7B
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_query_groups:
@@ -64,17 +61,14 @@ class Config:
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Config":
-        with open(path) as f:
-            values = json.load(f)
-        known = set(cls.__dataclass_fields__)
+        values, known = json.loads(Path(path).read_text()), set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown Config field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**values)
 
     def to_file(self, path: Union[str, Path]) -> None:
-        with open(path, "w") as f:
-            json.dump(asdict(self), f, indent=2)
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
 # Published shapes. The 13B+ LLaMA sizes and Llama 2 follow the papers; TinyLlama and OpenLLaMA their model cards.
@@ -91,13 +85,10 @@ PRESETS = {
     "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
     "open_llama_3b": dict(n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
     "open_llama_7b": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
-    # Small models for CPU runs and tests. `tiny` (about 0.9M parameters) is what the CPU demo pretrains.
+    # Not published models: small shapes for CPU runs. `tiny` (0.9M parameters) is what the CPU demo pretrains;
+    # `micro` is the smallest useful model, with grouped-query attention, for fast tests.
     "tiny": dict(block_size=256, vocab_size=512, n_layer=4, n_head=4, n_embd=128, intermediate_size=352),
-    "micro": dict(  # the smallest useful model, with grouped-query attention, for fast tests
-        block_size=64, vocab_size=256, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64
-    ),
-    # The fixed CPU configuration used by the benchmark scripts in benchmarks/.
-    "bench-8x512": dict(block_size=256, n_layer=8, n_head=8, n_embd=512),
+    "micro": dict(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64),
 }
 
 
@@ -140,23 +131,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Keys and values of the positions seen so far, so decoding a token costs one position, not all."""
-
-    def __init__(self, batch_size: int, n_query_groups: int, max_seq_length: int, head_size: int, device=None, dtype=None):
-        super().__init__()
-        shape = (batch_size, n_query_groups, max_seq_length, head_size)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # input_pos: (B, T); k, v: (B, n_query_groups, T, hs). Each row writes at its own positions.
-        rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
-        self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k, self.v  # the whole cache; the mask hides the positions not written yet
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
@@ -177,21 +151,24 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, n_groups, T, hs)
         v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache(input_pos, k, v)  # (B, n_groups, max_seq_length, hs)
+        if input_pos is not None:  # decoding: keys and values of the earlier positions come from the cache
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_groups, max_seq_length, hs)
         y = self.attend(q, k, v, mask)  # (B, n_head, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T / sqrt(hs) + causal mask) v, with each key/value head shared by a group of query heads."""
-        if self.n_query_groups != self.n_head:
-            group = self.n_head // self.n_query_groups
-            k = k.repeat_interleave(group, dim=1)  # (B, n_head, S, hs)
-            v = v.repeat_interleave(group, dim=1)
+        k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)  # (B, n_head, S, hs)
         if mask is None:  # a whole sequence at once (training): the fused causal kernel
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Grouped-query attention: each of the n_query_groups key/value heads serves n_head / n_query_groups query
+    heads, so it is repeated that many times. (B, n_query_groups, S, hs) -> (B, n_head, S, hs)."""
+    return x.repeat_interleave(n_head // x.size(1), dim=1) if x.size(1) != n_head else x
 
 
 class MLP(nn.Module):
@@ -247,54 +224,77 @@ class LLaMA(nn.Module):
 
     def reset_rope_cache(self) -> None:
         """Recompute cos/sin (e.g. after the model was built on the meta device and loaded with assign=True)."""
-        device = self.lm_head.weight.device
-        cos, sin = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
-        self.cos, self.sin = cos, sin
+        c = self.config
+        self.cos, self.sin = build_rope_cache(c.block_size, c.head_size, c.rope_base, self.lm_head.weight.device)
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, padded_vocab_size), the scores of every possible next token.
+
+        Training (and any plain forward) reads the T tokens as positions 0..T-1, each attending to those before
+        it. With logits_at ((B, T) bool), only the logits where it is True are computed, returned as (N, vocab):
+        the vocabulary projection is the largest matmul of a small model, and training needs it only where there
+        is a label, not on the masked prompt. Decoding passes input_pos (see "Decoding with a KV cache" below).
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"Cannot forward a sequence of {T} tokens: the context is {self.config.block_size}")
+            cos, sin, mask = self.cos[:T], self.sin[:T], None  # (T, hs); no mask: causal attention in the kernel
+        else:
+            cos, sin, mask = self.decoding_positions(input_pos, B, T)
+        x = self.embed(idx)  # (B, T, n_embd)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, input_pos)
+        x = self.norm(x)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, n_embd): only the positions whose logits are wanted
+        return self.lm_head(x)  # (B, T, padded_vocab_size), or (N, padded_vocab_size)
+
+    # Decoding with a KV cache. Token t+1 needs the keys and values of positions 0..t in every layer; the cache
+    # keeps them, so a decoding step feeds only the new token. Each row of a batch has its own positions ((B, T)
+    # input_pos): right-padded prompts of different lengths decode exactly as each would alone.
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
         """Preallocate keys/values for `max_seq_length` positions (at most block_size) in every layer."""
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} is longer than the context ({self.config.block_size})")
-        device = device or self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
-        c = self.config
+        c, weight = self.config, self.lm_head.weight
         for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
+            block.attn.kv_cache = KVCache(batch_size, c.n_query_groups, max_seq_length, c.head_size,
+                                          device or weight.device, dtype or weight.dtype)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                output_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, padded_vocab_size).
+    def decoding_positions(self, input_pos: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
+        """cos, sin and the attention mask for tokens at input_pos ((T,) shared by all rows, or (B, T)): each
+        query sees every cached position up to its own, and none of the cache not written yet."""
+        kv_cache = self.blocks[0].attn.kv_cache
+        if kv_cache is None:
+            raise RuntimeError("input_pos needs a KV cache: call model.set_kv_cache(batch_size, max_seq_length)")
+        input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
+        cos, sin = self.cos[input_pos].unsqueeze(1), self.sin[input_pos].unsqueeze(1)  # (B, 1, T, hs)
+        cache_pos = torch.arange(kv_cache.k.size(2), device=input_pos.device)  # (max_seq_length,)
+        mask = (cache_pos <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, max_seq_length): key pos <= query pos
+        return cos, sin, mask
 
-        Without input_pos the T tokens are positions 0..T-1 (training, or a plain forward).
-        With input_pos ((T,) shared by all rows, or (B, T), one set of positions per row) the keys and
-        values are written into the KV cache at those positions, and each query attends to every cached
-        position up to its own.
-        With output_mask ((B, T) bool) only the logits where it is True are computed, returned as (N, vocab)
-        in row-major order. The vocabulary projection is the largest matmul of a small model: training
-        needs it only where there is a label (not on the masked prompt), a prefill only at the last token.
-        """
-        B, T = idx.shape
-        if input_pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"Cannot forward a sequence of {T} tokens: the context is {self.config.block_size}")
-            cos, sin, mask = self.cos[:T], self.sin[:T], None  # (T, hs)
-        else:
-            kv_cache = self.blocks[0].attn.kv_cache
-            if kv_cache is None:
-                raise RuntimeError("input_pos needs a KV cache: call model.set_kv_cache(batch_size, max_seq_length)")
-            input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
-            cos, sin = self.cos[input_pos].unsqueeze(1), self.sin[input_pos].unsqueeze(1)  # (B, 1, T, hs)
-            cache_pos = torch.arange(kv_cache.k.size(2), device=idx.device)  # (max_seq_length,)
-            mask = (cache_pos <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, max_seq_length): key pos <= query pos
-        x = self.embed(idx)  # (B, T, n_embd)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, input_pos)
-        x = self.norm(x)
-        if output_mask is not None:
-            x = x[output_mask]  # (N, n_embd): only the positions whose logits are wanted
-        return self.lm_head(x)  # (B, T, padded_vocab_size), or (N, padded_vocab_size)
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far, in one layer (buffers: they move with the model)."""
+
+    def __init__(self, batch_size: int, n_query_groups: int, max_seq_length: int, head_size: int, device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_query_groups, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_query_groups, T, hs) at input_pos (B, T), each row at its own positions; return the
+        whole cache (the mask hides what is not written yet)."""
+        rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
+        self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k, self.v

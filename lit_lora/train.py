@@ -333,7 +333,7 @@ def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) ->
     """
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     predicts_label = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # (B, T); the last position predicts nothing
-    logits = model(input_ids, output_mask=predicts_label)  # (N, vocab)
+    logits = model(input_ids, logits_at=predicts_label)  # (N, vocab)
     return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
 
 

@@ -150,12 +150,12 @@ def test_load_model_names_what_is_missing(tmp_path, checkpoint_dir):
         load_model(checkpoint_dir)
 
 
-def test_output_mask_computes_only_the_wanted_logits():
+def test_logits_at_computes_only_the_wanted_logits():
     model = tiny_model()
     idx = torch.randint(0, 256, (2, 10))
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[0, 3], mask[1, 7:] = True, True
     with torch.no_grad():
-        full, some = model(idx), model(idx, output_mask=mask)
+        full, some = model(idx), model(idx, logits_at=mask)
     assert some.shape == (4, 256)
     assert torch.allclose(some, full[mask], atol=1e-6)
