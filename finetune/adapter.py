@@ -10,9 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-
-from lit_lora.adapter import AdapterConfig, apply_adapter, mark_only_adapter_as_trainable, save_adapter
-from lit_lora.train import TrainArgs, fit, launch_fabric
+from lit_lora.adapter import (
+    AdapterConfig,
+    apply_adapter,
+    mark_only_adapter_as_trainable,
+    save_adapter,
+)
+from lit_lora.devices import launch_fabric
+from lit_lora.train import TrainArgs, fit
 from lit_lora.utils import cli, load_model
 
 

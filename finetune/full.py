@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-
+from lit_lora.devices import launch_fabric
 from lit_lora.model import PRESETS, Config, LLaMA
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.train import TrainArgs, fit, launch_fabric
+from lit_lora.train import TrainArgs, fit
 from lit_lora.utils import check_flag, cli, load_model, save_checkpoint_dir
 
 

@@ -8,9 +8,9 @@ The result is out_dir/lit_lora_finetuned.pth: the LoRA tensors and their hyperpa
 
 from dataclasses import dataclass
 
-
+from lit_lora.devices import launch_fabric
 from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, save_lora
-from lit_lora.train import TrainArgs, fit, launch_fabric
+from lit_lora.train import TrainArgs, fit
 from lit_lora.utils import cli, load_model
 
 

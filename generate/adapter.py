@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lit_lora.adapter import load_adapter
 from lit_lora.data import format_prompt
-from lit_lora.generation import GenerateArgs, run
+from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.tokenizer import check_utf8
 from lit_lora.utils import cli, load_model
 
@@ -37,7 +37,7 @@ class AdapterGenerateArgs(GenerateArgs):
 def main(args: AdapterGenerateArgs) -> list[str]:
     model = load_model(args.checkpoint_dir)
     load_adapter(model, args.adapter_path)  # checks the file fits this base model, names any mismatch
-    return run(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+    return run_generation(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lit_lora.data import format_prompt
-from lit_lora.generation import GenerateArgs, run
+from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.tokenizer import check_utf8
 from lit_lora.utils import cli, load_model
 
@@ -31,7 +31,7 @@ class FullGenerateArgs(GenerateArgs):
 
 def main(args: FullGenerateArgs) -> list[str]:
     model = load_model(args.checkpoint_dir)
-    return run(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+    return run_generation(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lit_lora.data import format_prompt
-from lit_lora.generation import GenerateArgs, run
-from lit_lora.tokenizer import check_utf8
+from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.lora import load_lora, merge_lora
+from lit_lora.tokenizer import check_utf8
 from lit_lora.utils import cli, load_model
 
 
@@ -38,7 +38,7 @@ def main(args: LoRAGenerateArgs) -> list[str]:
     model = load_model(args.checkpoint_dir)
     load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
     merge_lora(model)
-    return run(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+    return run_generation(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ import torch
 
 from lit_lora.model import LLaMA
 from lit_lora.tokenizer import Tokenizer, check_utf8
-from lit_lora.utils import check_flag, default_precision, dtype_from_precision, format_bytes, peak_memory_bytes
+from lit_lora.utils import (
+    check_flag,
+    default_precision,
+    dtype_from_precision,
+    format_bytes,
+    peak_memory_bytes,
+)
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_prefix: str = "") -> None:
@@ -188,20 +194,13 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
     texts = []
     for i in range(num_samples):
         model.set_kv_cache(batch_size=1, max_seq_length=len(encoded) + max_new_tokens)
-        start, n_tokens, pieces = time.perf_counter(), 0, []
+        start, new_tokens, pieces = time.perf_counter(), [], []
         if show_prompt:
             print(prompt, end="", flush=True)
-
-        def counted(stream):
-            nonlocal n_tokens
-            for token in stream:
-                n_tokens += 1
-                yield token
-
         stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
                                  seed=None if seed is None else seed + i, vocab_size=tokenizer.vocab_size)
         try:
-            for piece in stream_text(tokenizer, counted(stream)):
+            for piece in stream_text(tokenizer, keep_tokens(stream, new_tokens)):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
         finally:
@@ -209,9 +208,16 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
         print(flush=True)
         elapsed = time.perf_counter() - start
         texts.append("".join(pieces))
-        print(f"Sample {i + 1}: {n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s; "
+        print(f"Sample {i + 1}: {len(new_tokens)} tokens in {elapsed:.2f} s, {len(new_tokens) / elapsed:.1f} tokens/s; "
               f"peak memory {format_bytes(peak_memory_bytes(device))}", file=sys.stderr)
     return texts
+
+
+def keep_tokens(stream: Iterator[torch.Tensor], kept: list) -> Iterator[torch.Tensor]:
+    """Pass a token stream through, keeping every token in `kept` (to count them for tokens/s)."""
+    for token in stream:
+        kept.append(token)
+        yield token
 
 
 def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[str], str], **kwargs) -> None:
@@ -289,7 +295,7 @@ def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compil
     return model
 
 
-def run(model: LLaMA, args: GenerateArgs, make_prompt: Callable[[str], str] = lambda text: text,
+def run_generation(model: LLaMA, args: GenerateArgs, make_prompt: Callable[[str], str] = lambda text: text,
         show_prompt: bool = False) -> list[str]:
     """What every generate script does once its model is built: answer --prompt, or loop with --interactive."""
     model = prepare_for_generation(model, args.precision, args.compile)

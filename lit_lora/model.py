@@ -224,8 +224,8 @@ class LLaMA(nn.Module):
 
     def reset_rope_cache(self) -> None:
         """Recompute cos/sin (e.g. after the model was built on the meta device and loaded with assign=True)."""
-        c = self.config
-        self.cos, self.sin = build_rope_cache(c.block_size, c.head_size, c.rope_base, self.lm_head.weight.device)
+        config, device = self.config, self.lm_head.weight.device
+        self.cos, self.sin = build_rope_cache(config.block_size, config.head_size, config.rope_base, device)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -260,9 +260,9 @@ class LLaMA(nn.Module):
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} is longer than the context ({self.config.block_size})")
-        c, weight = self.config, self.lm_head.weight
+        config, weight = self.config, self.lm_head.weight
         for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, c.n_query_groups, max_seq_length, c.head_size,
+            block.attn.kv_cache = KVCache(batch_size, config.n_query_groups, max_seq_length, config.head_size,
                                           device or weight.device, dtype or weight.dtype)
 
     def clear_kv_cache(self) -> None:

@@ -1,13 +1,15 @@
 """Text <-> token ids with a SentencePiece model (LLaMA's `tokenizer.model`)."""
 
 import hashlib
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Union
 
 import sentencepiece as spm
 import torch
+
+from lit_lora.utils import atomic_write
 
 
 def check_utf8(text: str, what: str = "The text") -> None:
@@ -81,7 +83,7 @@ class Tokenizer:
         """Train a small LLaMA-style tokenizer (BPE, byte fallback, unk=0 bos=1 eos=2, no pad) and load it.
 
         `texts_or_file` is a text file (one sentence per line) or an iterable of strings. Writes
-        `<model_prefix>.model` (and `.vocab`). With byte fallback every string round-trips, even one
+        `<model_prefix>.model`, whole or not at all. With byte fallback every string round-trips, even one
         with characters never seen in training; `vocab_size` must leave room for the 256 byte tokens.
         """
         model_prefix = Path(model_prefix)
@@ -92,25 +94,22 @@ class Tokenizer:
             # Train on lines, as LLaMA's tokenizer was: no piece spans a newline, which is encoded as the
             # byte token <0x0A> (so "\nk" never becomes one token that hides the letter k)
             texts = [line for text in texts_or_file for line in text.split("\n")]
-        # Train under a temporary prefix, then rename: a failed training leaves no half-written model.
-        with tempfile.TemporaryDirectory(dir=model_prefix.parent) as tmp:
-            tmp_prefix = os.path.join(tmp, "spm")
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(texts),
-                model_prefix=tmp_prefix,
-                vocab_size=vocab_size,
-                model_type="bpe",
-                byte_fallback=True,
-                character_coverage=1.0,
-                hard_vocab_limit=False,  # a small corpus may not fill vocab_size; that is fine
-                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                split_digits=True,  # one token per digit, as LLaMA's tokenizer does
-                normalization_rule_name="identity",  # keep the text as it is: newlines, double spaces
-                remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True,
-                num_threads=os.cpu_count() or 1,
-                minloglevel=2,
-            )
-            for suffix in (".model", ".vocab"):
-                os.replace(tmp_prefix + suffix, str(model_prefix) + suffix)
+        model = io.BytesIO()  # the trainer writes the model here, not to files
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            hard_vocab_limit=False,  # a small corpus may not fill vocab_size; that is fine
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            split_digits=True,  # one token per digit, as LLaMA's tokenizer does
+            normalization_rule_name="identity",  # keep the text as it is: newlines, double spaces
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+        atomic_write(Path(f"{model_prefix}.model"), lambda tmp: Path(tmp).write_bytes(model.getvalue()))
         return Tokenizer(str(model_prefix) + ".model")

@@ -19,32 +19,41 @@ steps, the trainable weights and the optimizer state, and equals an uninterrupte
 """
 
 import hashlib
-import json
 import math
-import shutil
-import signal
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import CSVLogger
-from lightning.fabric.strategies import ModelParallelStrategy
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
-from lit_lora.data import IGNORE_INDEX, collate, format_prompt, load_prepared
+from lit_lora.data import (
+    IGNORE_INDEX,
+    collate,
+    format_prompt,
+    global_batch_indices,
+    load_prepared,
+)
+from lit_lora.devices import is_sharded, reshard
 from lit_lora.generation import generate
+from lit_lora.resume import (
+    interrupt_held,
+    run_identity,
+    save_checkpoint,
+    save_on_interrupt,
+    start_or_resume,
+)
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import (atomic_folder, atomic_save, atomic_write, check_flag, default_precision,
-                            dtype_from_precision, format_bytes, num_parameters, peak_memory_bytes)
+from lit_lora.utils import (
+    check_flag,
+    dtype_from_precision,
+    format_bytes,
+    num_parameters,
+    peak_memory_bytes,
+)
 
 
 @dataclass
@@ -133,64 +142,6 @@ class TrainArgs:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Starting Fabric
-
-
-def launch_fabric(args: TrainArgs, multi_device_strategy: str = "ddp", activation_checkpointing: bool = False) -> Fabric:
-    """Start Fabric (and, for several devices, the other processes) before anything is built.
-
-    `--strategy auto` on several devices means `multi_device_strategy`: DDP (a replica per device) for LoRA
-    and Adapter, whose weights fit on one device; FSDP for full finetuning, sharding weights, gradients and
-    optimizer state Block by Block.
-    """
-    args.out_dir = Path(args.out_dir)
-    if args.out_dir.exists() and not args.out_dir.is_dir():
-        raise ValueError(f"--out_dir {args.out_dir} is a file, not a folder: choose another --out_dir")
-    args.precision = args.precision or default_precision()  # recorded as run, in hyperparameters.json and state.pth
-    strategy = args.strategy
-    if strategy == "auto" and args.devices * args.num_nodes > 1:
-        strategy = multi_device_strategy
-    if strategy == "fsdp":
-        strategy = ModelParallelStrategy(partial_shard(activation_checkpointing), save_distributed_checkpoint=False,
-                                         data_parallel_size=args.devices * args.num_nodes, tensor_parallel_size=1)
-    fabric = Fabric(devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
-                    loggers=make_loggers(args.out_dir))
-    fabric.launch()
-    fabric.seed_everything(args.seed)  # the same initialisation (LoRA's A, the adapter's prompts) on every process
-    return fabric
-
-
-def partial_shard(activation_checkpointing: bool) -> Callable:
-    """FSDP (torch's `fully_shard`): each Block's parameters are split over the devices and gathered only while
-    that Block computes, forward and backward; gradients are reduce-scattered back into shards."""
-
-    def shard(model: nn.Module, device_mesh) -> nn.Module:
-        from torch.distributed._composable import checkpoint
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = device_mesh["data_parallel"]
-        for block in model.blocks:
-            if activation_checkpointing:
-                checkpoint(block)  # keep only the Block's input; recompute the rest in the backward pass
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the embedding, final norm and lm_head
-        return model
-
-    return shard
-
-
-def make_loggers(out_dir: Path) -> list:
-    loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=1)]  # logs/version_N: a resumed run adds one
-    try:
-        from lightning.fabric.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(out_dir, name="logs"))
-    except (ImportError, ModuleNotFoundError):  # TensorBoard is optional
-        pass
-    return loggers
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -202,46 +153,23 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
     args.out_dir, step files go to out_dir/step-NNNNNN/); `trained` holds the trained tensors, gathered
     from every device, on the CPU.
     """
-    out_dir = Path(args.out_dir)
+    out_dir, rank = Path(args.out_dir), fabric.global_rank
     tokenizer = Tokenizer(args.checkpoint_dir)
     train_data, test_data, max_seq_length = load_training_data(fabric, args, tokenizer, model.config.block_size)
-    world_size, rank = fabric.world_size, fabric.global_rank
-    per_device = args.global_batch_size // world_size
-    accumulation = per_device // args.micro_batch_size
-    steps_per_epoch = len(train_data) / args.global_batch_size
-    max_steps = args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
-    warmup_steps = math.ceil(args.warmup_epochs * steps_per_epoch) if args.warmup_epochs is not None else args.warmup_steps
-    if warmup_steps >= max_steps:
-        fabric.print(f"Warning: warmup ({warmup_steps} steps) is not shorter than the run ({max_steps} steps): "
-                     "the learning rate never reaches its peak.")
-
+    max_steps, warmup_steps = plan_steps(fabric, args, len(train_data))
     model = model.to(dtype_from_precision(args.precision))  # fp32 master weights unless *-true (module docstring)
-    n_trainable, n_total = num_parameters(model, trainable=True), num_parameters(model)
-    fabric.print(f"Trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)")
-    fabric.print(f"{len(train_data):,} training examples, {max_steps} optimizer steps of {args.global_batch_size} "
-                 f"examples ({accumulation} micro batches of {args.micro_batch_size} on each of {world_size} devices)")
     run = run_identity(args, model)  # what a resumed run must share with the saved one
-    model = fabric.setup_module(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
-    optimizer = fabric.setup_optimizers(optimizer)
-    sharded = isinstance(fabric.strategy, ModelParallelStrategy)
-
-    start_step = 0
-    resume_path = find_resume_path(args.resume, out_dir)
-    if resume_path is not None:
-        start_step = load_state(resume_path, model.module, optimizer.optimizer, run, sharded)
-        fabric.print(f"Resumed from {resume_path} after step {start_step}")
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out_dir)
-        atomic_write(out_dir / "hyperparameters.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(asdict(args), indent=2, default=str)))
+    model = fabric.setup_module(model)  # to the device; wrapped for DDP, or sharded for FSDP
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay))
+    sharded = is_sharded(fabric)
+    start_step = start_or_resume(fabric, args, model.module, optimizer.optimizer, run, sharded)
+    progress = Progress(fabric, model, start_step, max_steps, args.log_interval)
 
     def save(step: int, folder: Path) -> None:
         save_checkpoint(fabric, model.module, optimizer.optimizer, step, run, folder, out_dir, save_weights)
 
-    completed, loss, tokens_seen, start_time = start_step, None, 0, time.perf_counter()
+    completed, loss = start_step, None
     model.train()
     try:
         for step in range(start_step, max_steps):
@@ -250,18 +178,13 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
             lr = learning_rate_at(step, args.learning_rate, warmup_steps, max_steps, args.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            indices = global_batch_indices(step, len(train_data), args.global_batch_size, args.seed)
-            my_indices = indices[rank * per_device:(rank + 1) * per_device]
-            micro_batches = [collate([train_data[i] for i in my_indices[j:j + args.micro_batch_size]], max_seq_length)
-                             for j in range(0, per_device, args.micro_batch_size)]
-            step_tokens = sum(min(len(train_data[i]["input_ids"]), max_seq_length) for i in indices)
+            micro_batches, step_tokens = micro_batches_of_step(step, train_data, args, fabric, max_seq_length)
 
             loss = forward_backward(fabric, model, micro_batches, sync_every_micro_batch=sharded)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"The loss is {loss} at step {step + 1}; stopping. The last good checkpoint is in {out_dir}. "
-                    "Try a lower --learning_rate, or bf16 instead of 16-bit precision."
-                )
+                    "Try a lower --learning_rate, or bf16 instead of 16-bit precision.")
             with interrupt_held():  # every parameter takes the step, or none does
                 if args.grad_clip > 0:
                     fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
@@ -269,14 +192,7 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
                 optimizer.zero_grad(set_to_none=True)
                 completed = step + 1
 
-            step_time, tokens_seen = time.perf_counter() - step_start, tokens_seen + step_tokens
-            elapsed = time.perf_counter() - start_time
-            fabric.log_dict({"loss": loss, "lr": lr, "step_time_s": step_time, "step_tokens": step_tokens,
-                             "tokens_per_sec": tokens_seen / elapsed}, step=completed)
-            if completed % args.log_interval == 0 or completed == max_steps:
-                eta = elapsed / (completed - start_step) * (max_steps - completed)
-                fabric.print(f"step {completed}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                             f"{tokens_seen / elapsed:,.0f} tokens/s | ETA {format_duration(eta)}")
+            progress.log(completed, loss, lr, time.perf_counter() - step_start, step_tokens)
             if args.eval_interval and completed % args.eval_interval == 0 and completed < max_steps:
                 evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, completed)
             if args.save_interval and completed % args.save_interval == 0 and completed < max_steps:
@@ -287,20 +203,7 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
 
     val_loss = evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, max_steps)
     save(max_steps, out_dir)
-    elapsed = time.perf_counter() - start_time
-    summary = {
-        "steps": max_steps - start_step, "time_s": elapsed, "tokens_per_sec": tokens_seen / elapsed,
-        "time_per_step_s": elapsed / max(1, max_steps - start_step),
-        "peak_memory_bytes": peak_memory_bytes(fabric.device), "trainable_parameters": n_trainable,
-        "total_parameters": n_total, "final_loss": loss,
-        "val_loss": val_loss, "weights_bytes": weights_size(out_dir),
-    }
-    fabric.print(
-        f"Done: {summary['steps']} steps in {format_duration(elapsed)}, {summary['tokens_per_sec']:,.0f} tokens/s, "
-        f"peak memory {format_bytes(summary['peak_memory_bytes'])}, trainable {n_trainable:,} of {n_total:,} "
-        f"parameters, weights {format_bytes(summary['weights_bytes'])} in {out_dir}"
-    )
-    return summary
+    return progress.summary(final_loss=loss, val_loss=val_loss, out_dir=out_dir)
 
 
 def forward_backward(fabric: Fabric, model: nn.Module, micro_batches: list, sync_every_micro_batch: bool) -> float:
@@ -347,10 +250,10 @@ def evaluate(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, test_data: 
     val_loss = None
     subset = test_data[: args.eval_examples]
     if subset:
-        mine = subset[fabric.global_rank::fabric.world_size]
+        local_examples = subset[fabric.global_rank::fabric.world_size]
         total, count = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
-        for j in range(0, len(mine), args.micro_batch_size):
-            input_ids, labels = fabric.to_device(collate(mine[j:j + args.micro_batch_size], max_seq_length))
+        for j in range(0, len(local_examples), args.micro_batch_size):
+            input_ids, labels = fabric.to_device(collate(local_examples[j:j + args.micro_batch_size], max_seq_length))
             total += loss_sum(model, input_ids, labels)
             count += (labels[:, 1:] != IGNORE_INDEX).sum()
         val_loss = float(fabric.all_reduce(total, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum"))
@@ -365,14 +268,6 @@ def evaluate(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, test_data: 
     reshard(model.module)
     model.train()
     return val_loss
-
-
-def reshard(module: nn.Module) -> None:
-    """After forward passes with no backward pass (evaluation), FSDP keeps the outermost module's weights
-    gathered, expecting the backward next: split them into shards again, as training left them."""
-    for submodule in module.modules():
-        if isinstance(submodule, FSDPModule):
-            submodule.reshard()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,27 +301,39 @@ def load_training_data(fabric: Fabric, args: TrainArgs, tokenizer: Tokenizer, bl
     return kept_train, kept_test, max_seq_length
 
 
+def plan_steps(fabric: Fabric, args: TrainArgs, num_examples: int) -> tuple[int, int]:
+    """The run's optimizer steps and warmup steps (from --epochs and --warmup_epochs unless given in steps)."""
+    steps_per_epoch = num_examples / args.global_batch_size
+    max_steps = args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
+    warmup_steps = math.ceil(args.warmup_epochs * steps_per_epoch) if args.warmup_epochs is not None else args.warmup_steps
+    if warmup_steps >= max_steps:
+        fabric.print(f"Warning: warmup ({warmup_steps} steps) is not shorter than the run ({max_steps} steps): "
+                     "the learning rate never reaches its peak.")
+    per_device = args.global_batch_size // fabric.world_size
+    fabric.print(f"{num_examples:,} training examples, {max_steps} optimizer steps of {args.global_batch_size} "
+                 f"examples ({per_device // args.micro_batch_size} micro batches of {args.micro_batch_size} on each "
+                 f"of {fabric.world_size} devices)")
+    return max_steps, warmup_steps
+
+
+def micro_batches_of_step(step: int, train_data: list, args: TrainArgs, fabric: Fabric,
+                          max_seq_length: int) -> tuple[list, int]:
+    """This process's share of the step's global batch, as right-padded micro batches, and the tokens of the
+    whole global batch (for tokens/s)."""
+    indices = global_batch_indices(step, len(train_data), args.global_batch_size, args.seed)
+    per_device = args.global_batch_size // fabric.world_size
+    local_indices = indices[fabric.global_rank * per_device:(fabric.global_rank + 1) * per_device]
+    micro_batches = [collate([train_data[i] for i in local_indices[j:j + args.micro_batch_size]], max_seq_length)
+                     for j in range(0, per_device, args.micro_batch_size)]
+    return micro_batches, sum(min(len(train_data[i]["input_ids"]), max_seq_length) for i in indices)
+
+
 def learning_rate_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup over `warmup_steps` optimizer steps, then cosine decay from max_lr to min_lr."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def global_batch_indices(step: int, num_examples: int, global_batch_size: int, seed: int) -> list[int]:
-    """The examples of optimizer step `step`: consecutive slices of a stream that is a fresh shuffle of the
-    training set each epoch (every example once per epoch, no sampling with replacement). A pure function
-    of (step, seed): resuming at a step needs no saved data order."""
-    start = step * global_batch_size
-    orders: dict[int, torch.Tensor] = {}
-    indices = []
-    for position in range(start, start + global_batch_size):
-        epoch, offset = divmod(position, num_examples)
-        if epoch not in orders:
-            orders[epoch] = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(orders[epoch][offset]))
-    return indices
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -436,135 +343,40 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:8], "little") >> 1
 
 
-@contextmanager
-def interrupt_held() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block has run: the optimizer step updates every parameter or none."""
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+class Progress:
+    """What a run reports: every step's figures in the CSV log, a progress line every `log_interval` steps, and
+    the summary at the end (time, tokens/s, peak memory, parameters, the size of the weights written)."""
 
+    def __init__(self, fabric: Fabric, model: nn.Module, start_step: int, max_steps: int, log_interval: int):
+        self.fabric, self.start_step, self.max_steps, self.log_interval = fabric, start_step, max_steps, log_interval
+        self.trainable, self.total = num_parameters(model, trainable=True), num_parameters(model)
+        fabric.print(f"Trainable parameters: {self.trainable:,} of {self.total:,} "
+                     f"({100 * self.trainable / self.total:.3f}%)")
+        self.tokens_seen, self.start_time = 0, time.perf_counter()
 
-# ---------------------------------------------------------------------------------------------------------
-# Saving and resuming
+    def log(self, completed: int, loss: float, lr: float, step_time: float, step_tokens: int) -> None:
+        self.tokens_seen += step_tokens
+        elapsed = time.perf_counter() - self.start_time
+        self.fabric.log_dict({"loss": loss, "lr": lr, "step_time_s": step_time, "step_tokens": step_tokens,
+                              "tokens_per_sec": self.tokens_seen / elapsed}, step=completed)
+        if completed % self.log_interval == 0 or completed == self.max_steps:
+            eta = elapsed / (completed - self.start_step) * (self.max_steps - completed)
+            self.fabric.print(f"step {completed}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                              f"{self.tokens_seen / elapsed:,.0f} tokens/s | ETA {format_duration(eta)}")
 
-# The flags a resumed run may change: where things are, how the work is split, what is printed and saved.
-# Every other flag (the seed, batch size, schedule, precision, the method's hyperparameters) decides the
-# run's result, and resuming with another value is refused.
-RESUME_MAY_CHANGE = {"checkpoint_dir", "data_dir", "out_dir", "devices", "num_nodes", "strategy", "micro_batch_size",
-                     "eval_interval", "eval_examples", "eval_instruction", "eval_input", "eval_max_new_tokens",
-                     "save_interval", "log_interval", "resume"}
-
-
-def run_identity(args: TrainArgs, model: nn.Module) -> dict:
-    """What decides a run's result: every flag but RESUME_MAY_CHANGE, the training data's sha256 and the
-    base weights' fingerprint (paths may move; contents may not)."""
-    identity = {name: value for name, value in asdict(args).items() if name not in RESUME_MAY_CHANGE}
-    identity["data"] = hashlib.sha256((Path(args.data_dir) / "train.pt").read_bytes()).hexdigest()
-    identity["base_weights"] = getattr(model, "base_fingerprint", None)
-    return json.loads(json.dumps(identity, default=str))  # plain JSON values: tuples as lists, paths as strings
-
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors on the CPU, whole: a sharded (FSDP) parameter is gathered from every device.
-    A collective when sharded: every process calls it; only rank 0 keeps the result."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    state = {}
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            tensor = param.full_tensor() if isinstance(param, DTensor) else param
-            if rank == 0:
-                state[name] = tensor.detach().cpu()
-    return state
-
-
-def save_checkpoint(fabric: Fabric, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, run: dict,
-                    folder: Path, out_dir: Path, save_weights: Callable) -> None:
-    """The method's file(s) in `folder`, then the resumable state out_dir/state.pth, each written whole.
-
-    The order matters: a crash between the two leaves the previous state, so a resumed run redoes the steps
-    since then and writes `folder` again, never leaving it incomplete. A step folder (`step-NNNNNN`) appears
-    whole or not at all; in out_dir itself each file appears whole (out_dir also holds the logs)."""
-    trained = trainable_state(module)
-    optimizer_state = get_optimizer_state_dict(module, optimizer,
-                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if fabric.global_rank == 0:
-        with atomic_folder(folder, replace=folder != out_dir) as tmp:
-            save_weights(module, tmp, trained)
-        atomic_save({"model": trained, "optimizer": optimizer_state, "step": step, "run": run}, out_dir / "state.pth")
-    fabric.barrier()
-
-
-def save_on_interrupt(fabric: Fabric, module: nn.Module, optimizer: torch.optim.Optimizer, completed: int, run: dict,
-                      out_dir: Path, sharded: bool) -> None:
-    """Ctrl-C: save the state after the last completed optimizer step, then exit with code 130.
-
-    With sharded weights, saving needs every process to take part, which an interrupt cannot promise:
-    the run then resumes from the last state it saved."""
-    if sharded:
-        fabric.print(f"\nInterrupted after step {completed}: with FSDP the state is not saved on an interrupt. "
-                     f"Continue from the last saved state with --resume auto.")
-    else:
-        if fabric.global_rank == 0:
-            optimizer_state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(cpu_offload=True))
-            atomic_save({"model": trainable_state(module), "optimizer": optimizer_state, "step": completed,
-                         "run": run}, out_dir / "state.pth")
-        fabric.print(f"\nInterrupted after step {completed}: saved the resumable state {out_dir / 'state.pth'}. "
-                     "Continue with --resume auto.")
-    raise SystemExit(130)
-
-
-def find_resume_path(resume: Union[bool, str, Path], out_dir: Path) -> Optional[Path]:
-    if resume is False or resume is None:
-        return None
-    if resume is True or resume == "auto":
-        path = out_dir / "state.pth"
-        return path if path.is_file() else None  # auto: a fresh start when there is nothing to resume
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {path}: no such state file (a run writes one as <out_dir>/state.pth)")
-    return path
-
-
-def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, run: dict, sharded: bool) -> int:
-    """Restore the trainable weights and the optimizer from `path`, after checking that the saved run is this
-    run; return the number of completed steps."""
-    try:
-        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise ValueError(f"--resume {path}: not a resumable state written by lit-lora ({e})") from None
-    if not isinstance(state, dict) or "run" not in state:
-        raise ValueError(f"--resume {path}: not a resumable state written by this version of lit-lora; start afresh")
-    for name in sorted(set(run) | set(state["run"])):
-        saved, now = state["run"].get(name), run.get(name)
-        if saved != now:
-            what = {"data": "the training data (train.pt)", "base_weights": "the base model's weights"}.get(name,
-                                                                                                        f"--{name}")
-            raise ValueError(f"--resume {path}: {what} differs from the saved run's ({saved!r} then, {now!r} now). "
-                             "Resume with the same value, or start a new run in another --out_dir.")
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    if set(state["model"]) != trainable:
-        missing, unexpected = sorted(trainable - set(state["model"])), sorted(set(state["model"]) - trainable)
-        raise ValueError(f"{path} does not fit this run's trainable parameters: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}. Was it made by another method or with other LoRA targets?")
-    options = StateDictOptions(full_state_dict=True, strict=False) if sharded else StateDictOptions(strict=False)
-    set_model_state_dict(module, state["model"], options=options)
-    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
-    return state["step"]
-
-
-def remove_leftovers(out_dir: Path) -> None:
-    """Temporary files and folders that a killed run can leave in out_dir (.NAME.XXXX.tmp from an atomic write,
-    .NAME.old-XXXX from a folder swap): everything in them is rewritten from the resumable state."""
-    for path in list(out_dir.glob(".*.tmp")) + list(out_dir.glob(".*.old-*")):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    def summary(self, final_loss: Optional[float], val_loss: Optional[float], out_dir: Path) -> dict:
+        elapsed, steps = time.perf_counter() - self.start_time, self.max_steps - self.start_step
+        summary = {
+            "steps": steps, "time_s": elapsed, "tokens_per_sec": self.tokens_seen / elapsed,
+            "time_per_step_s": elapsed / max(1, steps), "peak_memory_bytes": peak_memory_bytes(self.fabric.device),
+            "trainable_parameters": self.trainable, "total_parameters": self.total, "final_loss": final_loss,
+            "val_loss": val_loss, "weights_bytes": weights_size(out_dir),
+        }
+        self.fabric.print(
+            f"Done: {steps} steps in {format_duration(elapsed)}, {summary['tokens_per_sec']:,.0f} tokens/s, peak "
+            f"memory {format_bytes(summary['peak_memory_bytes'])}, trainable {self.trainable:,} of {self.total:,} "
+            f"parameters, weights {format_bytes(summary['weights_bytes'])} in {out_dir}")
+        return summary
 
 
 def weights_size(folder: Path) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
-from lit_lora.model import LLaMA, Config
+from lit_lora.model import Config, LLaMA
 
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.json", "tokenizer.model")
 HOW_TO_GET_A_CHECKPOINT = (

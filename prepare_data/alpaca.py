@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Union
 
 
-from lit_lora.data import PrepareArgs, check_sha256, download, load_records, prepare_records
+from lit_lora.data import PrepareArgs, prepare_records
+from lit_lora.data_files import check_sha256, download, load_records
 from lit_lora.utils import cli
 
 # A fixed commit of tloen/alpaca-lora, not the head of a branch that can move: every download is the same file.

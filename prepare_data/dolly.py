@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Union
 
 
-from lit_lora.data import PrepareArgs, check_sha256, download, load_records, prepare_records
+from lit_lora.data import PrepareArgs, prepare_records
+from lit_lora.data_files import check_sha256, download, load_records
 from lit_lora.utils import cli
 
 # A fixed revision (commit) of the dataset repository, not the head of its main branch, which can move.

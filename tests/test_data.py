@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import lit_lora.utils
-from lit_lora.data import (IGNORE_INDEX, PrepareArgs, collate, download, format_prompt, load_prepared, load_records,
-                           prepare, tokenize_example)
+from lit_lora.data import IGNORE_INDEX, PrepareArgs, collate, format_prompt, load_prepared, prepare, tokenize_example
+from lit_lora.data_files import download, load_records
 from lit_lora.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -167,7 +167,7 @@ def model_preferring_ids_past(vocab_size: int, extra: int = 40) -> LLaMA:
 
 
 def test_never_samples_an_id_the_tokenizer_does_not_have(tokenizer, tokenizer_path, capsys):
-    from lit_lora.generation import GenerateArgs, run
+    from lit_lora.generation import GenerateArgs, run_generation
 
     model = model_preferring_ids_past(tokenizer.vocab_size)
     prompt = tokenizer.encode("The model", bos=True)
@@ -178,7 +178,7 @@ def test_never_samples_an_id_the_tokenizer_does_not_have(tokenizer, tokenizer_pa
         assert len(tokens) == 20 and (tokens < tokenizer.vocab_size).all()
 
     # the scripts' path decodes what it samples: it must not crash in Tokenizer.decode
-    texts = run(model, GenerateArgs(prompt="The model", checkpoint_dir=tokenizer_path, max_new_tokens=10,
+    texts = run_generation(model, GenerateArgs(prompt="The model", checkpoint_dir=tokenizer_path, max_new_tokens=10,
                                     num_samples=2, precision="32-true"))
     assert len(texts) == 2 and all(texts)
     assert capsys.readouterr().err.count("10 tokens in") == 2

@@ -9,7 +9,8 @@ import torch
 import lit_lora.train as train_module
 from lit_lora.data import prepare
 from lit_lora.lora import read_lora_file
-from lit_lora.train import global_batch_indices, learning_rate_at
+from lit_lora.data import global_batch_indices
+from lit_lora.train import learning_rate_at
 from tests.conftest import make_checkpoint
 
 WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish", "moon", "rain"]

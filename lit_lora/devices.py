@@ -1,0 +1,80 @@
+"""Devices and strategies for training, through Lightning Fabric: one device; DDP, a whole replica of the model
+per device (LoRA and LLaMA-Adapter, whose frozen weights fit on one GPU); or FSDP, every Block's weights,
+gradients and optimizer state split over the devices (full finetuning), with torch's `fully_shard`.
+Fabric also starts the other processes and applies the precision (lit_lora/train.py says what each means).
+"""
+
+from pathlib import Path
+from typing import Callable
+
+import torch.nn as nn
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import CSVLogger
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch.distributed._composable import checkpoint
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from lit_lora.utils import default_precision
+
+
+def launch_fabric(args, multi_device_strategy: str = "ddp", activation_checkpointing: bool = False) -> Fabric:
+    """Start Fabric (and, for several devices, the other processes) before anything is built.
+
+    `--strategy auto` on several devices means `multi_device_strategy`: DDP (a replica per device) for LoRA
+    and Adapter, whose weights fit on one device; FSDP for full finetuning, sharding weights, gradients and
+    optimizer state Block by Block.
+    """
+    args.out_dir = Path(args.out_dir)
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"--out_dir {args.out_dir} is a file, not a folder: choose another --out_dir")
+    args.precision = args.precision or default_precision()  # recorded as run, in hyperparameters.json and state.pth
+    strategy = args.strategy
+    if strategy == "auto" and args.devices * args.num_nodes > 1:
+        strategy = multi_device_strategy
+    if strategy == "fsdp":
+        strategy = ModelParallelStrategy(shard_by_block(activation_checkpointing), save_distributed_checkpoint=False,
+                                         data_parallel_size=args.devices * args.num_nodes, tensor_parallel_size=1)
+    fabric = Fabric(devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
+                    loggers=make_loggers(args.out_dir))
+    fabric.launch()
+    fabric.seed_everything(args.seed)  # the same initialisation (LoRA's A, the adapter's prompts) on every process
+    return fabric
+
+
+def shard_by_block(activation_checkpointing: bool) -> Callable:
+    """FSDP (torch's `fully_shard`): each Block's parameters are split over the devices and gathered only while
+    that Block computes, forward and backward; gradients are reduce-scattered back into shards."""
+
+    def shard(model: nn.Module, device_mesh) -> nn.Module:
+        mesh = device_mesh["data_parallel"]
+        for block in model.blocks:
+            if activation_checkpointing:
+                checkpoint(block)  # keep only the Block's input; recompute the rest in the backward pass
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the embedding, final norm and lm_head
+        return model
+
+    return shard
+
+
+def make_loggers(out_dir: Path) -> list:
+    loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=1)]  # logs/version_N: a resumed run adds one
+    try:
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out_dir, name="logs"))
+    except (ImportError, ModuleNotFoundError):  # TensorBoard is optional
+        pass
+    return loggers
+
+
+def is_sharded(fabric: Fabric) -> bool:
+    return isinstance(fabric.strategy, ModelParallelStrategy)
+
+
+def reshard(module: nn.Module) -> None:
+    """After forward passes with no backward pass (evaluation), FSDP keeps the outermost module's weights
+    gathered, expecting the backward next: split them into shards again, as training left them."""
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()

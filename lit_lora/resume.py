@@ -1,0 +1,180 @@
+"""Saving a run and resuming it exactly, for the training loop (lit_lora/train.py).
+
+A run can stop anywhere: Ctrl-C, a kill, a crash, a preempted job. What it needs to go on is small, because
+everything random in a step is drawn from a seed made of (seed, process, step), and the data order is a
+function of (seed, step): the number of completed optimizer steps, the trainable weights and AdamW's state.
+`state.pth` holds those, and what identifies the run (the flags that decide its result, the training data's
+sha256, a fingerprint of the base weights), so that resuming another run by mistake is refused.
+
+Every file is written under a temporary name beside it and renamed when whole; a step folder appears whole or
+not at all; and the method's file is written before state.pth, so a crash between the two only makes the
+resumed run redo a few steps and write the file again.
+"""
+
+import hashlib
+import json
+import shutil
+import signal
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+import torch.nn as nn
+from lightning.fabric import Fabric
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from lit_lora.utils import atomic_folder, atomic_save, atomic_write
+
+
+@contextmanager
+def interrupt_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block has run: the optimizer step updates every parameter or none."""
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# The flags a resumed run may change: where things are, how the work is split, what is printed and saved.
+# Every other flag (the seed, batch size, schedule, precision, the method's hyperparameters) decides the
+# run's result, and resuming with another value is refused.
+RESUME_MAY_CHANGE = {"checkpoint_dir", "data_dir", "out_dir", "devices", "num_nodes", "strategy", "micro_batch_size",
+                     "eval_interval", "eval_examples", "eval_instruction", "eval_input", "eval_max_new_tokens",
+                     "save_interval", "log_interval", "resume"}
+
+
+def run_identity(args, model: nn.Module) -> dict:
+    """What decides a run's result: every flag but RESUME_MAY_CHANGE, the training data's sha256 and the
+    base weights' fingerprint (paths may move; contents may not)."""
+    identity = {name: value for name, value in asdict(args).items() if name not in RESUME_MAY_CHANGE}
+    identity["data"] = hashlib.sha256((Path(args.data_dir) / "train.pt").read_bytes()).hexdigest()
+    identity["base_weights"] = getattr(model, "base_fingerprint", None)
+    return json.loads(json.dumps(identity, default=str))  # plain JSON values: tuples as lists, paths as strings
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors on the CPU, whole: a sharded (FSDP) parameter is gathered from every device.
+    A collective when sharded: every process calls it; only rank 0 keeps the result."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    state = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            tensor = param.full_tensor() if isinstance(param, DTensor) else param
+            if rank == 0:
+                state[name] = tensor.detach().cpu()
+    return state
+
+
+def save_checkpoint(fabric: Fabric, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, run: dict,
+                    folder: Path, out_dir: Path, save_weights: Callable) -> None:
+    """The method's file(s) in `folder`, then the resumable state out_dir/state.pth, each written whole.
+
+    The order matters: a crash between the two leaves the previous state, so a resumed run redoes the steps
+    since then and writes `folder` again, never leaving it incomplete. A step folder (`step-NNNNNN`) appears
+    whole or not at all; in out_dir itself each file appears whole (out_dir also holds the logs)."""
+    trained = trainable_state(module)
+    optimizer_state = get_optimizer_state_dict(module, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if fabric.global_rank == 0:
+        with atomic_folder(folder, replace=folder != out_dir) as tmp:
+            save_weights(module, tmp, trained)
+        atomic_save({"model": trained, "optimizer": optimizer_state, "step": step, "run": run}, out_dir / "state.pth")
+    fabric.barrier()
+
+
+def save_on_interrupt(fabric: Fabric, module: nn.Module, optimizer: torch.optim.Optimizer, completed: int, run: dict,
+                      out_dir: Path, sharded: bool) -> None:
+    """Ctrl-C: save the state after the last completed optimizer step, then exit with code 130.
+
+    With sharded weights, saving needs every process to take part, which an interrupt cannot promise:
+    the run then resumes from the last state it saved."""
+    if sharded:
+        fabric.print(f"\nInterrupted after step {completed}: with FSDP the state is not saved on an interrupt. "
+                     f"Continue from the last saved state with --resume auto.")
+    else:
+        if fabric.global_rank == 0:
+            optimizer_state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(cpu_offload=True))
+            atomic_save({"model": trainable_state(module), "optimizer": optimizer_state, "step": completed,
+                         "run": run}, out_dir / "state.pth")
+        fabric.print(f"\nInterrupted after step {completed}: saved the resumable state {out_dir / 'state.pth'}. "
+                     "Continue with --resume auto.")
+    raise SystemExit(130)
+
+
+def start_or_resume(fabric: Fabric, args, module: nn.Module, optimizer: torch.optim.Optimizer, run: dict,
+                    sharded: bool) -> int:
+    """Prepare out_dir (its leftovers removed, hyperparameters.json written) and, with --resume, restore the
+    saved state; return the number of optimizer steps already completed (0 for a fresh run)."""
+    out_dir = Path(args.out_dir)
+    completed = 0
+    path = find_resume_path(args.resume, out_dir)
+    if path is not None:
+        completed = load_state(path, module, optimizer, run, sharded)
+        fabric.print(f"Resumed from {path} after step {completed}")
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)
+        atomic_write(out_dir / "hyperparameters.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(asdict(args), indent=2, default=str)))
+    return completed
+
+
+def find_resume_path(resume: Union[bool, str, Path], out_dir: Path) -> Optional[Path]:
+    if resume is False or resume is None:
+        return None
+    if resume is True or resume == "auto":
+        path = out_dir / "state.pth"
+        return path if path.is_file() else None  # auto: a fresh start when there is nothing to resume
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such state file (a run writes one as <out_dir>/state.pth)")
+    return path
+
+
+def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, run: dict, sharded: bool) -> int:
+    """Restore the trainable weights and the optimizer from `path`, after checking that the saved run is this
+    run; return the number of completed steps."""
+    try:
+        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"--resume {path}: not a resumable state written by lit-lora ({e})") from None
+    if not isinstance(state, dict) or "run" not in state:
+        raise ValueError(f"--resume {path}: not a resumable state written by this version of lit-lora; start afresh")
+    for name in sorted(set(run) | set(state["run"])):
+        saved, now = state["run"].get(name), run.get(name)
+        if saved != now:
+            what = {"data": "the training data (train.pt)", "base_weights": "the base model's weights"}.get(name,
+                                                                                                        f"--{name}")
+            raise ValueError(f"--resume {path}: {what} differs from the saved run's ({saved!r} then, {now!r} now). "
+                             "Resume with the same value, or start a new run in another --out_dir.")
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    if set(state["model"]) != trainable:
+        missing, unexpected = sorted(trainable - set(state["model"])), sorted(set(state["model"]) - trainable)
+        raise ValueError(f"{path} does not fit this run's trainable parameters: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}. Was it made by another method or with other LoRA targets?")
+    options = StateDictOptions(full_state_dict=True, strict=False) if sharded else StateDictOptions(strict=False)
+    set_model_state_dict(module, state["model"], options=options)
+    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
+    return state["step"]
+
+
+def remove_leftovers(out_dir: Path) -> None:
+    """Temporary files and folders that a killed run can leave in out_dir (.NAME.XXXX.tmp from an atomic write,
+    .NAME.old-XXXX from a folder swap): everything in them is rewritten from the resumable state."""
+    for path in list(out_dir.glob(".*.tmp")) + list(out_dir.glob(".*.old-*")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
