@@ -1,6 +1,6 @@
 """checkpoints/: Hugging Face and Meta weights -> lit-lora -> Hugging Face, all on tiny random models made here.
 
-The references are independent of lit_lora/convert.py: transformers' own LlamaForCausalLM for the Hugging Face
+The references are independent of lit_lora/convert_*.py: transformers' own LlamaForCausalLM for the Hugging Face
 format, and for Meta's format the names, shard split and interleaved RoPE written out below from Meta's model.py.
 """
 
@@ -26,9 +26,10 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lit_lora.convert import (DTYPES, DtypeName, config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint,
-                              export_hf_checkpoint, export_peft_adapter, hf_files_to_download, import_peft_adapter,
-                              permute_meta_qk)
+from lit_lora.convert_common import DTYPES, DtypeName
+from lit_lora.convert_hf import config_from_hf, convert_hf_checkpoint, export_hf_checkpoint, hf_files_to_download
+from lit_lora.convert_meta import convert_meta_checkpoint, permute_meta_qk
+from lit_lora.convert_peft import export_peft_adapter, import_peft_adapter
 from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
 from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
 from lit_lora.tokenizer import Tokenizer
