@@ -79,7 +79,7 @@ def main(prompt_length: int = 32, new_tokens: int = 128, repeats: int = 3) -> di
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from lit_lora.convert import config_to_hf, lit_to_hf_name
+        from lit_lora.convert_hf import config_to_hf, lit_to_hf_name
     except ImportError:
         print("  (transformers is not installed: pip install -e '.[test]' to compare with Hugging Face)")
     else:

@@ -76,7 +76,7 @@ def build_hf(config: Config, state_dict: dict):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lit_lora.convert import config_to_hf, lit_to_hf_name
+    from lit_lora.convert_hf import config_to_hf, lit_to_hf_name
 
     hf_config = LlamaConfig(**{k: v for k, v in config_to_hf(config).items() if k not in ("architectures",)})
     hf_config._attn_implementation = "sdpa"

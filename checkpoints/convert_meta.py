@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 
-from lit_lora.convert import DtypeName, convert_meta_checkpoint
+from lit_lora.convert_common import DtypeName
+from lit_lora.convert_meta import convert_meta_checkpoint
 from lit_lora.utils import cli
 
 

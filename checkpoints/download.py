@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from lit_lora.convert import hf_files_to_download
+from lit_lora.convert_hf import hf_files_to_download
 from lit_lora.utils import cli
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 
-from lit_lora.convert import DtypeName, export_hf_checkpoint
+from lit_lora.convert_common import DtypeName
+from lit_lora.convert_hf import export_hf_checkpoint
 from lit_lora.utils import cli
 
 

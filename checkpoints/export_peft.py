@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from lit_lora.convert import export_peft_adapter
+from lit_lora.convert_peft import export_peft_adapter
 from lit_lora.utils import cli
 
 

@@ -10,7 +10,7 @@ LoRA file from finetune/lora.py does (--lora_path).
 from pathlib import Path
 
 
-from lit_lora.convert import import_peft_adapter
+from lit_lora.convert_peft import import_peft_adapter
 from lit_lora.utils import cli
 
 

@@ -1,6 +1,6 @@
 """checkpoints/: Hugging Face and Meta weights -> lit-lora -> Hugging Face, all on tiny random models made here.
 
-The references are independent of lit_lora/convert.py: transformers' own LlamaForCausalLM for the Hugging Face
+The references are independent of lit_lora/convert_*.py: transformers' own LlamaForCausalLM for the Hugging Face
 format, and for Meta's format the names, shard split and interleaved RoPE written out below from Meta's model.py.
 """
 
@@ -24,11 +24,13 @@ from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled, Revision
 from jsonargparse import CLI
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lit_lora.convert import (DTYPES, DtypeName, config_from_hf, convert_hf_checkpoint, convert_meta_checkpoint,
-                              export_hf_checkpoint, export_peft_adapter, hf_files_to_download, import_peft_adapter,
-                              permute_meta_qk)
+from lit_lora.convert_common import DTYPES, DtypeName
+from lit_lora.convert_hf import config_from_hf, convert_hf_checkpoint, export_hf_checkpoint, hf_files_to_download
+from lit_lora.convert_meta import convert_meta_checkpoint, permute_meta_qk
+from lit_lora.convert_peft import export_peft_adapter, import_peft_adapter
 from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
 from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
 from lit_lora.tokenizer import Tokenizer
@@ -508,6 +510,26 @@ def test_export_peft_checks_the_base_model(tmp_path, tokenizer_path, tokenizer):
         export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=other)
 
 
+def test_peft_adapter_that_does_not_fit_the_base_model_is_named(tmp_path, tokenizer_path, tokenizer):
+    """The adapter's tensors are checked under their PEFT names, those a user finds in adapter_model.safetensors."""
+    make_lora(tmp_path, tokenizer_path, tokenizer, targets=("q", "v"))
+    export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft")
+    q_factor = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    wider = tmp_path / "wider"
+    save_checkpoint_dir(LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size, n_embd=64)), tokenizer_path,
+                        wider)
+    with pytest.raises(ValueError, match=re.escape(f"{q_factor} has shape (4, 32), expected (4, 64)")):
+        import_peft_adapter(tmp_path / "peft", wider, tmp_path / "imported.pth")
+
+    adapter_path = tmp_path / "peft" / "adapter_model.safetensors"
+    with safe_open(str(adapter_path), framework="pt") as adapter_file:
+        tensors = {key: adapter_file.get_tensor(key) for key in adapter_file.keys() if key != q_factor}
+    save_file(tensors, str(adapter_path))
+    with pytest.raises(ValueError, match=re.escape(f"does not fit: missing tensors: ['{q_factor}']")):
+        import_peft_adapter(tmp_path / "peft", tmp_path / "lit", tmp_path / "imported.pth")
+    assert not (tmp_path / "imported.pth").exists()
+
+
 @pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
                          ids=["umask-022", "umask-027"])
 def test_written_folders_and_files_have_the_usual_permissions(tmp_path, tokenizer_path, tokenizer, umask,
@@ -582,6 +604,19 @@ def test_hf_folder_errors(tmp_path, tokenizer_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="No tokenizer.model in"):
         convert_hf_checkpoint(no_tokenizer, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_hidden_layers", 3, "missing tensors: ['blocks.2.attn.k_proj.weight', 'blocks.2.attn.o_proj.weight', "),
+    ("intermediate_size", 96, "blocks.0.mlp.down_proj.weight has shape (64, 128), expected (64, 96)"),
+])
+def test_weights_that_do_not_fit_their_config_are_named(tmp_path, tokenizer_path, tokenizer, field, value, expected):
+    hf_dir = make_hf_dir(tmp_path / "hf", hf_model(tokenizer.vocab_size), tokenizer_path)
+    config_path = hf_dir / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), field: value}))
+    with pytest.raises(ValueError, match=re.escape(f"{hf_dir} does not fit: ") + ".*" + re.escape(expected)):
+        convert_hf_checkpoint(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("bad_name", ["../outside.safetensors", "OUTSIDE", "sub/../../outside.safetensors",
