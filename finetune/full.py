@@ -56,7 +56,7 @@ def main(args: FullArgs) -> dict:
     else:
         model = load_model(args.checkpoint_dir)
     return fit(fabric, model, args,
-               save_weights=lambda m, folder, trained: save_checkpoint_dir(m, tokenizer.model_path, folder, trained))
+               save_weights=lambda m, folder, trained: save_checkpoint_dir(folder, trained, m.config, tokenizer.model_path))
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def load_adapter(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     model is left as it was.
     """
     data = read_adapter_file(path)
-    check_base_model(data, model, path)
+    check_base_model(data, model.config, path, getattr(model, "base_fingerprint", None))
     config = AdapterConfig(**data["adapter_config"])
     if getattr(model, "adapter_config", None) not in (None, config):
         raise ValueError(f"{path} holds an adapter with {config}, "

@@ -24,7 +24,6 @@ conversion leaves no half-written folder.
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -32,9 +31,14 @@ from typing import Literal, Optional, Union
 import torch
 from safetensors.torch import save_file
 
-from lit_lora.model import LLaMA, Config
-from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_folder, check_tensors, current_umask, format_bytes, peak_memory_bytes
+from lit_lora.model import Config, LLaMA
+from lit_lora.utils import (
+    check_tensors,
+    current_umask,
+    format_bytes,
+    peak_memory_bytes,
+    save_checkpoint_dir,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names
@@ -131,14 +135,6 @@ def apply_preset(inferred: Config, preset: str, source: str) -> Config:
 # Checking and writing what was converted
 # ---------------------------------------------------------------------------------------------------------------
 
-def check_tokenizer(tokenizer_path: Path, config: Config) -> None:
-    """A tokenizer with more pieces than the model has embeddings belongs to another model."""
-    vocab = Tokenizer(tokenizer_path).vocab_size
-    if vocab > config.padded_vocab_size:
-        raise ValueError(f"{tokenizer_path} has {vocab} tokens, but the model embeds only {config.padded_vocab_size}: "
-                         "the tokenizer belongs to another model")
-
-
 def check_converted_tensors(state_dict: dict[str, torch.Tensor], config: Config, source: str) -> None:
     """Every tensor the model needs, no other, with the shape it needs (read off a model on the meta device)."""
     with torch.device("meta"):
@@ -149,11 +145,9 @@ def check_converted_tensors(state_dict: dict[str, torch.Tensor], config: Config,
 
 
 def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokenizer_path: Path) -> Path:
-    """The folder that `lit_lora.utils.load_model` reads: lit_model.pth, model_config.json, tokenizer.model."""
-    with atomic_folder(output_dir) as tmp_dir:
-        torch.save(state_dict, tmp_dir / "lit_model.pth")
-        config.to_file(tmp_dir / "model_config.json")
-        shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.model")
+    """The folder that `lit_lora.utils.load_model` reads (lit_model.pth, model_config.json, tokenizer.model),
+    written whole, with what it took."""
+    save_checkpoint_dir(output_dir, state_dict, config, tokenizer_path)
     size = (output_dir / "lit_model.pth").stat().st_size
     print(f"Wrote {output_dir} (lit_model.pth {format_bytes(size)}); peak memory {format_bytes(peak_memory_bytes())}")
     return output_dir

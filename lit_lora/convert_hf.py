@@ -25,13 +25,27 @@ from typing import Iterator, Optional, Union
 import torch
 from safetensors import safe_open
 
-from lit_lora.convert_common import (NameTable, apply_preset, check_converted_tensors, check_tokenizer,
-                                     dtype_from_name, int_if_whole, save_safetensors, to_dtype, write_checkpoint)
+from lit_lora.convert_common import (
+    NameTable,
+    apply_preset,
+    check_converted_tensors,
+    dtype_from_name,
+    int_if_whole,
+    save_safetensors,
+    to_dtype,
+    write_checkpoint,
+)
 from lit_lora.hf_tokenizer import hf_tokenizer_files
 from lit_lora.lora import load_lora, merge_lora
 from lit_lora.model import Config
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_folder, format_bytes, load_model, peak_memory_bytes
+from lit_lora.utils import (
+    atomic_folder,
+    check_vocabulary,
+    format_bytes,
+    load_model,
+    peak_memory_bytes,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names
@@ -251,7 +265,7 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
     # Where the weights came from, for the record: export_peft.py writes it as base_model_name_or_path, so the
     # whole path of the folder on this machine (config.json's _name_or_path may be one on the uploader's).
     config.extra["hf_model"] = str(hf_dir.resolve())
-    check_tokenizer(tokenizer_path, config)
+    check_vocabulary(config, tokenizer_path)
 
     state_dict = {}
     for file_number, path in enumerate(weight_files, 1):

@@ -22,10 +22,18 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from lit_lora.convert_common import (NameTable, apply_preset, check_converted_tensors, check_tokenizer,
-                                     dtype_from_name, int_if_whole, to_dtype, write_checkpoint)
+from lit_lora.convert_common import (
+    NameTable,
+    apply_preset,
+    check_converted_tensors,
+    dtype_from_name,
+    int_if_whole,
+    to_dtype,
+    write_checkpoint,
+)
 from lit_lora.model import Config
 from lit_lora.tokenizer import Tokenizer
+from lit_lora.utils import check_vocabulary
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names, shards and the RoPE layout
@@ -130,7 +138,7 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
     if vocab_size <= 0:  # the original LLaMA's params.json says -1: the tokenizer decides
         vocab_size = Tokenizer(tokenizer_path).vocab_size
     config = config_from_meta(params, vocab_size, model_size)
-    check_tokenizer(tokenizer_path, config)
+    check_vocabulary(config, tokenizer_path)
 
     print(f"Reading {len(shard_paths)} shard(s) from {meta_dir} (memory-mapped)")
     shards = [torch.load(path, mmap=True, weights_only=True, map_location="cpu") for path in shard_paths]

@@ -25,7 +25,7 @@ from lit_lora.convert_common import save_safetensors
 from lit_lora.convert_hf import hf_to_lit_name, lit_to_hf_name
 from lit_lora.lora import LORA_TARGETS, apply_lora, lora_state_dict, read_lora_file, save_lora
 from lit_lora.model import LLaMA, Config
-from lit_lora.utils import SHAPE_FIELDS, atomic_folder, check_tensors
+from lit_lora.utils import atomic_folder, check_base_model, check_tensors
 
 PEFT_PREFIX = "base_model.model."
 # adapter_config.json fields whose other values change what the adapter computes, with the value we support.
@@ -90,10 +90,7 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
     base_config, lora_config = lora_file["base_config"], lora_file["lora_config"]
     if checkpoint_dir is not None:  # the LoRA must fit the base model it will be loaded onto
         config = Config.from_file(checkpoint_dir / "model_config.json")
-        for field in SHAPE_FIELDS:
-            if base_config.get(field) != getattr(config, field):
-                raise ValueError(f"{lora_path} was trained on another base model: its {field} is "
-                                 f"{base_config.get(field)}, {checkpoint_dir}'s is {getattr(config, field)}")
+        check_base_model(lora_file, config, lora_path, base=str(checkpoint_dir))
         base_config = asdict(config)
     adapter_config = {
         "peft_type": "LORA",

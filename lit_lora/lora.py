@@ -195,7 +195,7 @@ def read_lora_file(path: Union[str, Path]) -> dict:
 def load_lora(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     """Add LoRA to `model` with the file's hyperparameters and load its tensors; every mismatch is an error."""
     checkpoint = read_lora_file(path)
-    check_base_model(checkpoint, model, path)
+    check_base_model(checkpoint, model.config, path, getattr(model, "base_fingerprint", None))
     config = LoRAConfig(**{f.name: checkpoint["lora_config"][f.name] for f in fields(LoRAConfig)})
     if hasattr(model, "lora_config") and model.lora_config != config:
         raise ValueError(f"{path} holds LoRA {config}, but the model already has {model.lora_config}")

@@ -97,21 +97,23 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], 
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "padded_vocab_size")
 
 
-def check_base_model(method_file: dict, model: LLaMA, path: Union[str, Path]) -> None:
-    """Whether a LoRA or adapter file (its dict, with base_config and base_fingerprint) fits `model`: another
-    shape is an error; the same shape but other weights (another finetune of the same architecture, say) is a
-    warning, since the file loads but what it learned was learned on top of other weights."""
-    base = method_file["base_config"]
+def check_base_model(method_file: dict, config: Config, path: Union[str, Path],
+                     base_fingerprint: Optional[str] = None, base: str = "this model") -> None:
+    """Whether a LoRA or adapter file (its dict, with base_config and base_fingerprint) fits a base model of
+    `config` (and, if known, whose weights have `base_fingerprint`). Another shape is an error; the same shape
+    but other weights (another finetune of the same architecture, say) is a warning, since the file loads but
+    what it learned was learned on top of other weights. `base` names the base model in the messages."""
+    saved_config = method_file["base_config"]
     for field in SHAPE_FIELDS:
-        if base.get(field) != getattr(model.config, field):
-            raise ValueError(f"{path} was made for another base model ({base.get('name') or 'unnamed'}): its "
-                             f"{field} is {base.get(field)}, this model's is {getattr(model.config, field)}. "
+        if saved_config.get(field) != getattr(config, field):
+            raise ValueError(f"{path} was trained on another base model ({saved_config.get('name') or 'unnamed'}): "
+                             f"its {field} is {saved_config.get(field)}, {base}'s is {getattr(config, field)}. "
                              "Load the base checkpoint it was trained on.")
-    saved, ours = method_file.get("base_fingerprint"), getattr(model, "base_fingerprint", None)
-    if saved and ours and saved != ours:
-        print(f"Warning: {path} was trained on other base weights than these (fingerprint {saved}, this model's "
-              f"{ours}): it fits their shape, but its update was learned on top of other weights, so the results "
-              "may be poor. Load the base checkpoint it was trained on.", file=sys.stderr)
+    saved = method_file.get("base_fingerprint")
+    if saved and base_fingerprint and saved != base_fingerprint:
+        print(f"Warning: {path} was trained on other base weights than these (fingerprint {saved}, {base}'s "
+              f"{base_fingerprint}): it fits their shape, but its update was learned on top of other weights, so "
+              "the results may be poor. Load the base checkpoint it was trained on.", file=sys.stderr)
 
 
 def check_vocabulary(config: Config, tokenizer_path: Path) -> None:
@@ -121,8 +123,8 @@ def check_vocabulary(config: Config, tokenizer_path: Path) -> None:
     pieces = Tokenizer(tokenizer_path).vocab_size
     if pieces > config.vocab_size:
         raise ValueError(f"{tokenizer_path} has {pieces:,} tokens, more than the model's vocabulary of "
-                         f"{config.vocab_size:,} (vocab_size in {tokenizer_path.parent / 'model_config.json'}): "
-                         "the tokenizer belongs to another model. Use the tokenizer.model the weights came with.")
+                         f"{config.vocab_size:,} (its config's vocab_size): the tokenizer belongs to another "
+                         "model. Use the tokenizer.model the weights came with.")
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 256) -> str:
@@ -146,17 +148,18 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
-def save_checkpoint_dir(model: LLaMA, tokenizer_path: Union[str, Path], checkpoint_dir: Union[str, Path],
-                        state_dict: Optional[dict] = None) -> Path:
+def save_checkpoint_dir(checkpoint_dir: Union[str, Path], state_dict: dict, config: Config,
+                        tokenizer_path: Union[str, Path]) -> Path:
     """Write a whole checkpoint folder (see the module docstring) that `load_model` and every script read.
 
-    Each file is written atomically; other files in the folder (logs, say) are left alone.
+    The three files are written into a temporary folder first (atomic_folder): a new folder appears whole; in
+    an existing one each file appears whole, and other files (logs, say) are left alone.
     """
-    checkpoint_dir = Path(checkpoint_dir)
-    atomic_save(state_dict if state_dict is not None else model.state_dict(), checkpoint_dir / "lit_model.pth")
-    atomic_write(checkpoint_dir / "model_config.json", model.config.to_file)
-    atomic_write(checkpoint_dir / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
-    return checkpoint_dir
+    with atomic_folder(checkpoint_dir) as tmp:
+        torch.save(state_dict, tmp / "lit_model.pth")
+        config.to_file(tmp / "model_config.json")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    return Path(checkpoint_dir)
 
 
 def current_umask() -> int:

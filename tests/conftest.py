@@ -45,7 +45,7 @@ def make_checkpoint(folder: Path, tokenizer_path: Path, name: str = "micro", see
     config = Config.from_name(name, vocab_size=vocab_size, **overrides)
     torch.manual_seed(seed)
     model = LLaMA(config)
-    return save_checkpoint_dir(model, tokenizer_path, folder)
+    return save_checkpoint_dir(folder, model.state_dict(), config, tokenizer_path)
 
 
 @pytest.fixture
