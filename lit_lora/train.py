@@ -163,8 +163,12 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay))
     sharded = is_sharded(fabric)
+    progress = Progress(fabric, model, max_steps, args.log_interval)
+    fabric.print(f"{len(train_data):,} training examples, {max_steps} optimizer steps of {args.global_batch_size} "
+                 f"examples ({args.global_batch_size // fabric.world_size // args.micro_batch_size} micro batches of "
+                 f"{args.micro_batch_size} on each of {fabric.world_size} devices)")
     start_step = start_or_resume(fabric, args, model.module, optimizer.optimizer, run, sharded)
-    progress = Progress(fabric, model, start_step, max_steps, args.log_interval)
+    progress.begin(start_step)
 
     def save(step: int, folder: Path) -> None:
         save_checkpoint(fabric, model.module, optimizer.optimizer, step, run, folder, out_dir, save_weights)
@@ -309,10 +313,6 @@ def plan_steps(fabric: Fabric, args: TrainArgs, num_examples: int) -> tuple[int,
     if warmup_steps >= max_steps:
         fabric.print(f"Warning: warmup ({warmup_steps} steps) is not shorter than the run ({max_steps} steps): "
                      "the learning rate never reaches its peak.")
-    per_device = args.global_batch_size // fabric.world_size
-    fabric.print(f"{num_examples:,} training examples, {max_steps} optimizer steps of {args.global_batch_size} "
-                 f"examples ({per_device // args.micro_batch_size} micro batches of {args.micro_batch_size} on each "
-                 f"of {fabric.world_size} devices)")
     return max_steps, warmup_steps
 
 
@@ -347,12 +347,15 @@ class Progress:
     """What a run reports: every step's figures in the CSV log, a progress line every `log_interval` steps, and
     the summary at the end (time, tokens/s, peak memory, parameters, the size of the weights written)."""
 
-    def __init__(self, fabric: Fabric, model: nn.Module, start_step: int, max_steps: int, log_interval: int):
-        self.fabric, self.start_step, self.max_steps, self.log_interval = fabric, start_step, max_steps, log_interval
+    def __init__(self, fabric: Fabric, model: nn.Module, max_steps: int, log_interval: int):
+        self.fabric, self.max_steps, self.log_interval = fabric, max_steps, log_interval
         self.trainable, self.total = num_parameters(model, trainable=True), num_parameters(model)
         fabric.print(f"Trainable parameters: {self.trainable:,} of {self.total:,} "
                      f"({100 * self.trainable / self.total:.3f}%)")
-        self.tokens_seen, self.start_time = 0, time.perf_counter()
+
+    def begin(self, start_step: int) -> None:
+        """The loop starts (after start_step steps of an earlier run): times and tokens count from here."""
+        self.start_step, self.tokens_seen, self.start_time = start_step, 0, time.perf_counter()
 
     def log(self, completed: int, loss: float, lr: float, step_time: float, step_tokens: int) -> None:
         self.tokens_seen += step_tokens
