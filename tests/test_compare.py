@@ -12,7 +12,7 @@ from lit_lora.data import prepare
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.memory import TrainingSetup, count_parameters, estimate_memory, saved_tensors, step_flops
 from lit_lora.model import Config, LLaMA
-from lit_lora.train import global_batch_indices, loss_sum
+from lit_lora.train import loss_sum
 from lit_lora.utils import num_parameters
 from tests.conftest import make_checkpoint
 
@@ -140,25 +140,31 @@ def test_7b_against_the_references():
     assert flops["lora"] / flops["full"] == pytest.approx(2 / 3, abs=0.02)  # only W0's weight gradients are skipped
 
 
-def test_loop_timing_recovers_the_step_times(tmp_path):
+def write_metrics(path, step_times: list[float], step_tokens: list[int]) -> None:
+    """A metrics.csv as fit() logs it: a row per optimizer step, then the final evaluation's row."""
+    path.parent.mkdir(parents=True)
+    rows = ["loss,lr,step,step_time_s,step_tokens,tokens_per_sec,val_loss,val_ppl"]
+    for step, (step_time, tokens) in enumerate(zip(step_times, step_tokens)):
+        rate = sum(step_tokens[:step + 1]) / sum(step_times[:step + 1])  # since the start, as fit() logs it
+        rows.append(f"1.0,0.1,{step + 1},{step_time!r},{tokens},{rate!r},,")
+    rows.append(f",,{len(step_times)},,,,2.5,12.18")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_loop_timing_reads_each_steps_time_and_tokens(tmp_path):
     from finetune.compare import loop_timing
 
-    lengths = [10 + i for i in range(12)]
     step_times = [5.0, 1.0, 9.0, 1.5, 2.0]  # the first step is slow (AdamW allocates its state); a busy machine
-    tokens = [sum(lengths[i] for i in global_batch_indices(step, 12, 4, seed=3)) for step in range(5)]
-    log = tmp_path / "run" / "logs" / "version_1" / "metrics.csv"
-    log.parent.mkdir(parents=True)
-    rows = ["loss,lr,step,tokens_per_sec,val_loss"]
-    for step in range(5):
-        rate = sum(tokens[:step + 1]) / sum(step_times[:step + 1])
-        rows.append(f"1.0,0.1,{step + 1},{rate!r},")
-    rows.append(",,5,,2.5")  # the evaluation's row
-    log.write_text("\n".join(rows) + "\n")
-    (tmp_path / "run" / "logs" / "version_0").mkdir()  # an older run's folder is not read
-    time_per_step, tokens_per_sec = loop_timing(tmp_path / "run", lengths, 4, seed=3)
+    step_tokens = [100, 120, 90, 110, 130]
+    write_metrics(tmp_path / "run" / "logs" / "version_10" / "metrics.csv", step_times, step_tokens)
+    write_metrics(tmp_path / "run" / "logs" / "version_9" / "metrics.csv", [7.0] * 5, [50] * 5)  # an older run
+    time_per_step, tokens_per_sec = loop_timing(tmp_path / "run")
     assert time_per_step == pytest.approx(1.75)  # the median of steps 2..5: 1.0, 9.0, 1.5, 2.0
-    rates = sorted(t / s for t, s in zip(tokens[1:], step_times[1:]))
+    rates = sorted(t / s for t, s in zip(step_tokens[1:], step_times[1:]))  # 10, 65, 73.3, 120 tokens/s
     assert tokens_per_sec == pytest.approx((rates[1] + rates[2]) / 2)
+
+    write_metrics(tmp_path / "one" / "logs" / "version_0" / "metrics.csv", [3.0], [60])  # a one-step run: step 1
+    assert loop_timing(tmp_path / "one") == (3.0, 20.0)
 
 
 def test_estimate_only_needs_no_checkpoint(capsys):
@@ -202,6 +208,10 @@ def test_compare_end_to_end(tmp_path, tokenizer_path, tokenizer, capsys):
                        "time_per_step_s", "tokens_per_sec", "val_loss"):
             assert float(r[column]) > 0 and math.isfinite(float(r[column])), (r["method"], column)
         assert int(r["steps"]) == 3
+        with open(out_dir / r["method"] / "logs" / "version_0" / "metrics.csv") as f:  # what fit() logged
+            step_times = [float(row["step_time_s"]) for row in csv.DictReader(f) if row["step_time_s"]]
+        assert len(step_times) == 3  # the median of steps 2 and 3 is their mean
+        assert float(r["time_per_step_s"]) == pytest.approx((step_times[1] + step_times[2]) / 2), r["method"]
     lora, adapter, full = rows
     assert int(lora["trainable_parameters"]) < int(full["trainable_parameters"]) == int(full["total_parameters"])
     assert int(lora["checkpoint_bytes"]) < int(full["checkpoint_bytes"])
