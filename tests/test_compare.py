@@ -11,7 +11,7 @@ from lit_lora.adapter import apply_adapter, mark_only_adapter_as_trainable
 from lit_lora.data import prepare
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.memory import TrainingSetup, count_parameters, estimate_memory, saved_tensors, step_flops
-from lit_lora.model import Config, LLaMA
+from lit_lora.model import PRESETS, Config, LLaMA
 from lit_lora.train import loss_sum
 from lit_lora.utils import num_parameters
 from tests.conftest import make_checkpoint
@@ -105,24 +105,54 @@ def saved_by_autograd(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tenso
     return sum(storages.values())
 
 
+# model.py's preset families, scaled down until autograd runs them in milliseconds, keeping the ratios that shape
+# what is saved: query heads per key/value head, and the MLP width against n_embd.
+FAMILIES = {
+    # LLaMA 7B: multi-head (32 heads, 32 key/value heads); intermediate_size derived from n_embd (11008 = 2.69 x
+    # 4096 for 7B, 256 = 2.67 x 96 here)
+    "7B": dict(n_head=4, n_embd=96),
+    # Llama-2-70b (and TinyLlama): grouped-query, 8 query heads per key/value head (64 and 8); intermediate_size
+    # given, 3.5 x n_embd (28672 = 3.5 x 8192)
+    "Llama-2-70b": dict(n_head=16, n_query_groups=2, n_embd=64, intermediate_size=224),
+    # OpenLLaMA 3B: multi-head; intermediate_size given, not derived from n_embd (8640 = 2.7 x 3200; derived: 8704)
+    "open_llama_3b": dict(n_head=4, n_embd=80, intermediate_size=216),
+}
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
+METHODS = {
+    "full": dict(method="full"),
+    "lora": dict(method="lora"),  # finetune/lora.py's defaults: q and v, dropout 0.05
+    "lora-no-dropout": dict(method="lora", lora_dropout=0.0),
+    "lora-k-o-up-down-head": dict(method="lora", lora_targets=("k", "o", "up", "down", "head")),
+    "lora-all": dict(method="lora", lora_targets=ALL_TARGETS),
+    "lora-all-no-dropout": dict(method="lora", lora_targets=ALL_TARGETS, lora_dropout=0.0),
+    "lora-head-only": dict(method="lora", lora_targets=("head",)),  # no Block needs a gradient
+    "adapter": dict(method="adapter", adapter_prompt_length=3, adapter_start_layer=1),  # layer 0 saves nothing
+}
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
-@pytest.mark.parametrize("overrides", [{}, {"n_layer": 3, "n_query_groups": 4}], ids=["gqa", "mha-3-layers"])
-@pytest.mark.parametrize("method", [
-    dict(method="full"), dict(method="lora"), dict(method="lora", lora_dropout=0.0),
-    dict(method="lora", lora_targets=("k", "o", "up", "down", "head")),
-    dict(method="adapter", adapter_prompt_length=3, adapter_start_layer=1),
-], ids=["full", "lora", "lora-no-dropout", "lora-k-o-up-down-head", "adapter"])
-def test_saved_tensors_equal_what_autograd_saves(method, overrides, precision):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_tensors_equal_what_autograd_saves(method, family, precision):
     torch.manual_seed(0)
-    config = Config.from_name("micro", **overrides)
+    config = Config.from_name(family, n_layer=3, block_size=64, vocab_size=256, **FAMILIES[family])
     B, T = 2, 24
     input_ids = torch.randint(0, config.padded_vocab_size, (B, T))
     labels = input_ids.clone()
     labels[:, :10] = -100  # a masked prompt: logits only at the 2 x 14 positions that predict a label
     setup = TrainingSetup(precision=precision, micro_batch_size=B, seq_length=T, label_fraction=2 * 14 / (B * T),
-                          device="cpu", lora_r=4, **method)
+                          device="cpu", lora_r=4, **METHODS[method])
     model = build(config, setup, torch.float32 if precision == "32-true" else torch.bfloat16)
     assert sum(saved_tensors(config, setup).values()) == saved_by_autograd(model, input_ids, labels)
+
+
+def test_the_scaled_down_families_keep_their_presets_shapes():
+    for family, overrides in FAMILIES.items():
+        preset, scaled = Config.from_name(family), Config.from_name(family, **overrides)
+        assert preset.n_head // preset.n_query_groups == scaled.n_head // scaled.n_query_groups, family
+        assert preset.intermediate_size / preset.n_embd == pytest.approx(scaled.intermediate_size / scaled.n_embd,
+                                                                          rel=0.01), family
+        assert ("intermediate_size" in PRESETS[family]) == ("intermediate_size" in overrides), family
 
 
 def test_7b_against_the_references():
