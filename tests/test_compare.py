@@ -190,7 +190,7 @@ def test_loop_timing_reads_each_steps_time_and_tokens(tmp_path):
     write_metrics(tmp_path / "run" / "logs" / "version_9" / "metrics.csv", [7.0] * 5, [50] * 5)  # an older run
     time_per_step, tokens_per_sec = loop_timing(tmp_path / "run")
     assert time_per_step == pytest.approx(1.75)  # the median of steps 2..5: 1.0, 9.0, 1.5, 2.0
-    rates = sorted(t / s for t, s in zip(step_tokens[1:], step_times[1:]))  # 10, 65, 73.3, 120 tokens/s
+    rates = sorted(tokens / seconds for tokens, seconds in zip(step_tokens[1:], step_times[1:]))  # 10, 65, 73.3, 120
     assert tokens_per_sec == pytest.approx((rates[1] + rates[2]) / 2)
 
     write_metrics(tmp_path / "one" / "logs" / "version_0" / "metrics.csv", [3.0], [60])  # a one-step run: step 1
