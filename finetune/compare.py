@@ -17,7 +17,6 @@ when matplotlib is installed (pip install -e ".[plot]"). See howto/compare.md.
 import csv
 import importlib
 import io
-import itertools
 import json
 import os
 import statistics
@@ -39,7 +38,6 @@ from finetune.lora import LoRAArgs  # noqa: E402
 from lit_lora.data import load_prepared  # noqa: E402
 from lit_lora.memory import MemoryEstimate, TrainingSetup, estimate_memory, format_estimates, step_flops  # noqa: E402
 from lit_lora.model import Config  # noqa: E402
-from lit_lora.train import global_batch_indices  # noqa: E402
 from lit_lora.utils import atomic_write, check_checkpoint_dir, cli, default_precision, format_bytes, peak_memory_bytes  # noqa: E402
 
 Method = Literal["lora", "adapter", "full"]
@@ -118,8 +116,7 @@ def main(args: CompareArgs) -> dict:
     results = []
     for method in args.methods:
         summary = run_in_own_process(method, method_flags(method, args, precision), args.out_dir / method)
-        time_per_step, tokens_per_sec = loop_timing(args.out_dir / method, data["train_lengths"],
-                                                    args.global_batch_size, args.seed)
+        time_per_step, tokens_per_sec = loop_timing(args.out_dir / method)
         flops = step_flops(config, estimates[method].setup)["total"] * (args.global_batch_size // args.micro_batch_size)
         results.append({
             "method": method, "trainable_parameters": summary["trainable_parameters"],
@@ -142,18 +139,17 @@ def main(args: CompareArgs) -> dict:
 
 
 def data_facts(args: CompareArgs, config: Config) -> dict:
-    """The longest training example after truncation (the peak micro batch is padded to it), the share of
-    tokens that carry loss, and every example's length (for the tokens of each step)."""
+    """The longest training example after truncation (the peak micro batch is padded to it) and the share of
+    tokens that carry loss."""
     try:
         train, _, prepared = load_prepared(args.data_dir)
     except FileNotFoundError:
         if not args.estimate_only:
             raise
-        return {"seq_length": args.seq_length or 256, "label_fraction": 1.0, "train_lengths": []}
+        return {"seq_length": args.seq_length or 256, "label_fraction": 1.0}
     max_seq_length = min(args.max_seq_length or prepared["max_seq_length"], config.block_size)  # as fit() does
-    lengths = [min(len(example["input_ids"]), max_seq_length) for example in train]
-    return {"seq_length": args.seq_length or max(lengths), "label_fraction": prepared["loss_token_share"],
-            "train_lengths": lengths}
+    longest = max(min(len(example["input_ids"]), max_seq_length) for example in train)
+    return {"seq_length": args.seq_length or longest, "label_fraction": prepared["loss_token_share"]}
 
 
 def training_setup(method: str, args: CompareArgs, precision: str, device: str, data: dict) -> TrainingSetup:
@@ -223,28 +219,23 @@ def run_child() -> None:
     atomic_write(Path(summary_path), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
 
 
-def loop_timing(run_dir: Path, train_lengths: list[int], global_batch_size: int, seed: int) -> tuple[float, float]:
+def loop_timing(run_dir: Path) -> tuple[float, float]:
     """(seconds per optimizer step, tokens per second) of the training loop alone: medians over steps 2..N.
 
     fit()'s own time includes the first step (where AdamW allocates its state and kernels warm up) and the
     final evaluation and save (for full finetuning, a whole checkpoint and the optimizer state). The loop
-    logs tokens_seen / elapsed after every step to logs/version_N/metrics.csv; with the tokens of each step
-    (the data order is a function of the step and the seed) that gives the time of every step. The median
-    leaves out the odd step slowed down by something else on the machine. (A one-step run: step 1.)
+    logs every step's own time and example tokens (step_time_s, step_tokens) to logs/version_N/metrics.csv.
+    The median leaves out the odd step slowed down by something else on the machine. (A one-step run: step 1.)
     """
     logs = sorted((run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
     if not logs:
         raise FileNotFoundError(f"No training log in {run_dir / 'logs'}: the run did not log its steps")
-    with open(logs[-1]) as f:  # the newest run in this folder
-        tokens_per_sec = [float(row["tokens_per_sec"]) for row in csv.DictReader(f) if row.get("tokens_per_sec")]
-    steps = len(tokens_per_sec)
-    step_tokens = [sum(train_lengths[i] for i in global_batch_indices(step, len(train_lengths), global_batch_size, seed))
-                   for step in range(steps)]
-    elapsed = [tokens / rate for tokens, rate in zip(itertools.accumulate(step_tokens), tokens_per_sec)]
-    step_times = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-    first = 1 if steps > 1 else 0
-    return (statistics.median(step_times[first:]),
-            statistics.median(tokens / time for tokens, time in zip(step_tokens[first:], step_times[first:])))
+    with open(logs[-1]) as f:  # the newest run in this folder; the evaluation's rows have no step_time_s
+        steps = [(float(row["step_time_s"]), float(row["step_tokens"])) for row in csv.DictReader(f)
+                 if row.get("step_time_s")]
+    after_first = steps[1:] or steps
+    return (statistics.median(step_time for step_time, _ in after_first),
+            statistics.median(step_tokens / step_time for step_time, step_tokens in after_first))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,9 +9,13 @@ A training step holds five kinds of tensors at its peak:
     optimizer    AdamW's two moments (m and v) per *trainable* parameter. torch's AdamW creates them with
                  zeros_like(param), so they are in the parameter dtype: fp32 under 32-true and the mixed
                  precisions, bf16 under bf16-true
-    activations  what autograd saves in the forward pass for the backward pass (see `saved_tensors`)
+    activations  what autograd saves in the forward pass for the backward pass (`saved_tensors`: model.py's
+                 forward on paper, module by module), in the compute dtype: fp32 under 32-true, bf16 under
+                 bf16-true and, for most of them, under the mixed precisions; a few are fp32 under every
+                 precision (RMSNorm's input, attention's log-sum-exp)
     logits       the fp32 log-probabilities of the loss and, at the start of the backward pass, their
-                 gradient and the gradient of the logits: 3 x 4 bytes x (label positions) x vocabulary
+                 gradient and the gradient of the fp32 logits (train.loss_sum casts the logits to fp32 under
+                 every precision): 3 x 4 bytes x (label positions) x vocabulary
 
 So full finetuning in bf16-true costs 2 + 2 + 4 = 8 bytes per parameter before any activation (LLaMA 7B:
 54 GB), and 4 + 4 + 8 = 16 with fp32 weights (108 GB): more than one 80 GB GPU holds. LoRA and
@@ -19,9 +23,11 @@ LLaMA-Adapter pay the weight's bytes per frozen parameter (bf16-true: 2, 13.5 GB
 4, 27 GB) and nothing more for them: no gradient and no optimizer state for W0. Their activations stay: the
 backward pass still has to run through every layer above the lowest trainable one.
 
-Under FSDP (full finetuning on several devices) each device holds 1/devices of the weights, gradients and
-moments, plus the Block it is computing, gathered whole. The training loop reduce-scatters the gradients
-after every micro batch under FSDP, so they stay sharded during gradient accumulation too.
+Under FSDP (full finetuning on several devices) each device keeps 1/devices of the weights, gradients and
+moments. On top of its shards it holds the Block it is computing, its weights gathered whole and, in its
+backward pass, its whole gradients until they are reduce-scattered into the shards. The training loop
+reduce-scatters after every micro batch under FSDP, so the gradients stay sharded during gradient
+accumulation too.
 
 The total is `weights + gradients + optimizer + max(activations + logits, optimizer step scratch)`:
 gradients are counted in full while the activations are alive, which is exact from the second micro batch
@@ -29,7 +35,10 @@ of an accumulating step on (an upper bound for the first); the scratch is the te
 multi-tensor AdamW on a GPU allocates for all trainable parameters at once, once the activations are gone.
 Left out: a few layer-sized temporaries of the backward pass, the RoPE cache, the CUDA context (~0.5 GB,
 not in torch.cuda.max_memory_allocated) and the caching allocator's reserved-but-free blocks (in
-nvidia-smi's figure, not in max_memory_allocated).
+nvidia-smi's figure, not in max_memory_allocated). Under FSDP, what torch's fully_shard holds beyond one
+Block: it keeps the top-level module (embedding, final norm and lm_head, for 7B more parameters than a
+Block) gathered from its forward to the end of the backward pass, and gathers the next Block while one
+computes.
 
 Everything here is arithmetic on a `Config`: nothing is built, so 70B is as quick as `micro`.
 """
@@ -59,7 +68,7 @@ class TrainingSetup:
     micro_batch_size: int = 4
     seq_length: int = 256  # T: the longest example of the micro batch (the batch is padded to it)
     label_fraction: float = 1.0  # share of the B x T positions that predict a label (get logits)
-    device: Literal["cuda", "cpu"] = "cuda"  # dropout masks: 1 byte on CUDA, a full float on a CPU
+    device: Literal["cuda", "cpu"] = "cuda"  # dropout masks: 1 byte on CUDA, the activations' dtype on a CPU
     devices: int = 1  # full finetuning on several devices shards weights, gradients and optimizer (FSDP)
     activation_checkpointing: bool = False  # keep only each Block's input; recompute the rest in the backward
     lora_r: int = 8
@@ -73,7 +82,7 @@ class TrainingSetup:
             raise ValueError(f"Unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.precision not in PRECISION_BYTES:
             raise ValueError(f"Unknown precision {self.precision!r}: choose one of {', '.join(PRECISION_BYTES)}")
-        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        unknown = [target for target in self.lora_targets if target not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"Unknown LoRA target(s) {unknown}: valid targets are {', '.join(LORA_TARGETS)}")
         self.lora_targets = tuple(self.lora_targets)
@@ -85,16 +94,20 @@ class TrainingSetup:
 
 def linear_shapes(config: Config) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of each linear layer a LoRA target names (q..down in every Block; head once)."""
-    C, kv = config.n_embd, config.n_query_groups * config.head_size
+    C, kv_width = config.n_embd, config.n_query_groups * config.head_size
     I, V = config.intermediate_size, config.padded_vocab_size
-    return {"q": (C, C), "k": (C, kv), "v": (C, kv), "o": (C, C),
+    return {"q": (C, C), "k": (C, kv_width), "v": (C, kv_width), "o": (C, C),
             "gate": (C, I), "up": (C, I), "down": (I, C), "head": (C, V)}
 
 
+def block_linear_parameters(config: Config) -> int:
+    """Weights of one Block's seven linear layers: q, k, v, o, gate, up, down."""
+    return sum(d_in * d_out for target, (d_in, d_out) in linear_shapes(config).items() if target != "head")
+
+
 def block_parameters(config: Config) -> int:
-    """Parameters of one Block: q, k, v, o, gate, up, down and two RMSNorm weights."""
-    return sum(d_in * d_out for name, (d_in, d_out) in linear_shapes(config).items() if name != "head") \
-        + 2 * config.n_embd
+    """Parameters of one Block: its linear layers and two RMSNorm weights."""
+    return block_linear_parameters(config) + 2 * config.n_embd
 
 
 def count_parameters(config: Config, setup: TrainingSetup) -> tuple[int, int]:
@@ -107,25 +120,21 @@ def count_parameters(config: Config, setup: TrainingSetup) -> tuple[int, int]:
     if setup.method == "full":
         return base, base
     if setup.method == "lora":  # A (r x d_in) and B (d_out x r) per targeted linear: r (d_in + d_out)
-        added = sum(setup.lora_r * sum(shapes[t]) * (1 if t == "head" else L) for t in setup.lora_targets)
+        added = sum(setup.lora_r * sum(shapes[target]) * (1 if target == "head" else L)
+                    for target in setup.lora_targets)
     else:  # adapter: a prompt (K x C) and a gate per head in each layer from start_layer up
         added = (L - setup.adapter_start_layer) * (setup.adapter_prompt_length * C + config.n_head)
     return added, base + added
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Activations
+# Activations: what autograd saves, module by module of model.py
+
+FP32, INT64, BOOL = 4, 8, 1  # bytes per element of the tensors whose dtype the precision does not set
 
 
 def saved_tensors(config: Config, setup: TrainingSetup) -> dict[str, int]:
     """Bytes of each tensor autograd keeps from one training forward (loss included) for the backward pass.
-
-    This follows lit_lora/model.py (and lora.py, adapter.py, train.loss_sum) op by op, with autograd's rules:
-    - an op saves what its backward needs, only for the inputs that need a gradient: y = x W^T saves x if W
-      trains (dW = dy^T x) and W if x needs a gradient (dx = dy W; W is already counted as a weight);
-    - a tensor saved by several ops is stored once: this dict is keyed by tensor, not by op;
-    - an op none of whose inputs needs a gradient saves nothing: the layers below the first adapter layer,
-      or LoRA's first RMSNorm (the frozen embedding's output needs no gradient).
 
     With B x T = R rows, C = n_embd, I = intermediate_size, H = n_head, V = padded vocabulary, N = label
     positions, s = bytes per activation, a Block that trains everything saves (full finetuning):
@@ -135,93 +144,124 @@ def saved_tensors(config: Config, setup: TrainingSetup) -> dict[str, int]:
                          Flash / memory-efficient SDPA saves O(T) per query, never the T x T matrix
         o_proj           its input is the attention output, already saved
         MLP              gate output, silu output, up output, their product: 4 sRI
-    i.e. (8 + 8s) RC + 4sRI + 8R + 4BHT per Block: 24 RC + 8 RI + ... bytes in bf16-true.
-    LoRA on a linear adds the r-wide middle (sRr) and its input: dropout(x) (sR d_in) and, where x needs a
-    gradient, the dropout mask (1 byte per element on CUDA, a float on a CPU); without dropout, x itself.
-    The head saves the final RMSNorm's tensors, the (B, T) bool label mask, the lm_head input (sNC, if it
-    trains), the fp32 log-probabilities (4NV) and the targets (8N).
-    Exact for 32-true and bf16-true (tests/test_compare.py checks it against what autograd saves); under
-    autocast (the mixed precisions) some saved tensors have other dtypes, and the figure is approximate.
+    i.e. (8 + 8s) RC + 4sRI + 8R + 4BHT per Block: 24 RC + 8 RI + ... bytes in bf16-true. What LoRA adds, and
+    the head and loss save, is in `SavedTensors.linear` and `SavedTensors.llama`.
+    Exact for 32-true and bf16-true: tests/test_compare.py checks it against what autograd saves for every
+    preset family and method, so a change to model.py that changes what is saved fails there. Under autocast
+    (the mixed precisions) some saved tensors have other dtypes: approximate.
     """
-    c, st = config, setup
-    _, s = PRECISION_BYTES[st.precision]
-    B, T = st.micro_batch_size, st.seq_length
-    R, C, I, H, V = B * T, c.n_embd, c.intermediate_size, c.n_head, c.padded_vocab_size
-    N = round(R * st.label_fraction)
-    full = st.method == "full"
-    lora_targets = set(st.lora_targets) if st.method == "lora" else set()
-    lora_dropout = st.method == "lora" and st.lora_dropout > 0
-    mask_bytes = 1 if st.device == "cuda" else s
-    shapes = linear_shapes(c)
-    saved: dict[str, int] = {}
+    return SavedTensors(config, setup).llama()
 
-    def rms_norm(name: str, x_grad: bool, rows: int) -> bool:
-        """x * rsqrt(mean(x^2) + eps) in fp32, times weight. Returns whether its output needs a gradient."""
-        if x_grad:
-            saved[f"{name}.input_fp32"] = 4 * rows * C
-            saved[f"{name}.rms"] = 4 * rows
-        if full:
-            saved[f"{name}.normalized"] = s * rows * C
-        return x_grad or full
 
-    def linear(name: str, target: str, x: str, x_grad: bool, rows: int) -> bool:
-        """y = x W^T (+ scaling * dropout(x) A^T B^T). Returns whether y needs a gradient."""
-        d_in = shapes[target][0]
-        if full:
-            saved[x] = s * rows * d_in
-        if target in lora_targets:
-            if lora_dropout:
-                saved[f"{name}.dropout_output"] = s * rows * d_in
-                if x_grad:
-                    saved[f"{name}.dropout_mask"] = mask_bytes * rows * d_in
+class SavedTensors:
+    """model.py's training forward on paper, one method per module (named in its docstring), by autograd's rules:
+    - an op saves what its backward needs, only for the inputs that need a gradient: y = x W^T saves x if W
+      trains (dW = dy^T x) and W if x needs a gradient (dx = dy W; W is already counted as a weight);
+    - an op none of whose inputs needs a gradient saves nothing: the layers below the first adapter layer,
+      or LoRA's first RMSNorm (the frozen embedding's output needs no gradient);
+    - a tensor saved by several ops is stored once: `saved` is keyed by tensor (Block i's under "blocks.i.").
+    Each method takes whether its module's input needs a gradient and returns whether its output does. They
+    come in model.py's order: RMSNorm, the linear layers (with LoRA: lora.py), attention, MLP, Block, LLaMA."""
+
+    def __init__(self, config: Config, setup: TrainingSetup):
+        self.config, self.setup = config, setup
+        self.activation_bytes = PRECISION_BYTES[setup.precision][1]  # s
+        self.rows = setup.micro_batch_size * setup.seq_length  # R = B x T
+        self.base_trains = setup.method == "full"  # every weight of model.py trains
+        self.lora_targets = set(setup.lora_targets) if setup.method == "lora" else set()
+        self.saved: dict[str, int] = {}
+
+    def save(self, name: str, elements: int, bytes_per_element: Optional[int] = None) -> None:
+        self.saved[name] = elements * (bytes_per_element or self.activation_bytes)  # an activation unless told
+
+    def rms_norm(self, name: str, input_needs_grad: bool) -> bool:
+        """`RMSNorm.forward`: x * rsqrt(mean(x^2) + eps) in fp32, then weight * x.to(dtype). The input's gradient
+        needs the fp32 input and 1/rms; the weight's gradient needs the normalised input."""
+        if input_needs_grad:
+            self.save(name + ".input_fp32", self.rows * self.config.n_embd, FP32)
+            self.save(name + ".rms", self.rows, FP32)
+        if self.base_trains:
+            self.save(name + ".normalized", self.rows * self.config.n_embd)
+        return input_needs_grad or self.base_trains
+
+    def linear(self, prefix: str, target: str, input_name: str, input_needs_grad: bool, rows: int) -> bool:
+        """nn.Linear, y = x W^T, saves x if W trains. `LoRALinear.forward` adds scaling * B(A(dropout(x))), whose
+        A and B train: it saves dropout(x) (x itself without dropout), the dropout mask where x needs a
+        gradient (a bool on CUDA, in the activations' dtype on a CPU) and the r-wide middle, B's input."""
+        input_elements = rows * linear_shapes(self.config)[target][0]  # rows x d_in
+        if self.base_trains:
+            self.save(prefix + input_name, input_elements)
+        if target in self.lora_targets:
+            module = prefix + LORA_TARGETS[target]  # e.g. blocks.0.attn.q_proj
+            if self.setup.lora_dropout > 0:
+                self.save(module + ".dropout_output", input_elements)
+                if input_needs_grad:
+                    self.save(module + ".dropout_mask", input_elements, BOOL if self.setup.device == "cuda" else None)
             else:
-                saved[x] = s * rows * d_in
-            saved[f"{name}.lora_middle"] = s * rows * st.lora_r
-        return x_grad or full or target in lora_targets
+                self.save(prefix + input_name, input_elements)
+            self.save(module + ".lora_middle", rows * self.setup.lora_r)
+        return input_needs_grad or self.base_trains or target in self.lora_targets
 
-    x_grad = full  # the embedding's output needs a gradient only if the embedding trains
-    if full:
-        saved["embed.indices"] = 8 * R  # int64 token ids
-    for i in range(c.n_layer):
-        p = f"blocks.{i}."
-        adapted = st.method == "adapter" and i >= st.adapter_start_layer
-        # x + attn(attn_norm(x))
-        h_grad = rms_norm(p + "attn_norm", x_grad, R)
-        qkv_grad = [linear(p + t, t, p + "attn_norm.output", h_grad, R) for t in ("q", "k", "v")]
-        attn_grad = any(qkv_grad)
-        if attn_grad:  # scaled_dot_product_attention saves its inputs, its output and the log-sum-exp
-            for t in ("q", "k", "v"):
-                saved[p + t] = s * R * C  # with grouped-query attention, k and v after repeat_interleave
-            saved[p + "attention_output"] = s * R * C
-            saved[p + "attention_lse"] = 4 * B * H * T
-        if adapted:  # softmax(q prompt_k^T) prompt_v, gated: saves q, the prompt's k and v, output, lse
-            K = st.adapter_prompt_length
-            saved[p + "q"] = s * R * C
-            saved[p + "prompt_k"] = saved[p + "prompt_v"] = s * K * C
-            saved[p + "prompt_output"] = s * R * C  # also what the gate's gradient needs
-            saved[p + "prompt_lse"] = 4 * B * H * T
-            attn_grad = True
-        o_input = p + ("attention_mixed" if adapted else "attention_output")  # the adapter adds a new tensor
-        x_grad = linear(p + "o", "o", o_input, attn_grad, R) or x_grad
-        # x + down(silu(gate(h)) * up(h)), h = mlp_norm(x)
-        h_grad = rms_norm(p + "mlp_norm", x_grad, R)
-        gate_grad = linear(p + "gate", "gate", p + "mlp_norm.output", h_grad, R)
-        up_grad = linear(p + "up", "up", p + "mlp_norm.output", h_grad, R)
-        if gate_grad:
-            saved[p + "gate_output"] = s * R * I  # silu's input
-            saved[p + "up_output"] = s * R * I  # the product's gradient with respect to silu(gate)
-        if up_grad:
-            saved[p + "silu_output"] = s * R * I  # the product's gradient with respect to up
-        x_grad = linear(p + "down", "down", p + "mlp_product", gate_grad or up_grad, R) or x_grad
-    # the loss: cross-entropy of the logits at the N label positions
-    h_grad = rms_norm("head.norm", x_grad, R)
-    if h_grad:
-        saved["head.logits_at"] = R  # x[logits_at] saves the (B, T) bool mask
-    linear("head.lm_head", "head", "head.lm_head_input", h_grad, N)
-    saved["head.log_probs"] = 4 * N * V  # log_softmax in fp32 saves its output
-    saved["head.targets"] = 8 * N  # int64
-    saved["head.total_weight"] = 4  # nll_loss's normaliser, a fp32 scalar
-    return saved
+    def attention(self, prefix: str, input_needs_grad: bool, adapted: bool) -> bool:
+        """`CausalSelfAttention.forward`: q, k, v of the normalised input, RoPE (which saves only its cos/sin
+        buffers), `attend`, o_proj. In the adapted layers, `AdapterAttention.attend` adds the prompt's attention."""
+        qkv_need_grad = [self.linear(prefix, target, "attn_norm.output", input_needs_grad, self.rows)
+                         for target in ("q", "k", "v")]
+        if any(qkv_need_grad):  # `attend` over the sequence: k and v after repeat_kv, H heads each
+            self.scaled_dot_product_attention(prefix, "", self.rows)
+        if adapted:  # softmax(q prompt_k^T / sqrt(hs)) prompt_v, gated: the prompt trains, so this kernel saves too;
+            # the K prompt keys and values are shared by the batch, and the gate's product saves the kernel's output
+            self.scaled_dot_product_attention(prefix, "prompt_", self.setup.adapter_prompt_length)
+        # The kernel writes its output as (B, T, H, hs), so attend's transpose + reshape is a view: o_proj's input
+        # is the tensor the kernel saved. The adapter's y + gate * prompt_y is a new tensor.
+        o_proj_input = "attention_mixed" if adapted else "attention_output"
+        return self.linear(prefix, "o", o_proj_input, any(qkv_need_grad) or adapted, self.rows)
+
+    def scaled_dot_product_attention(self, prefix: str, source: str, key_rows: int) -> None:
+        """F.scaled_dot_product_attention saves q (R x C), k and v (key_rows x C each), its output (R x C) and the
+        fp32 log-sum-exp of each query and head (B x H x T). source: "" the sequence's keys, "prompt_" the prompt's."""
+        self.save(prefix + "q", self.rows * self.config.n_embd)  # the same q for the prompt's kernel: stored once
+        self.save(prefix + source + "k", key_rows * self.config.n_embd)
+        self.save(prefix + source + "v", key_rows * self.config.n_embd)
+        self.save(prefix + source + "attention_output", self.rows * self.config.n_embd)
+        self.save(prefix + source + "attention_lse", self.rows * self.config.n_head, FP32)
+
+    def mlp(self, prefix: str, input_needs_grad: bool) -> bool:
+        """`MLP.forward`: down(silu(gate(x)) * up(x))."""
+        gate_needs_grad = self.linear(prefix, "gate", "mlp_norm.output", input_needs_grad, self.rows)
+        up_needs_grad = self.linear(prefix, "up", "mlp_norm.output", input_needs_grad, self.rows)
+        hidden_elements = self.rows * self.config.intermediate_size  # R x I
+        if gate_needs_grad:
+            self.save(prefix + "gate_output", hidden_elements)  # silu's input
+            self.save(prefix + "up_output", hidden_elements)  # the product's gradient with respect to silu(gate)
+        if up_needs_grad:
+            self.save(prefix + "silu_output", hidden_elements)  # the product's gradient with respect to up
+        return self.linear(prefix, "down", "mlp_product", gate_needs_grad or up_needs_grad, self.rows)
+
+    def block(self, index: int, input_needs_grad: bool) -> bool:
+        """`Block.forward`: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)). The additions save nothing."""
+        prefix = f"blocks.{index}."
+        adapted = self.setup.method == "adapter" and index >= self.setup.adapter_start_layer
+        attention_needs_grad = self.attention(prefix, self.rms_norm(prefix + "attn_norm", input_needs_grad), adapted)
+        needs_grad = input_needs_grad or attention_needs_grad
+        return self.mlp(prefix, self.rms_norm(prefix + "mlp_norm", needs_grad)) or needs_grad
+
+    def llama(self) -> dict[str, int]:
+        """`LLaMA.forward`, then train.loss_sum: the cross-entropy of the logits at the N label positions."""
+        label_rows = round(self.rows * self.setup.label_fraction)  # N
+        needs_grad = self.base_trains  # the embedding's output needs a gradient only if the embedding trains
+        if self.base_trains:
+            self.save("embed.token_ids", self.rows, INT64)
+        for index in range(self.config.n_layer):
+            needs_grad = self.block(index, needs_grad)
+        needs_grad = self.rms_norm("norm", needs_grad)
+        if needs_grad:
+            self.save("logits_at", self.rows, BOOL)  # x[logits_at] saves the (B, T) mask
+        self.linear("", "head", "lm_head.input", needs_grad, label_rows)
+        self.save("loss.log_probs", label_rows * self.config.padded_vocab_size, FP32)  # log_softmax's output
+        self.save("loss.targets", label_rows, INT64)
+        self.save("loss.total_weight", 1, FP32)  # nll_loss's normaliser
+        return self.saved
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,35 +297,37 @@ class MemoryEstimate:
 def estimate_memory(config: Config, setup: Optional[TrainingSetup] = None) -> MemoryEstimate:
     """The peak memory of one device in a training step of `config` with `setup` (default: TrainingSetup())."""
     setup = setup or TrainingSetup()
-    param_bytes, s = PRECISION_BYTES[setup.precision]
+    parameter_bytes, activation_bytes = PRECISION_BYTES[setup.precision]
     trainable, total = count_parameters(config, setup)
-    weights, gradients, optimizer = total * param_bytes, trainable * param_bytes, 2 * trainable * param_bytes
+    weights, gradients = total * parameter_bytes, trainable * parameter_bytes
+    optimizer = 2 * trainable * parameter_bytes  # AdamW's m and v
     if setup.device == "cuda":  # multi-tensor AdamW: sqrt(v) for all trainable tensors at once
-        scratch = trainable * param_bytes
+        scratch = trainable * parameter_bytes
     else:  # one tensor at a time: sqrt(v), then sqrt(v) / bias correction, of the largest tensor
-        scratch = 2 * largest_trainable_tensor(config, setup) * param_bytes
+        scratch = 2 * largest_trainable_tensor(config, setup) * parameter_bytes
     if setup.method == "full" and setup.devices > 1:
-        # FSDP: every device holds 1/devices of the weights, gradients and moments, plus the Block it computes,
-        # gathered in full (weights and gradients)
-        block = block_parameters(config)
-        weights = weights // setup.devices + block * param_bytes
-        gradients = gradients // setup.devices + block * param_bytes
+        # FSDP: every device keeps 1/devices of the weights, gradients and moments. On top of the shards: the
+        # Block it computes, its weights gathered whole and, in its backward, its whole gradients until they are
+        # reduce-scattered into the shards (after every micro batch: the gradients stay sharded)
+        block_bytes = block_parameters(config) * parameter_bytes
+        weights = weights // setup.devices + block_bytes
+        gradients = gradients // setup.devices + block_bytes
         optimizer //= setup.devices
         scratch //= setup.devices
 
     saved = saved_tensors(config, setup)
-    log_probs = saved["head.log_probs"]
+    log_probs = saved["loss.log_probs"]  # counted with the logits
     if setup.activation_checkpointing:  # each Block's input, plus one Block's tensors while it is recomputed
-        per_block = [sum(v for k, v in saved.items() if k.startswith(f"blocks.{i}.")) for i in range(config.n_layer)]
-        rest = sum(v for k, v in saved.items() if not k.startswith("blocks."))
-        activations = config.n_layer * s * setup.micro_batch_size * setup.seq_length * config.n_embd \
-            + max(per_block, default=0) + rest - log_probs
+        per_block = [sum(size for name, size in saved.items() if name.startswith(f"blocks.{index}."))
+                     for index in range(config.n_layer)]
+        outside_blocks = sum(size for name, size in saved.items() if not name.startswith("blocks."))
+        block_inputs = config.n_layer * setup.micro_batch_size * setup.seq_length * config.n_embd * activation_bytes
+        activations = block_inputs + max(per_block, default=0) + outside_blocks - log_probs
     else:
         activations = sum(saved.values()) - log_probs
-    if param_bytes != s:  # autocast (approximate): the 16-bit copy of each linear weight is kept for backward
-        shapes = linear_shapes(config)
-        activations += s * (config.n_layer * sum(i * o for t, (i, o) in shapes.items() if t != "head")
-                            + shapes["head"][0] * shapes["head"][1])
+    if parameter_bytes != activation_bytes:  # autocast (approximate): each linear weight's 16-bit copy is saved
+        activations += activation_bytes * (config.n_layer * block_linear_parameters(config)
+                                           + config.n_embd * config.padded_vocab_size)
     return MemoryEstimate(setup, trainable, total, weights, gradients, optimizer, activations, 3 * log_probs,
                           scratch, saved)
 
@@ -295,7 +337,7 @@ def largest_trainable_tensor(config: Config, setup: TrainingSetup) -> int:
     if setup.method == "full":
         return max(d_in * d_out for d_in, d_out in shapes.values())  # the embedding / lm_head
     if setup.method == "lora":
-        return max(setup.lora_r * max(shapes[t]) for t in setup.lora_targets)
+        return max(setup.lora_r * max(shapes[target]) for target in setup.lora_targets)
     return setup.adapter_prompt_length * config.n_embd
 
 
@@ -306,9 +348,9 @@ def format_estimates(estimates: dict[str, MemoryEstimate]) -> str:
     lines = []
     first = next(iter(estimates.values()))
     for part in first.parts():
-        cells = [format_bytes(e.parts()[part]) for e in estimates.values()]
+        cells = [format_bytes(estimate.parts()[part]) for estimate in estimates.values()]
         label = f"**{part}**" if part == "total" else part
-        lines.append(f"| {label} | " + " | ".join(f"**{c}**" if part == "total" else c for c in cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"**{cell}**" if part == "total" else cell for cell in cells) + " |")
     trainable = [f"{e.trainable_parameters:,} ({100 * e.trainable_parameters / e.total_parameters:.2f}%)"
                  for e in estimates.values()]
     lines.insert(0, "| trainable parameters | " + " | ".join(trainable) + " |")
@@ -331,32 +373,33 @@ def step_flops(config: Config, setup: TrainingSetup) -> dict[str, float]:
     Attention (q k^T and the weighted sum over v) is counted with causal masking: T/2 keys per query on
     average; its backward computes dq, dk and dv: twice its forward.
     """
-    c, st = config, setup
-    shapes = linear_shapes(c)
-    R = st.micro_batch_size * st.seq_length
-    N = R * st.label_fraction
-    block_linear = 2 * sum(i * o for t, (i, o) in shapes.items() if t != "head")  # per row
-    attention = 2 * 2 * c.n_embd * st.seq_length / 2  # q k^T and p v, T/2 keys per query
+    shapes, L = linear_shapes(config), config.n_layer
+    R = setup.micro_batch_size * setup.seq_length
+    N = R * setup.label_fraction
+    # FLOPs of each part's forward, per row (per row and layer for the adapter)
+    block_linear = 2 * block_linear_parameters(config)
+    attention = 2 * 2 * config.n_embd * setup.seq_length / 2  # q k^T and p v, T/2 keys per query
     head = 2 * shapes["head"][0] * shapes["head"][1]  # per label row
-    lora = {t: 2 * st.lora_r * sum(shapes[t]) for t in st.lora_targets} if st.method == "lora" else {}
-    adapter = 2 * 2 * c.n_embd * st.adapter_prompt_length if st.method == "adapter" else 0  # per row and layer
+    lora = ({target: 2 * setup.lora_r * sum(shapes[target]) for target in setup.lora_targets}
+            if setup.method == "lora" else {})
+    adapter = 2 * 2 * config.n_embd * setup.adapter_prompt_length if setup.method == "adapter" else 0
 
-    if st.method == "full":
-        lowest = 0
-    elif st.method == "lora":
-        lowest = 0 if set(st.lora_targets) - {"head"} else c.n_layer
+    if setup.method == "full":
+        lowest_trainable_layer = 0
+    elif setup.method == "lora":
+        lowest_trainable_layer = 0 if set(setup.lora_targets) - {"head"} else L
     else:
-        lowest = st.adapter_start_layer
-    adapted_layers = c.n_layer - st.adapter_start_layer if st.method == "adapter" else 0
-    lora_blocks = sum(v for t, v in lora.items() if t != "head")
-    forward = R * (c.n_layer * (block_linear + attention + lora_blocks) + adapted_layers * adapter) \
+        lowest_trainable_layer = setup.adapter_start_layer
+    adapted_layers = L - setup.adapter_start_layer if setup.method == "adapter" else 0
+    lora_in_blocks = sum(flops for target, flops in lora.items() if target != "head")
+    forward = R * (L * (block_linear + attention + lora_in_blocks) + adapted_layers * adapter) \
         + N * (head + lora.get("head", 0))
-    layers_backward = c.n_layer - lowest  # the gradient flows from the loss down to the lowest trainable layer
+    layers_backward = L - lowest_trainable_layer  # the gradient flows from the loss down to the lowest trainable layer
     backward_input = N * head + R * layers_backward * (block_linear + 2 * attention) \
-        + R * adapted_layers * 2 * adapter + R * c.n_layer * lora_blocks
-    if st.method == "full":
-        backward_weight = R * c.n_layer * block_linear + N * head
+        + R * adapted_layers * 2 * adapter + R * L * lora_in_blocks
+    if setup.method == "full":
+        backward_weight = R * L * block_linear + N * head
     else:  # only A and B (LoRA), or the prompts (whose gradient is per layer, not per row: negligible)
-        backward_weight = R * c.n_layer * lora_blocks + N * lora.get("head", 0)  # dA and dB
+        backward_weight = R * L * lora_in_blocks + N * lora.get("head", 0)  # dA and dB
     return {"forward": forward, "backward_input": backward_input, "backward_weight": backward_weight,
             "total": forward + backward_input + backward_weight}

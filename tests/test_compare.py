@@ -11,8 +11,8 @@ from lit_lora.adapter import apply_adapter, mark_only_adapter_as_trainable
 from lit_lora.data import prepare
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
 from lit_lora.memory import TrainingSetup, count_parameters, estimate_memory, saved_tensors, step_flops
-from lit_lora.model import Config, LLaMA
-from lit_lora.train import global_batch_indices, loss_sum
+from lit_lora.model import PRESETS, Config, LLaMA
+from lit_lora.train import loss_sum
 from lit_lora.utils import num_parameters
 from tests.conftest import make_checkpoint
 
@@ -105,24 +105,54 @@ def saved_by_autograd(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tenso
     return sum(storages.values())
 
 
+# model.py's preset families, scaled down until autograd runs them in milliseconds, keeping the ratios that shape
+# what is saved: query heads per key/value head, and the MLP width against n_embd.
+FAMILIES = {
+    # LLaMA 7B: multi-head (32 heads, 32 key/value heads); intermediate_size derived from n_embd (11008 = 2.69 x
+    # 4096 for 7B, 256 = 2.67 x 96 here)
+    "7B": dict(n_head=4, n_embd=96),
+    # Llama-2-70b (and TinyLlama): grouped-query, 8 query heads per key/value head (64 and 8); intermediate_size
+    # given, 3.5 x n_embd (28672 = 3.5 x 8192)
+    "Llama-2-70b": dict(n_head=16, n_query_groups=2, n_embd=64, intermediate_size=224),
+    # OpenLLaMA 3B: multi-head; intermediate_size given, not derived from n_embd (8640 = 2.7 x 3200; derived: 8704)
+    "open_llama_3b": dict(n_head=4, n_embd=80, intermediate_size=216),
+}
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
+METHODS = {
+    "full": dict(method="full"),
+    "lora": dict(method="lora"),  # finetune/lora.py's defaults: q and v, dropout 0.05
+    "lora-no-dropout": dict(method="lora", lora_dropout=0.0),
+    "lora-k-o-up-down-head": dict(method="lora", lora_targets=("k", "o", "up", "down", "head")),
+    "lora-all": dict(method="lora", lora_targets=ALL_TARGETS),
+    "lora-all-no-dropout": dict(method="lora", lora_targets=ALL_TARGETS, lora_dropout=0.0),
+    "lora-head-only": dict(method="lora", lora_targets=("head",)),  # no Block needs a gradient
+    "adapter": dict(method="adapter", adapter_prompt_length=3, adapter_start_layer=1),  # layer 0 saves nothing
+}
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
-@pytest.mark.parametrize("overrides", [{}, {"n_layer": 3, "n_query_groups": 4}], ids=["gqa", "mha-3-layers"])
-@pytest.mark.parametrize("method", [
-    dict(method="full"), dict(method="lora"), dict(method="lora", lora_dropout=0.0),
-    dict(method="lora", lora_targets=("k", "o", "up", "down", "head")),
-    dict(method="adapter", adapter_prompt_length=3, adapter_start_layer=1),
-], ids=["full", "lora", "lora-no-dropout", "lora-k-o-up-down-head", "adapter"])
-def test_saved_tensors_equal_what_autograd_saves(method, overrides, precision):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_tensors_equal_what_autograd_saves(method, family, precision):
     torch.manual_seed(0)
-    config = Config.from_name("micro", **overrides)
+    config = Config.from_name(family, n_layer=3, block_size=64, vocab_size=256, **FAMILIES[family])
     B, T = 2, 24
     input_ids = torch.randint(0, config.padded_vocab_size, (B, T))
     labels = input_ids.clone()
     labels[:, :10] = -100  # a masked prompt: logits only at the 2 x 14 positions that predict a label
     setup = TrainingSetup(precision=precision, micro_batch_size=B, seq_length=T, label_fraction=2 * 14 / (B * T),
-                          device="cpu", lora_r=4, **method)
+                          device="cpu", lora_r=4, **METHODS[method])
     model = build(config, setup, torch.float32 if precision == "32-true" else torch.bfloat16)
     assert sum(saved_tensors(config, setup).values()) == saved_by_autograd(model, input_ids, labels)
+
+
+def test_the_scaled_down_families_keep_their_presets_shapes():
+    for family, overrides in FAMILIES.items():
+        preset, scaled = Config.from_name(family), Config.from_name(family, **overrides)
+        assert preset.n_head // preset.n_query_groups == scaled.n_head // scaled.n_query_groups, family
+        assert preset.intermediate_size / preset.n_embd == pytest.approx(scaled.intermediate_size / scaled.n_embd,
+                                                                          rel=0.01), family
+        assert ("intermediate_size" in PRESETS[family]) == ("intermediate_size" in overrides), family
 
 
 def test_7b_against_the_references():
@@ -140,25 +170,31 @@ def test_7b_against_the_references():
     assert flops["lora"] / flops["full"] == pytest.approx(2 / 3, abs=0.02)  # only W0's weight gradients are skipped
 
 
-def test_loop_timing_recovers_the_step_times(tmp_path):
+def write_metrics(path, step_times: list[float], step_tokens: list[int]) -> None:
+    """A metrics.csv as fit() logs it: a row per optimizer step, then the final evaluation's row."""
+    path.parent.mkdir(parents=True)
+    rows = ["loss,lr,step,step_time_s,step_tokens,tokens_per_sec,val_loss,val_ppl"]
+    for step, (step_time, tokens) in enumerate(zip(step_times, step_tokens)):
+        rate = sum(step_tokens[:step + 1]) / sum(step_times[:step + 1])  # since the start, as fit() logs it
+        rows.append(f"1.0,0.1,{step + 1},{step_time!r},{tokens},{rate!r},,")
+    rows.append(f",,{len(step_times)},,,,2.5,12.18")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_loop_timing_reads_each_steps_time_and_tokens(tmp_path):
     from finetune.compare import loop_timing
 
-    lengths = [10 + i for i in range(12)]
     step_times = [5.0, 1.0, 9.0, 1.5, 2.0]  # the first step is slow (AdamW allocates its state); a busy machine
-    tokens = [sum(lengths[i] for i in global_batch_indices(step, 12, 4, seed=3)) for step in range(5)]
-    log = tmp_path / "run" / "logs" / "version_1" / "metrics.csv"
-    log.parent.mkdir(parents=True)
-    rows = ["loss,lr,step,tokens_per_sec,val_loss"]
-    for step in range(5):
-        rate = sum(tokens[:step + 1]) / sum(step_times[:step + 1])
-        rows.append(f"1.0,0.1,{step + 1},{rate!r},")
-    rows.append(",,5,,2.5")  # the evaluation's row
-    log.write_text("\n".join(rows) + "\n")
-    (tmp_path / "run" / "logs" / "version_0").mkdir()  # an older run's folder is not read
-    time_per_step, tokens_per_sec = loop_timing(tmp_path / "run", lengths, 4, seed=3)
+    step_tokens = [100, 120, 90, 110, 130]
+    write_metrics(tmp_path / "run" / "logs" / "version_10" / "metrics.csv", step_times, step_tokens)
+    write_metrics(tmp_path / "run" / "logs" / "version_9" / "metrics.csv", [7.0] * 5, [50] * 5)  # an older run
+    time_per_step, tokens_per_sec = loop_timing(tmp_path / "run")
     assert time_per_step == pytest.approx(1.75)  # the median of steps 2..5: 1.0, 9.0, 1.5, 2.0
-    rates = sorted(t / s for t, s in zip(tokens[1:], step_times[1:]))
+    rates = sorted(tokens / seconds for tokens, seconds in zip(step_tokens[1:], step_times[1:]))  # 10, 65, 73.3, 120
     assert tokens_per_sec == pytest.approx((rates[1] + rates[2]) / 2)
+
+    write_metrics(tmp_path / "one" / "logs" / "version_0" / "metrics.csv", [3.0], [60])  # a one-step run: step 1
+    assert loop_timing(tmp_path / "one") == (3.0, 20.0)
 
 
 def test_estimate_only_needs_no_checkpoint(capsys):
@@ -202,6 +238,10 @@ def test_compare_end_to_end(tmp_path, tokenizer_path, tokenizer, capsys):
                        "time_per_step_s", "tokens_per_sec", "val_loss"):
             assert float(r[column]) > 0 and math.isfinite(float(r[column])), (r["method"], column)
         assert int(r["steps"]) == 3
+        with open(out_dir / r["method"] / "logs" / "version_0" / "metrics.csv") as f:  # what fit() logged
+            step_times = [float(row["step_time_s"]) for row in csv.DictReader(f) if row["step_time_s"]]
+        assert len(step_times) == 3  # the median of steps 2 and 3 is their mean
+        assert float(r["time_per_step_s"]) == pytest.approx((step_times[1] + step_times[2]) / 2), r["method"]
     lora, adapter, full = rows
     assert int(lora["trainable_parameters"]) < int(full["trainable_parameters"]) == int(full["total_parameters"])
     assert int(lora["checkpoint_bytes"]) < int(full["checkpoint_bytes"])
