@@ -23,22 +23,18 @@ LLaMA-Adapter pay the weight's bytes per frozen parameter (bf16-true: 2, 13.5 GB
 4, 27 GB) and nothing more for them: no gradient and no optimizer state for W0. Their activations stay: the
 backward pass still has to run through every layer above the lowest trainable one.
 
-Under FSDP (full finetuning on several devices) each device keeps 1/devices of the weights, gradients and
-moments. On top of its shards it holds the Block it is computing, its weights gathered whole and, in its
-backward pass, its whole gradients until they are reduce-scattered into the shards. The training loop
-reduce-scatters after every micro batch under FSDP, so the gradients stay sharded during gradient
-accumulation too.
+Under FSDP each device keeps 1/devices of the weights, gradients and moments, plus the Block it computes,
+gathered whole, with its whole gradients until they are reduce-scattered (after every micro batch: the
+gradients stay sharded during gradient accumulation too).
 
 The total is `weights + gradients + optimizer + max(activations + logits, optimizer step scratch)`:
 gradients are counted in full while the activations are alive, which is exact from the second micro batch
 of an accumulating step on (an upper bound for the first); the scratch is the temporary sqrt(v) that the
 multi-tensor AdamW on a GPU allocates for all trainable parameters at once, once the activations are gone.
-Left out: a few layer-sized temporaries of the backward pass, the RoPE cache, the CUDA context (~0.5 GB,
-not in torch.cuda.max_memory_allocated) and the caching allocator's reserved-but-free blocks (in
-nvidia-smi's figure, not in max_memory_allocated). Under FSDP, what torch's fully_shard holds beyond one
-Block: it keeps the top-level module (embedding, final norm and lm_head, for 7B more parameters than a
-Block) gathered from its forward to the end of the backward pass, and gathers the next Block while one
-computes.
+Left out: a few layer-sized temporaries of the backward pass, the RoPE cache, the CUDA context (~0.5 GB) and
+the caching allocator's reserved-but-free blocks (neither is in torch.cuda.max_memory_allocated); under FSDP,
+the top-level module (embedding, final norm, lm_head) that fully_shard keeps gathered from its forward to the
+end of the backward pass, and the next Block it gathers while one computes.
 
 Everything here is arithmetic on a `Config`: nothing is built, so 70B is as quick as `micro`.
 """
@@ -51,8 +47,7 @@ from lit_lora.model import Config
 from lit_lora.utils import format_bytes
 
 METHODS = ("lora", "adapter", "full")
-# Bytes per element: (parameters, gradients and AdamW moments; activations). Mixed precision keeps fp32
-# weights and computes in 16 bits.
+# Bytes per element: (parameters, gradients and AdamW moments; activations). Mixed: fp32 weights, 16-bit compute.
 PRECISION_BYTES = {"32-true": (4, 4), "bf16-true": (2, 2), "bf16-mixed": (4, 2), "16-mixed": (4, 2)}
 
 
