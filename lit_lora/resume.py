@@ -11,7 +11,6 @@ not at all; and the method's file is written before state.pth, so a crash betwee
 resumed run redo a few steps and write the file again.
 """
 
-import hashlib
 import json
 import shutil
 import signal
@@ -31,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from lit_lora.data_files import file_sha256
 from lit_lora.utils import atomic_folder, atomic_save, atomic_write
 
 
@@ -59,7 +59,7 @@ def run_identity(args, model: nn.Module) -> dict:
     """What decides a run's result: every flag but RESUME_MAY_CHANGE, the training data's sha256 and the
     base weights' fingerprint (paths may move; contents may not)."""
     identity = {name: value for name, value in asdict(args).items() if name not in RESUME_MAY_CHANGE}
-    identity["data"] = hashlib.sha256((Path(args.data_dir) / "train.pt").read_bytes()).hexdigest()
+    identity["data"] = file_sha256(Path(args.data_dir) / "train.pt")
     identity["base_weights"] = getattr(model, "base_fingerprint", None)
     return json.loads(json.dumps(identity, default=str))  # plain JSON values: tuples as lists, paths as strings
 
