@@ -113,7 +113,8 @@ def to_dtype(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor
 
 
 # The config fields that decide what the model computes: a preset given by name must agree with the checkpoint.
-CHECKED_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "norm_eps", "rope_base")
+CHECKED_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "norm_eps", "rope_base",
+                  "rope_scaling", "tie_embeddings")
 
 
 def int_if_whole(number: float) -> Union[int, float]:

@@ -101,17 +101,24 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None) -> Config:
         unsupported("model_type", "lit-lora converts LLaMA-architecture models only (model_type \"llama\")")
     if hf_config.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", "LLaMA's SwiGLU uses silu")
-    if hf_config.get("tie_word_embeddings", False):
-        unsupported("tie_word_embeddings", "lm_head and embed are separate matrices here")
     for field in ("attention_bias", "mlp_bias"):
         if hf_config.get(field, False):
             unsupported(field, "the linear layers have no bias")
-    if hf_config.get("rope_scaling") is not None:
-        unsupported("rope_scaling", "only plain RoPE is implemented (no scaled or extended context)")
-    rope_parameters = hf_config.get("rope_parameters") or {}  # newer transformers put rope_theta here
-    if rope_parameters.get("rope_type", "default") != "default":
-        raise ValueError(f"config.json: rope_parameters.rope_type = {json.dumps(rope_parameters['rope_type'])} is "
-                         "not supported: only plain RoPE (\"default\") is implemented")
+    # RoPE: rope_theta + rope_scaling in most checkpoints' config.json, one rope_parameters dict in transformers 5's
+    rope = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
+    rope_field = "rope_parameters" if hf_config.get("rope_parameters") else "rope_scaling"
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        unsupported(rope_field, "only plain RoPE (\"default\") and Llama 3's frequency scaling (\"llama3\") are "
+                                "implemented")
+    rope_scaling = None
+    if rope_type == "llama3":
+        fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if any(field not in rope for field in fields):
+            unsupported(rope_field, f"Llama 3 RoPE scaling needs {', '.join(fields)}")
+        rope_scaling = dict(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                            high_freq_factor=rope["high_freq_factor"],
+                            original_context=rope["original_max_position_embeddings"])
     missing = [field for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                    "vocab_size") if field not in hf_config]
     if missing:
@@ -130,7 +137,9 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None) -> Config:
         n_embd=n_embd,
         intermediate_size=hf_config["intermediate_size"],
         norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-        rope_base=int_if_whole(rope_parameters.get("rope_theta", hf_config.get("rope_theta", 10000))),
+        rope_base=int_if_whole(rope.get("rope_theta", hf_config.get("rope_theta", 10000))),
+        rope_scaling=rope_scaling,
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
     )
     return apply_preset(config, model_name, "config.json") if model_name else config
 
@@ -152,9 +161,13 @@ def config_to_hf(config: Config) -> dict:
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": float(config.rope_base),
-        "rope_scaling": None,
+        "rope_scaling": None if config.rope_scaling is None else {
+            "rope_type": "llama3", "factor": config.rope_scaling["factor"],
+            "low_freq_factor": config.rope_scaling["low_freq_factor"],
+            "high_freq_factor": config.rope_scaling["high_freq_factor"],
+            "original_max_position_embeddings": config.rope_scaling["original_context"]},
         "hidden_act": "silu",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
     }
@@ -170,9 +183,15 @@ HF_WEIGHTS = (  # (single file, index of shards), safetensors first
 )
 
 
+# The tokenizer files a checkpoint folder carries: SentencePiece's tokenizer.model (LLaMA, Llama 2), or Hugging Face's
+# tokenizer.json (Llama 3, SmolLM2) with the files that give its BOS, EOS and stop tokens.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
 def hf_files_to_download(repo_files: list[str]) -> list[str]:
-    """The files of a Hugging Face repo that convert_hf_checkpoint reads: config.json, tokenizer.model and the
-    weights in one format (safetensors where the repo has them, else .bin), as one file or shards with their index."""
+    """The files of a Hugging Face repo that convert_hf_checkpoint reads: config.json, the tokenizer (tokenizer.model,
+    or tokenizer.json and its companions) and the weights in one format (safetensors where the repo has them, else
+    .bin), as one file or shards with their index."""
     for single, index in HF_WEIGHTS:
         stem, extension = single.split(".")  # "model", "safetensors"
         weight_files = [file for file in repo_files
@@ -183,12 +202,15 @@ def hf_files_to_download(repo_files: list[str]) -> list[str]:
         readable = ", ".join(single for single, _ in HF_WEIGHTS)
         raise ValueError(f"The repo has no weights convert_hf.py can read ({readable}, or their shards); "
                          f"it holds {sorted(repo_files)[:20]}")
-    for needed in ("config.json", "tokenizer.model"):
-        if needed not in repo_files:
-            raise ValueError(f"The repo has no {needed}, which convert_hf.py needs"
-                             + (" (lit-lora reads SentencePiece tokenizers only; Llama 3's tiktoken is not supported)"
-                                if needed == "tokenizer.model" else ""))
-    return ["config.json", "tokenizer.model", *sorted(weight_files)]
+    if "config.json" not in repo_files:
+        raise ValueError("The repo has no config.json, which convert_hf.py needs")
+    if "tokenizer.model" in repo_files:
+        tokenizer_files = ["tokenizer.model"]
+    elif "tokenizer.json" in repo_files:
+        tokenizer_files = [file for file in TOKENIZER_JSON_FILES if file in repo_files]
+    else:
+        raise ValueError("The repo has neither tokenizer.model nor tokenizer.json, one of which convert_hf.py needs")
+    return ["config.json", *tokenizer_files, *sorted(weight_files)]
 
 
 def shard_paths(index_path: Path) -> list[Path]:
@@ -276,6 +298,8 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
                 state_dict[lit_name] = to_dtype(tensor, torch_dtype)
                 tensors_in_file += 1
         print(f"[{file_number}/{len(weight_files)}] {path.name}: {tensors_in_file} tensors")
+    if config.tie_embeddings:  # one matrix for embed and lm_head: Hugging Face saves it once, as the embedding
+        state_dict["lm_head.weight"] = state_dict["embed.weight"]
     check_converted_tensors(state_dict, config, str(hf_dir))
     return write_checkpoint(output_dir, state_dict, config, tokenizer_path)
 
@@ -298,7 +322,8 @@ def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str
         merge_lora(model)  # W0 + alpha/r B A: copy-on-write, so only the merged matrices take new memory
     state_dict = {}
     for name, tensor in model.state_dict().items():
-        if "lora_" not in name:  # the LoRA factors are merged into the weights
+        tied_copy = model.config.tie_embeddings and name == "lm_head.weight"  # transformers ties it to the embedding
+        if "lora_" not in name and not tied_copy:  # the LoRA factors are merged into the weights
             state_dict[lit_to_hf_name(name)] = to_dtype(tensor, torch_dtype).contiguous()
     hf_config = config_to_hf(model.config)
     tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")

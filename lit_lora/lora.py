@@ -139,6 +139,9 @@ def apply_lora(model: LLaMA, r: int = 8, alpha: float = 16, dropout: float = 0.0
     if hasattr(model, "lora_config"):
         raise ValueError(f"This model already has LoRA ({model.lora_config}); apply it once")
     config = LoRAConfig(r, alpha, dropout, targets)
+    if "head" in config.targets and model.config.tie_embeddings:
+        raise ValueError("--lora_targets includes head, but this model's lm_head is its embedding matrix "
+                         "(tie_embeddings): merging B A into it would change the embedding too. Leave head out.")
     for _, parent, name in target_linears(model, config.targets):
         setattr(parent, name, LoRALinear.from_linear(getattr(parent, name), r, alpha, dropout))
     model.lora_config = config

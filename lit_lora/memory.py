@@ -24,8 +24,7 @@ LLaMA-Adapter pay the weight's bytes per frozen parameter (bf16-true: 2, 13.5 GB
 backward pass still has to run through every layer above the lowest trainable one.
 
 Under FSDP each device keeps 1/devices of the weights, gradients and moments, plus the Block it computes,
-gathered whole, with its whole gradients until they are reduce-scattered (after every micro batch: the
-gradients stay sharded during gradient accumulation too).
+gathered whole, with its whole gradients until they are reduce-scattered (after every micro batch).
 
 The total is `weights + gradients + optimizer + max(activations + logits, optimizer step scratch)`:
 gradients are counted in full while the activations are alive, which is exact from the second micro batch
@@ -111,7 +110,8 @@ def count_parameters(config: Config, setup: TrainingSetup) -> tuple[int, int]:
     C, L = config.n_embd, config.n_layer
     if setup.method == "adapter" and setup.adapter_start_layer >= L:
         raise ValueError(f"adapter_start_layer ({setup.adapter_start_layer}) must be below the model's n_layer ({L})")
-    base = L * block_parameters(config) + 2 * config.padded_vocab_size * C + C  # + embedding, lm_head, final norm
+    embeddings = (1 if config.tie_embeddings else 2) * config.padded_vocab_size * C  # embed, lm_head: one if tied
+    base = L * block_parameters(config) + embeddings + C  # + the final norm
     if setup.method == "full":
         return base, base
     if setup.method == "lora":  # A (r x d_in) and B (d_out x r) per targeted linear: r (d_in + d_out)

@@ -34,7 +34,9 @@ class Config:
     n_embd: int = 4096
     intermediate_size: Optional[int] = None  # SwiGLU hidden size; derived from n_embd unless given
     norm_eps: float = 1e-5
-    rope_base: int = 10000
+    rope_base: float = 10000  # RoPE's theta: the longest wavelength grows with it (Llama 3: 500000)
+    rope_scaling: Optional[dict] = None  # Llama 3.1+: factor, low_freq_factor, high_freq_factor, original_context
+    tie_embeddings: bool = False  # lm_head is the embedding matrix (Llama 3.2 1B/3B, SmolLM2)
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the Hugging Face repo it came from)
 
     def __post_init__(self):
@@ -48,6 +50,8 @@ class Config:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_query_groups:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
+        if self.rope_scaling is not None and set(self.rope_scaling) != set(ROPE_SCALING_FIELDS):
+            raise ValueError(f"rope_scaling has the fields {sorted(self.rope_scaling)}; expected {ROPE_SCALING_FIELDS}")
 
     @property
     def head_size(self) -> int:
@@ -71,7 +75,12 @@ class Config:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
-# Published shapes. The 13B+ LLaMA sizes and Llama 2 follow the papers; TinyLlama and OpenLLaMA their model cards.
+ROPE_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_context")
+LLAMA_3 = dict(vocab_size=128256, n_query_groups=8, rope_base=500000, block_size=131072)
+LLAMA_3_1_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192)
+SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_base=100000, tie_embeddings=True)
+
+# Published shapes, from the papers (LLaMA, Llama 2) and the models' config.json (the others).
 PRESETS = {
     "7B": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
     "13B": dict(n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6),
@@ -85,6 +94,16 @@ PRESETS = {
     "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
     "open_llama_3b": dict(n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
     "open_llama_7b": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
+    "Llama-3.2-1B": dict(LLAMA_3, n_layer=16, n_head=32, n_embd=2048, intermediate_size=8192, tie_embeddings=True,
+                         rope_scaling=dict(LLAMA_3_1_ROPE, factor=32.0)),
+    "Llama-3.2-3B": dict(LLAMA_3, n_layer=28, n_head=24, n_embd=3072, intermediate_size=8192, tie_embeddings=True,
+                         rope_scaling=dict(LLAMA_3_1_ROPE, factor=32.0)),
+    "Llama-3.1-8B": dict(LLAMA_3, n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336, rope_scaling=LLAMA_3_1_ROPE),
+    "Llama-3.1-70B": dict(LLAMA_3, n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672,
+                          rope_scaling=LLAMA_3_1_ROPE),
+    "SmolLM2-135M": dict(SMOLLM2, n_layer=30, n_head=9, n_query_groups=3, n_embd=576, intermediate_size=1536),
+    "SmolLM2-360M": dict(SMOLLM2, n_layer=32, n_head=15, n_query_groups=5, n_embd=960, intermediate_size=2560),
+    "SmolLM2-1.7B": dict(SMOLLM2, n_layer=24, n_head=32, n_embd=2048, intermediate_size=8192, rope_base=130000),
     # Not published models: small shapes for CPU runs. `tiny` (0.9M parameters) is what the CPU demo pretrains;
     # `micro` is the smallest useful model, with grouped-query attention, for fast tests.
     "tiny": dict(block_size=256, vocab_size=512, n_layer=4, n_head=4, n_embd=128, intermediate_size=352),
@@ -107,16 +126,32 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def build_rope_cache(seq_len: int, head_size: int, base: int = 10000, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def build_rope_cache(seq_len: int, head_size: int, base: float = 10000, device=None,
+                     scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the angle m * theta_i for position m and frequency theta_i = base^(-2i/d).
 
     Returns two (seq_len, head_size) tensors; each frequency appears twice, once per half of the head.
     """
     theta = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device).float() / head_size))  # (hs/2,)
+    if scaling is not None:
+        theta = llama3_scaled_frequencies(theta, **scaling)
     positions = torch.arange(seq_len, device=device).float()
     angles = torch.outer(positions, theta)  # (seq_len, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (seq_len, hs)
     return torch.cos(angles), torch.sin(angles)
+
+
+def llama3_scaled_frequencies(theta: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                              original_context: int) -> torch.Tensor:
+    """Llama 3.1's longer context: a frequency whose wavelength 2 pi / theta is longer than original_context /
+    low_freq_factor is slowed down by `factor`; one shorter than original_context / high_freq_factor is kept;
+    in between the two are blended: theta' = (1 - s) theta / factor + s theta, with
+    s = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    wavelength = 2 * math.pi / theta
+    s = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - s) * theta / factor + s * theta
+    kept = torch.where(wavelength < original_context / high_freq_factor, theta, blended)
+    return torch.where(wavelength > original_context / low_freq_factor, theta / factor, kept)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -206,8 +241,10 @@ class LLaMA(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)  # not tied to embed
-        cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:  # one matrix maps ids to vectors (embed) and vectors to scores (lm_head)
+            self.lm_head.weight = self.embed.weight
+        cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base, scaling=config.rope_scaling)
         self.register_buffer("cos", cos, persistent=False)  # not in checkpoints: derived from the config
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -225,7 +262,8 @@ class LLaMA(nn.Module):
     def reset_rope_cache(self) -> None:
         """Recompute cos/sin (e.g. after the model was built on the meta device and loaded with assign=True)."""
         config, device = self.config, self.lm_head.weight.device
-        self.cos, self.sin = build_rope_cache(config.block_size, config.head_size, config.rope_base, device)
+        self.cos, self.sin = build_rope_cache(config.block_size, config.head_size, config.rope_base, device,
+                                              config.rope_scaling)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:

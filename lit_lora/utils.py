@@ -56,10 +56,14 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     with torch.device("meta"):
         model = LLaMA(config)
     state_dict = load_tensors(checkpoint_dir / "lit_model.pth")
+    if config.tie_embeddings and "embed.weight" in state_dict:  # one matrix, saved under one name or both
+        state_dict.setdefault("lm_head.weight", state_dict["embed.weight"])
     check_tensors(state_dict, {name: t.shape for name, t in model.state_dict().items()}, checkpoint_dir / "lit_model.pth")
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
+    if config.tie_embeddings:  # assign=True gave each name its own parameter: make them one again
+        model.lm_head.weight = model.embed.weight
     model.reset_rope_cache()  # cos/sin are not in the checkpoint: build them on the weights' device
     model.base_fingerprint = weights_fingerprint(state_dict)
     return model

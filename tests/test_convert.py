@@ -31,6 +31,7 @@ from lit_lora.convert_common import DTYPES, DtypeName
 from lit_lora.convert_hf import config_from_hf, convert_hf_checkpoint, export_hf_checkpoint, hf_files_to_download
 from lit_lora.convert_meta import convert_meta_checkpoint, permute_meta_qk
 from lit_lora.convert_peft import export_peft_adapter, import_peft_adapter
+from lit_lora.generation import generate
 from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
 from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
 from lit_lora.tokenizer import Tokenizer
@@ -570,8 +571,8 @@ VALID_HF_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers"
 @pytest.mark.parametrize("field, value", [
     ("model_type", "mistral"),
     ("rope_scaling", {"type": "linear", "factor": 2.0}),
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0}),
-    ("tie_word_embeddings", True),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0}),  # without its factors
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0}),
     ("attention_bias", True),
     ("mlp_bias", True),
     ("hidden_act", "gelu"),
@@ -713,11 +714,16 @@ def test_download_fetches_only_what_convert_needs_at_the_revision(tmp_path, monk
     run_script("download", "--repo_id", repo_id, "--checkpoint_dir", tmp_path)  # by default the main branch
     assert calls["list_repo_files"]["revision"] == calls["snapshot_download"]["revision"] == "main"
 
-    # .bin only where there are no safetensors; a repo without tokenizer.model is refused before any download
+    # .bin only where there are no safetensors; tokenizer.json and its companions where there is no tokenizer.model
+    # (Llama 3: its original/tokenizer.model is tiktoken's, not SentencePiece's); no tokenizer: refused before download
     assert hf_files_to_download(["config.json", "tokenizer.model", "pytorch_model.bin", "training_args.bin"]) == [
         "config.json", "tokenizer.model", "pytorch_model.bin"]
-    with pytest.raises(ValueError, match="no tokenizer.model"):
-        hf_files_to_download(["config.json", "tokenizer.json", "model.safetensors"])
+    llama_3_2_1b = ["config.json", "generation_config.json", "model.safetensors", "original/tokenizer.model",
+                    "original/consolidated.00.pth", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert hf_files_to_download(llama_3_2_1b) == ["config.json", "tokenizer.json", "tokenizer_config.json",
+                                                  "generation_config.json", "special_tokens_map.json", "model.safetensors"]
+    with pytest.raises(ValueError, match="neither tokenizer.model nor tokenizer.json"):
+        hf_files_to_download(["config.json", "model.safetensors"])
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
@@ -816,3 +822,91 @@ def test_dtype_flag_refuses_other_names_while_parsing(tmp_path, name, flags):
     assert code == 2
     assert "int8" in err and "'float32', 'float16', 'bfloat16'" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The LLaMA family of today: each family's shape, scaled down in depth and width, against transformers
+# ----------------------------------------------------------------------------------------------------------------
+
+LLAMA_3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+# With head size 16 and rope_theta 500000 the wavelengths run from 6 to 6e5 positions: some frequencies are kept,
+# one is blended and the rest are slowed down by the factor, so every branch of Llama 3's scaling is exercised.
+FAMILIES = {
+    "llama-3.1": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA_3_ROPE, tie_word_embeddings=False),
+    "llama-3.2": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling={**LLAMA_3_ROPE, "factor": 32.0},
+                      tie_word_embeddings=True),
+    "smollm2": dict(num_key_value_heads=1, rope_theta=100000.0, rope_scaling=None, tie_word_embeddings=True),
+}
+
+
+def family_model(vocab_size: int, family: str) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                         vocab_size=vocab_size, max_position_embeddings=256, rms_norm_eps=1e-5, **FAMILIES[family])
+    torch.manual_seed(0)
+    return randomize(LlamaForCausalLM(config))
+
+
+@pytest.mark.parametrize("layout", ["rope_parameters", "rope_theta + rope_scaling"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_todays_families_convert_to_the_same_logits_and_greedy_tokens(tmp_path, tokenizer_path, tokenizer, family,
+                                                                      layout):
+    hf = family_model(tokenizer.vocab_size, family)
+    hf_dir = make_hf_dir(tmp_path / "hf", hf, tokenizer_path)
+    saved = json.loads((hf_dir / "config.json").read_text())
+    assert "rope_parameters" in saved  # how transformers 5 saves it
+    if layout == "rope_theta + rope_scaling":  # how most checkpoints on the Hub carry it
+        rope = saved.pop("rope_parameters")
+        saved["rope_theta"] = rope.pop("rope_theta")
+        saved["rope_scaling"] = rope if rope.get("rope_type") == "llama3" else None
+        (hf_dir / "config.json").write_text(json.dumps(saved))
+    if FAMILIES[family]["tie_word_embeddings"]:  # saved once, as the embedding
+        with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
+            assert "lm_head.weight" not in f.keys()
+
+    convert_hf_checkpoint(hf_dir)
+    lit = load_model(hf_dir)
+    expected = FAMILIES[family]
+    assert lit.config.tie_embeddings == expected["tie_word_embeddings"]
+    assert lit.config.rope_base == int(expected["rope_theta"])
+    assert (lit.config.rope_scaling is not None) == (expected["rope_scaling"] is not None)
+    if lit.config.tie_embeddings:
+        assert lit.lm_head.weight is lit.embed.weight
+    assert same_logits(hf, lit, tokenizer.vocab_size) < 1e-4
+
+    prompt = torch.tensor([1, 17, 42, 99, 7])
+    with torch.no_grad():
+        hf_tokens = hf.generate(prompt[None], max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):]
+    (lit_tokens,) = generate(lit, [prompt], max_new_tokens=20, temperature=0.0)
+    assert lit_tokens.tolist() == hf_tokens.tolist()
+
+
+@pytest.mark.parametrize("family", ["llama-3.2", "smollm2"])
+def test_tied_models_export_to_transformers_and_peft_and_back(tmp_path, tokenizer_path, tokenizer, family):
+    hf = family_model(tokenizer.vocab_size, family)
+    convert_hf_checkpoint(make_hf_dir(tmp_path / "hf", hf, tokenizer_path), tmp_path / "lit")
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    assert (config["rope_scaling"] is None) == (FAMILIES[family]["rope_scaling"] is None)
+    with safe_open(str(tmp_path / "exported" / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()  # transformers ties it to the embedding when it loads
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert same_logits(again, load_model(tmp_path / "lit"), tokenizer.vocab_size) < 1e-4
+
+    # LoRA on q and v of a tied model, through PEFT and back; the head is refused (it is the embedding)
+    with pytest.raises(ValueError, match="lm_head is its embedding matrix"):
+        apply_lora(load_model(tmp_path / "lit"), targets=("q", "head"))
+    lora = apply_lora(load_model(tmp_path / "lit"), r=4, alpha=8, targets=("q", "v")).eval()
+    with torch.no_grad():  # B away from zero, so the update shows in the logits
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    save_lora(lora, tmp_path / "lora.pth")
+    export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", tmp_path / "lit")
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "exported"), tmp_path / "peft")
+    assert same_logits(peft_model.eval(), lora, tokenizer.vocab_size) < 1e-4
+    import_peft_adapter(tmp_path / "peft", tmp_path / "lit", tmp_path / "back.pth")
+    back = read_lora_file(tmp_path / "back.pth")["lora"]
+    assert all(torch.equal(back[name], tensor) for name, tensor in read_lora_file(tmp_path / "lora.pth")["lora"].items())

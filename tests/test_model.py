@@ -159,3 +159,53 @@ def test_logits_at_computes_only_the_wanted_logits():
         full, some = model(idx), model(idx, logits_at=mask)
     assert some.shape == (4, 256)
     assert torch.allclose(some, full[mask], atol=1e-6)
+
+
+# Published sizes of today's LLaMA-architecture models, and the shape of each in transformers' terms.
+PUBLISHED = {
+    "Llama-3.2-1B": (1_235_814_400, dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                                         tie_word_embeddings=True)),
+    "Llama-3.2-3B": (3_212_749_824, dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+                                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                                         tie_word_embeddings=True)),
+    "Llama-3.1-8B": (8_030_261_248, dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                                         tie_word_embeddings=False)),
+    "SmolLM2-135M": (134_515_008, dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                       num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                                       tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_todays_presets_have_their_published_sizes(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_lora.memory import TrainingSetup, count_parameters
+
+    published, hf_shape = PUBLISHED[name]
+    config = Config.from_name(name)
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in LLaMA(config).parameters())
+        theirs = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**hf_shape)).parameters())
+    assert ours == theirs == published
+    assert count_parameters(config, TrainingSetup(method="full")) == (published, published)  # memory.py's arithmetic
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    """Llama 3.1's frequency scaling keeps the high frequencies, slows the low ones by `factor` and blends between."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lit_lora.model import llama3_scaled_frequencies
+
+    config = Config.from_name("Llama-3.1-8B")
+    hf_config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, max_position_embeddings=131072,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    theta = 1.0 / (500000 ** (torch.arange(0, 128, 2).float() / 128))
+    ours = llama3_scaled_frequencies(theta, **config.rope_scaling)
+    assert torch.allclose(ours, hf_inv_freq.float(), rtol=1e-6, atol=0)
+    assert torch.equal(ours[:10], theta[:10]) and torch.equal(ours[-10:], theta[-10:] / 8)  # kept; slowed down
