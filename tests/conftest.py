@@ -42,12 +42,13 @@ def tokenizer(tokenizer_path) -> Tokenizer:
 
 
 def make_checkpoint(folder: Path, tokenizer_path: Path, name: str = "micro", seed: int = 0, **overrides) -> Path:
-    """A checkpoint folder (lit_model.pth, model_config.json, tokenizer.model) with random weights."""
-    vocab_size = Tokenizer(tokenizer_path).vocab_size
-    config = Config.from_name(name, vocab_size=vocab_size, **overrides)
+    """A checkpoint folder (lit_model.pth, model_config.json, the tokenizer's files) with random weights.
+    `tokenizer_path`: a tokenizer.model, or a folder with one or with a tokenizer.json."""
+    tokenizer = Tokenizer(tokenizer_path)
+    config = Config.from_name(name, vocab_size=tokenizer.vocab_size, **overrides)
     torch.manual_seed(seed)
     model = LLaMA(config)
-    return save_checkpoint_dir(folder, model.state_dict(), config, tokenizer_path)
+    return save_checkpoint_dir(folder, model.state_dict(), config, tokenizer.files)
 
 
 @pytest.fixture

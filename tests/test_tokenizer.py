@@ -146,3 +146,18 @@ def test_bad_tokenizer_json_files_are_named(llama3_tokenizer_dir, tmp_path, monk
     with pytest.raises(ImportError, match=re.escape('needs the `tokenizers` library. Install it with `pip install -e ".[tokenizers]"`')):
         Tokenizer(folder)
 
+
+def test_a_checkpoint_folder_carries_the_tokenizer_json_files(llama3_tokenizer_dir, tmp_path):
+    from lit_lora.utils import check_checkpoint_dir, load_model, save_checkpoint_dir
+    from tests.conftest import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "checkpoint", llama3_tokenizer_dir)
+    assert sorted(p.name for p in folder.iterdir()) == ["generation_config.json", "lit_model.pth", "model_config.json",
+                                                       "tokenizer.json", "tokenizer_config.json"]
+    assert Tokenizer(folder).checksum() == Tokenizer(llama3_tokenizer_dir).checksum()
+    assert load_model(folder).config.vocab_size == 605
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer.model or tokenizer.json"):
+        check_checkpoint_dir(folder)
+    with pytest.raises(TypeError, match=r"a list of tokenizer files, not the one path .*pass Tokenizer\(path\).files"):
+        save_checkpoint_dir(tmp_path / "other", {}, None, llama3_tokenizer_dir / "tokenizer.json")

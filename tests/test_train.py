@@ -668,7 +668,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, tok
     from lit_lora.utils import load_model, save_checkpoint_dir
 
     model = LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size - 10))  # the tokenizer of another model
-    folder = save_checkpoint_dir(tmp_path / "ckpt", model.state_dict(), model.config, tokenizer_path)
+    folder = save_checkpoint_dir(tmp_path / "ckpt", model.state_dict(), model.config, [tokenizer_path])
     with pytest.raises(ValueError, match=rf"tokenizer.model has {tokenizer.vocab_size:,} tokens, more than the model's "
                                          rf"vocabulary of {tokenizer.vocab_size - 10:,}"):
         load_model(folder)
