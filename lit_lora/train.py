@@ -266,7 +266,7 @@ def evaluate(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, test_data: 
     prompt = tokenizer.encode(format_prompt(args.eval_instruction, args.eval_input), bos=True).to(fabric.device)
     new_tokens = min(args.eval_max_new_tokens, model.config.block_size - len(prompt))
     if new_tokens > 0:
-        (answer,) = generate(model, [prompt], max_new_tokens=new_tokens, temperature=0.0, eos_id=tokenizer.eos_id,
+        (answer,) = generate(model, [prompt], max_new_tokens=new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids,
                              vocab_size=tokenizer.vocab_size)  # never an id the tokenizer cannot decode
         fabric.print(f"  {(args.eval_instruction + ' ' + args.eval_input).strip()!r} -> {tokenizer.decode(answer)!r}")
     reshard(model.module)
