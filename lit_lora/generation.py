@@ -18,6 +18,7 @@ from typing import Callable, Collection, Iterator, Literal, Optional
 
 import torch
 
+from lit_lora.data import PROMPT_STYLES, format_prompt, response_stop_ids
 from lit_lora.model import LLaMA
 from lit_lora.tokenizer import Tokenizer, check_utf8
 from lit_lora.utils import (
@@ -272,6 +273,8 @@ class GenerateArgs:
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
         compile: torch.compile the model (faster long generations on a GPU, after a slow first call).
         interactive: Read prompts from the terminal in a loop instead of using --prompt.
+        prompt_style: Put the prompt in an instruction format (lit_lora/data.py): alpaca, llama3 (Llama 3.x
+            Instruct) or chatml (SmolLM2-Instruct), and stop also at that format's end of answer; null: no format.
     """
 
     prompt: str = "Hello, my name is"
@@ -285,6 +288,7 @@ class GenerateArgs:
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
     compile: bool = False
     interactive: bool = False
+    prompt_style: Optional[str] = None
 
     def __post_init__(self):
         """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
@@ -294,6 +298,8 @@ class GenerateArgs:
         check_flag(self, "num_samples", self.num_samples >= 1, "must be at least 1")
         check_flag(self, "seed", self.seed is None or 0 <= self.seed < 2**63,
                    "must be from 0 to 2**63 - 1, or null for different answers every run")
+        check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
+                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/data.py)")
 
 
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:
@@ -307,13 +313,21 @@ def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compil
     return model
 
 
-def run_generation(model: LLaMA, args: GenerateArgs, make_prompt: Callable[[str], str] = lambda text: text,
-        show_prompt: bool = False) -> list[str]:
-    """What every generate script does once its model is built: answer --prompt, or loop with --interactive."""
+def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", show_prompt: bool = False) -> list[str]:
+    """What every generate script does once its model is built: answer --prompt, or loop with --interactive.
+
+    With --prompt_style each prompt is an instruction (with `input`, the instruction scripts' --input) put in that
+    format, and an answer ends at the format's end of answer too; without, the prompt is continued as it is. An
+    answer always ends at the tokenizer's stop ids."""
     model = prepare_for_generation(model, args.precision, args.compile)
     tokenizer = Tokenizer(args.checkpoint_dir)
+    stop_ids = tokenizer.stop_ids if args.prompt_style is None else response_stop_ids(tokenizer, args.prompt_style)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
+                   top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, stop_ids=stop_ids)
+
+    def make_prompt(text: str) -> str:
+        return text if args.prompt_style is None else format_prompt(text, input, args.prompt_style)
+
     if args.interactive:
         interactive_loop(model, tokenizer, make_prompt, **options)
         return []

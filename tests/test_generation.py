@@ -128,6 +128,33 @@ def test_generation_stops_at_every_stop_id_of_a_tokenizer_json(llama3_tokenizer_
     assert "".join(stream_text(tokenizer, iter(torch.tensor(ids)))) == "Hello world"
 
 
+def test_prompt_style_formats_the_prompt_and_stops_at_its_end_of_answer(tmp_path, monkeypatch, capsys):
+    from lit_lora import generation
+    from lit_lora.data import format_prompt
+    from lit_lora.generation import GenerateArgs, run_generation
+    from lit_lora.tokenizer import Tokenizer
+    from tests.conftest import make_tokenizer_json_dir
+
+    folder = make_tokenizer_json_dir(tmp_path / "llama3-base", "llama3", instruct=False)
+    tokenizer = Tokenizer(folder)
+    eot = tokenizer.json_tokenizer.token_to_id("<|eot_id|>")
+    assert eot not in tokenizer.stop_ids  # Llama 3 base stops only at <|end_of_text|>
+    model, prompts, real_stream = model_preferring(eot, vocab_size=tokenizer.vocab_size), [], generation.generate_stream
+
+    def spy(model, prompt_list, *args, **kwargs):
+        prompts.append(prompt_list[0].tolist())
+        return real_stream(model, prompt_list, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_stream", spy)
+    options = dict(prompt="Say hi.", checkpoint_dir=folder, max_new_tokens=6, temperature=0.0, precision="32-true")
+    assert run_generation(model, GenerateArgs(**options, prompt_style="llama3")) == [""]  # stopped at <|eot_id|>
+    assert prompts[-1] == tokenizer.encode(format_prompt("Say hi.", style="llama3"), bos=True).tolist()
+    assert "Sample 1: 1 tokens in" in capsys.readouterr().err
+    run_generation(model, GenerateArgs(**options))  # no style: the prompt as it is, and <|eot_id|> does not stop it
+    assert prompts[-1] == tokenizer.encode("Say hi.", bos=True).tolist()
+    assert "Sample 1: 6 tokens in" in capsys.readouterr().err
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
@@ -268,6 +295,7 @@ BAD_FLAGS = [  # (flag, value, what the error must say after "--flag value: ")
     ("top_p", 1.01, "must be in (0, 1]"),
     ("num_samples", 0, "must be at least 1"),
     ("seed", -1, "must be from 0 to 2**63 - 1, or null"),
+    ("prompt_style", "vicuna", "is not a prompt style; choose one of alpaca, llama3, chatml"),
 ]
 
 
