@@ -94,7 +94,7 @@ class Tokenizer:
             self.bos_id = self.processor.bos_id()
             self.eos_id = self.processor.eos_id()
             self.pad_id = self.processor.pad_id()  # -1 for LLaMA: it has no padding token
-            self.add_bos = True  # LLaMA reads every text after <s>
+            self.add_bos = self.bos_id >= 0  # LLaMA reads every text after <s>
             self.stop_ids = (self.eos_id,) if self.eos_id >= 0 else ()
 
     def _read_tokenizer_json(self, path: Path) -> None:
