@@ -6,10 +6,11 @@ Every parameter trains, so every weight also has a gradient and two AdamW moment
 2 (weight) + 2 (gradient) + 4 (two bf16 moments) = 8 bytes per parameter, 54 GB for 7B before any
 activation (16 bytes, 108 GB, with fp32 weights), which is why full finetuning needs FSDP over several GPUs
 (sharded by Block). The result is a whole checkpoint folder in out_dir
-(lit_model.pth, model_config.json, tokenizer.model) that generate/full.py and every other script load.
+(lit_model.pth, model_config.json, the tokenizer's files) that generate/full.py and every other script load.
 
 With --from_scratch true, the model starts from random weights of the --model_name preset, and
-checkpoint_dir only has to hold tokenizer.model: the CPU demo pretrains its tiny base model this way.
+checkpoint_dir only has to hold a tokenizer (tokenizer.model or tokenizer.json): the CPU demo pretrains its tiny
+base model this way.
 """
 
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ def main(args: FullArgs) -> dict:
     else:
         model = load_model(args.checkpoint_dir)
     return fit(fabric, model, args,
-               save_weights=lambda m, folder, trained: save_checkpoint_dir(folder, trained, m.config, tokenizer.model_path))
+               save_weights=lambda m, folder, trained: save_checkpoint_dir(folder, trained, m.config, tokenizer.files))
 
 
 if __name__ == "__main__":

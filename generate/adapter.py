@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lit_lora.adapter import load_adapter
-from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.tokenizer import check_utf8
 from lit_lora.utils import cli, load_model
@@ -23,11 +22,14 @@ class AdapterGenerateArgs(GenerateArgs):
     Args:
         adapter_path: The adapter file written by finetune/adapter.py.
         input: Optional input (context) for the instruction, as in the Alpaca template.
+        prompt_style: The prompt format the model was finetuned in (its data's --prompt_style): alpaca, llama3 or
+            chatml (see lit_lora/data.py).
     """
 
     prompt: str = "What food do llamas eat?"
     adapter_path: Path = Path("out/adapter/alpaca/lit_adapter_finetuned.pth")
     input: str = ""
+    prompt_style: str = "alpaca"
 
     def __post_init__(self):
         super().__post_init__()
@@ -37,7 +39,7 @@ class AdapterGenerateArgs(GenerateArgs):
 def main(args: AdapterGenerateArgs) -> list[str]:
     model = load_model(args.checkpoint_dir)
     load_adapter(model, args.adapter_path)  # checks the file fits this base model, names any mismatch
-    return run_generation(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+    return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
 
 
 if __name__ == "__main__":

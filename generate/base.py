@@ -1,6 +1,9 @@
 """Continue a prompt with a pretrained (or fully finetuned) checkpoint: no prompt template.
 
     python generate/base.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --prompt "The capital of France is"
+
+An instruct model (Llama 3.x Instruct, SmolLM2-Instruct) answers best in its own chat format: --prompt_style llama3
+(or chatml) puts the prompt, as the user's message, in that format.
 """
 
 from lit_lora.generation import GenerateArgs, run_generation
@@ -9,7 +12,7 @@ from lit_lora.utils import cli, load_model
 
 def main(args: GenerateArgs) -> list[str]:
     model = load_model(args.checkpoint_dir)
-    return run_generation(model, args, show_prompt=True)
+    return run_generation(model, args, show_prompt=args.prompt_style is None)  # a prompt continued as it is: shown
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.tokenizer import check_utf8
 from lit_lora.utils import cli, load_model
@@ -18,11 +17,14 @@ class FullGenerateArgs(GenerateArgs):
 
     Args:
         input: Optional input (context) for the instruction, as in the Alpaca template.
+        prompt_style: The prompt format the model was finetuned in (its data's --prompt_style): alpaca, llama3 or
+            chatml (see lit_lora/data.py).
     """
 
     prompt: str = "What food do llamas eat?"
     checkpoint_dir: Path = Path("out/full/alpaca")
     input: str = ""
+    prompt_style: str = "alpaca"
 
     def __post_init__(self):
         super().__post_init__()
@@ -31,7 +33,7 @@ class FullGenerateArgs(GenerateArgs):
 
 def main(args: FullGenerateArgs) -> list[str]:
     model = load_model(args.checkpoint_dir)
-    return run_generation(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+    return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ r, alpha and the targets are read from the LoRA file. LoRA is merged into the we
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_lora.data import format_prompt
 from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.lora import load_lora, merge_lora
 from lit_lora.tokenizer import check_utf8
@@ -23,11 +22,14 @@ class LoRAGenerateArgs(GenerateArgs):
     Args:
         lora_path: The LoRA file written by finetune/lora.py.
         input: Optional input (context) for the instruction, as in the Alpaca template.
+        prompt_style: The prompt format the model was finetuned in (its data's --prompt_style): alpaca, llama3 or
+            chatml (see lit_lora/data.py).
     """
 
     prompt: str = "What food do llamas eat?"
     lora_path: Path = Path("out/lora/alpaca/lit_lora_finetuned.pth")
     input: str = ""
+    prompt_style: str = "alpaca"
 
     def __post_init__(self):
         super().__post_init__()
@@ -38,7 +40,7 @@ def main(args: LoRAGenerateArgs) -> list[str]:
     model = load_model(args.checkpoint_dir)
     load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
     merge_lora(model)
-    return run_generation(model, args, make_prompt=lambda instruction: format_prompt(instruction, args.input))
+    return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def accuracy(model, tokenizer: Tokenizer, records: list[dict]) -> tuple[float, l
     """Exact match of greedy answers, all records decoded as one batch by the project's sampler."""
     prompts = [tokenizer.encode(format_prompt(r["instruction"], r["input"]), bos=True) for r in records]
     answers = [tokenizer.decode(a) for a in generate(model, prompts, max_new_tokens=16, temperature=0.0,
-                                                      eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size)]
+                                                      stop_ids=tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)]
     return sum(a.strip() == r["output"] for a, r in zip(answers, records)) / len(records), answers
 
 

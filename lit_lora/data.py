@@ -1,9 +1,9 @@
-"""Instruction data: the prompt template, preparing datasets, and batching them for training.
+"""Instruction data: the prompt styles, preparing datasets, and batching them for training.
 
-The data path: JSON/JSONL records {instruction, input, output} (read by lit_lora/data_files.py) -> the
-Alpaca-LoRA prompt template -> tokens, with the prompt's labels masked to -100 so the loss is on the response
-only -> data/<name>/{train,test}.pt -> every optimizer step's examples, a function of (seed, step) ->
-right-padded micro batches in the training loop.
+The data path: JSON/JSONL records {instruction, input, output} (read by lit_lora/data_files.py) -> a prompt
+style (the Alpaca-LoRA template by default) -> tokens, with the prompt's labels masked to -100 so the loss is on
+the response only -> data/<name>/{train,test}.pt -> every optimizer step's examples, a function of (seed, step)
+-> right-padded micro batches in the training loop.
 """
 
 import json
@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
@@ -20,10 +20,16 @@ from lit_lora.utils import atomic_folder, check_flag
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
+# ---------------------------------------------------------------------------------------------------------
+# Prompt styles: how an instruction (and its optional input) becomes the text the model reads
+#
+# Training, evaluation and every generate script use `format_prompt`, so a model never sees a prompt at inference
+# that it was not trained on: prepare_data/ records the style in prepare_config.json, finetuning evaluates in it,
+# and the generate scripts take it as --prompt_style.
+
 # The prompt template of Alpaca-LoRA (tloen/alpaca-lora, templates/alpaca.json): Stanford Alpaca's template
 # (Taori et al., 2023, tatsu-lab/stanford_alpaca) with a newline after "### Response:", so that the response
-# starts on a line of its own; Stanford's prompt ends at the colon. Training, evaluation and every generate
-# script use `format_prompt`, so a model never sees a prompt at inference that it was not trained on.
+# starts on a line of its own; Stanford's prompt ends at the colon. The response ends with the tokenizer's EOS.
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -36,17 +42,91 @@ PROMPT_NO_INPUT = (
 )
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
+
+# Llama 3 Instruct's chat format: the chat template of Meta-Llama-3-8B-Instruct applied to one user message with
+# add_generation_prompt=True, less the leading <|begin_of_text|> (which `encode(bos=True)` adds). The template
+# trims the message; the assistant's answer ends with <|eot_id|>. The templates of Llama 3.1 and 3.2 Instruct also
+# put a system turn first ("Cutting Knowledge Date: December 2023", and for 3.2 today's date): left out here, so that
+# a prompt, and data prepared with it, does not change with the day.
+LLAMA3_PROMPT = ("<|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+# ChatML as SmolLM2-Instruct's chat template writes one user message with add_generation_prompt=True: with its
+# default system message first, which the template adds to every conversation that has none. The answer ends with
+# <|im_end|>.
+CHATML_PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                 "<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def alpaca_prompt(instruction: str, input: str) -> str:
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def chat_message(instruction: str, input: str) -> str:
+    """The user's message in a chat format, which has no field for an input: the instruction, then a blank line
+    and the input."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def llama3_prompt(instruction: str, input: str) -> str:
+    return LLAMA3_PROMPT.format(message=chat_message(instruction, input).strip())
+
+
+def chatml_prompt(instruction: str, input: str) -> str:
+    return CHATML_PROMPT.format(message=chat_message(instruction, input))
+
+
+class PromptStyle(NamedTuple):
+    prompt: Callable[[str, str], str]  # (instruction, input) -> the prompt, after which the response follows
+    response_end: Optional[str]  # the text that ends a response; None: the tokenizer's EOS
+
+
+PROMPT_STYLES = {
+    "alpaca": PromptStyle(alpaca_prompt, response_end=None),  # any model, base or finetuned: the default
+    "llama3": PromptStyle(llama3_prompt, response_end="<|eot_id|>"),  # Llama 3.x Instruct
+    "chatml": PromptStyle(chatml_prompt, response_end="<|im_end|>"),  # SmolLM2-Instruct
+}
+
+
+def prompt_style(name: str) -> PromptStyle:
+    if name not in PROMPT_STYLES:
+        raise ValueError(f"Unknown prompt style {name!r}: choose one of {', '.join(PROMPT_STYLES)} (lit_lora/data.py)")
+    return PROMPT_STYLES[name]
+
+
+def format_prompt(instruction: str, input: str = "", style: str = "alpaca") -> str:
+    """The prompt for an instruction and its optional input, in a style of PROMPT_STYLES."""
+    return prompt_style(style).prompt(instruction, input)
+
+
+def single_token_id(tokenizer: Tokenizer, text: str) -> Optional[int]:
+    """The id of `text` if the tokenizer reads it as one token (a special token such as <|eot_id|> of a Llama 3
+    tokenizer.json), else None (the same text with a SentencePiece model: several ordinary pieces)."""
+    ids = tokenizer.encode(text, bos=False).tolist()
+    return ids[0] if len(ids) == 1 else None
+
+
+def response_stop_ids(tokenizer: Tokenizer, style: str = "alpaca") -> tuple[int, ...]:
+    """The ids that end an answer in `style`: the tokenizer's stop ids, and the style's end of response where it is
+    one token (Llama 3 base's tokenizer does not stop at <|eot_id|>, a model finetuned in the llama3 style must)."""
+    end = prompt_style(style).response_end
+    end_id = None if end is None else single_token_id(tokenizer, end)
+    return tuple(tokenizer.stop_ids) + ((end_id,) if end_id is not None and end_id not in tokenizer.stop_ids else ())
+
+
+def prepared_prompt_style(data_dir: Union[str, Path]) -> str:
+    """The prompt style a prepared dataset was made in (alpaca for data prepared before there were styles)."""
+    return json.loads((Path(data_dir) / "prepare_config.json").read_text()).get("prompt_style", "alpaca")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizing and preparing
 
 
-def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True) -> Optional[dict]:
+def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True,
+                     style: str = "alpaca") -> Optional[dict]:
     """BOS + prompt + response + EOS as input_ids; labels equal, with the prompt set to -100 if mask_inputs.
 
     Prompt and response are encoded as one text, exactly as the model will read them, and the prompt alone
@@ -55,12 +135,18 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
     answer followed by EOS would teach the model to stop in the middle of a sentence, or a word (Lit-LLaMA
     and Alpaca-LoRA also add EOS only when the whole response fits). An example whose prompt leaves no room
     for a response token is dropped (None): it would have nothing to learn.
+
+    BOS comes first only where the model reads texts so (`tokenizer.add_bos`). A prompt style with its own end of
+    response (llama3's <|eot_id|>) ends the response with that instead of EOS. Where the tokenizer does not read
+    it as one token (a SentencePiece model) it stays as text, followed by EOS: generation can only stop at an id.
     """
-    prompt = format_prompt(record["instruction"], record.get("input", ""))
+    prompt = format_prompt(record["instruction"], record.get("input", ""), style)
     prompt_length = len(tokenizer.encode(prompt, bos=True, eos=False))
     if prompt_length >= max_seq_length:
         return None
-    input_ids = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
+    end = prompt_style(style).response_end
+    ends_with_its_own_token = end is not None and single_token_id(tokenizer, end) is not None
+    input_ids = tokenizer.encode(prompt + record["output"] + (end or ""), bos=True, eos=not ends_with_its_own_token)
     truncated = len(input_ids) > max_seq_length
     if truncated:  # the cut example simply ends at max_seq_length, without EOS
         input_ids = input_ids[:max_seq_length].clone()  # a copy: torch.save of a slice would save all its tokens
@@ -73,15 +159,17 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
 def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[str, Path], max_seq_length: int,
             test_split_size: Union[int, float] = 0.1, seed: int = 42, mask_inputs: bool = True,
             source: Union[str, Path] = "", checkpoint_dir: Union[str, Path] = "",
-            source_sha256: Optional[str] = None) -> dict:
+            source_sha256: Optional[str] = None, style: str = "alpaca") -> dict:
     """Shuffle, split, tokenize and write train.pt, test.pt and prepare_config.json, all or nothing.
 
     test_split_size is a count of examples (an int, e.g. 2000) or a fraction (a float below 1, e.g. 0.1).
-    source and source_sha256 (the data file and its checksum) are recorded, to tell later what was prepared.
+    source and source_sha256 (the data file and its checksum) are recorded, to tell later what was prepared, and the
+    prompt style, which finetuning evaluates in.
     Returns the summary that is also printed and saved in prepare_config.json.
     """
     start = time.perf_counter()
     check_destination(Path(destination_path))  # before the work, not after it
+    prompt_style(style)  # an unknown style: before the work too
     n = len(records)
     n_test = test_split_size if isinstance(test_split_size, int) else round(n * test_split_size)
     if not 0 <= n_test < n:
@@ -95,7 +183,7 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     for split, split_records in splits.items():
         prepared[split] = []
         for record in split_records:
-            example = tokenize_example(record, tokenizer, max_seq_length, mask_inputs)
+            example = tokenize_example(record, tokenizer, max_seq_length, mask_inputs, style)
             if example is None:
                 dropped += 1
                 continue
@@ -110,6 +198,7 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     summary = {
         "source": str(source), "source_sha256": source_sha256, "checkpoint_dir": str(checkpoint_dir),
         "max_seq_length": max_seq_length, "mask_inputs": mask_inputs, "seed": seed, "test_split_size": n_test,
+        "prompt_style": style,
         "tokenizer_checksum": tokenizer.checksum(), "tokenizer_vocab_size": tokenizer.vocab_size,
         "train_examples": len(prepared["train"]), "test_examples": len(prepared["test"]),
         "dropped": dropped, "truncated": truncated,
@@ -189,6 +278,9 @@ def load_prepared(data_dir: Union[str, Path], tokenizer: Optional[Tokenizer] = N
             f"`python prepare_data/alpaca.py --destination_path {data_dir}` (see howto/prepare_dataset.md)."
         )
     config = json.loads(files[2].read_text())
+    if config.get("prompt_style", "alpaca") not in PROMPT_STYLES:
+        raise ValueError(f"{files[2]}: prompt_style {config['prompt_style']!r} is not one of "
+                         f"{', '.join(PROMPT_STYLES)}. Prepare the data again.")
     if tokenizer is not None and config["tokenizer_checksum"] != tokenizer.checksum():
         raise ValueError(
             f"{data_dir} was prepared with another tokenizer ({config.get('checkpoint_dir') or 'unknown'}), not "
@@ -213,13 +305,15 @@ class PrepareArgs:
 
     Args:
         data_file: A local copy of the data; when not given, the script downloads it (json_data.py requires it).
-        checkpoint_dir: The model folder whose tokenizer.model tokenizes the data.
+        checkpoint_dir: The model folder whose tokenizer (tokenizer.model or tokenizer.json) tokenizes the data.
         destination_path: Where train.pt, test.pt and prepare_config.json go.
         max_seq_length: Tokens per example at most (16 or more). Longer examples are cut: they lose the end of
             their response and its EOS; examples whose prompt alone leaves no room for a response token are dropped.
         test_split_size: Examples held out for validation: a count (2000, 0 for none) or a fraction below 1 (0.1).
         seed: Seeds the shuffle before the split (0 or more).
         mask_inputs: Set the prompt's labels to -100, so the loss is on the response only.
+        prompt_style: The prompt format: alpaca (Alpaca-LoRA's template, any model), llama3 (Llama 3.x Instruct's chat
+            format) or chatml (SmolLM2-Instruct's). Finetuning evaluates in it; generate with the same --prompt_style.
     """
 
     data_file: Optional[Path] = None
@@ -229,6 +323,7 @@ class PrepareArgs:
     test_split_size: Union[int, float] = 0.1
     seed: int = 42
     mask_inputs: bool = True
+    prompt_style: str = "alpaca"
 
     def __post_init__(self):
         check_flag(self, "max_seq_length", self.max_seq_length >= MIN_MAX_SEQ_LENGTH,
@@ -239,13 +334,16 @@ class PrepareArgs:
         else:
             check_flag(self, "test_split_size", self.test_split_size >= 0, "a count of examples must be 0 or more")
         check_flag(self, "seed", self.seed >= 0, "must be 0 or more")
+        check_flag(self, "prompt_style", self.prompt_style in PROMPT_STYLES,
+                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/data.py)")
 
 
 def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, Path],
                     source_sha256: Optional[str] = None) -> dict:
     """What every prepare_data/ script ends with: tokenize with the checkpoint's tokenizer and write."""
     return prepare(records, Tokenizer(args.checkpoint_dir), args.destination_path, args.max_seq_length,
-                   args.test_split_size, args.seed, args.mask_inputs, source, args.checkpoint_dir, source_sha256)
+                   args.test_split_size, args.seed, args.mask_inputs, source, args.checkpoint_dir, source_sha256,
+                   args.prompt_style)
 
 
 # ---------------------------------------------------------------------------------------------------------

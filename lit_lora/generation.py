@@ -14,10 +14,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Collection, Iterator, Literal, Optional
 
 import torch
 
+from lit_lora.data import PROMPT_STYLES, format_prompt, response_stop_ids
 from lit_lora.model import LLaMA
 from lit_lora.tokenizer import Tokenizer, check_utf8
 from lit_lora.utils import (
@@ -80,10 +81,13 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
 # FSDP does not support inference tensors (nor can they ever take part in autograd later).
 @torch.no_grad()
 def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
-                    top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+                    top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Collection[int] = (),
                     seed: Optional[int] = None, vocab_size: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Yield one (B,) tensor of new tokens per step, until every row has produced `eos_id` or
-    `max_new_tokens` tokens. A row that has finished yields `eos_id` again while the others go on.
+    """Yield one (B,) tensor of new tokens per step, until every row has produced one of `stop_ids` or
+    `max_new_tokens` tokens. A row that has finished yields its stop id again while the others go on.
+
+    `stop_ids`: every id that ends an answer, `tokenizer.stop_ids` (EOS, and for Llama 3 Instruct also <|eot_id|>
+    and <|eom_id|>); empty: only max_new_tokens ends it.
 
     Only ids below `vocab_size` are ever picked (None: model.config.vocab_size). Give the tokenizer's
     vocab_size: a checkpoint's vocabulary is often padded beyond the tokenizer's pieces, and an id the
@@ -94,6 +98,8 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 0")
+    if isinstance(stop_ids, int):
+        raise TypeError(f"stop_ids {stop_ids}: a collection of ids, e.g. tokenizer.stop_ids or [{stop_ids}]")
     if vocab_size is not None and vocab_size < 1:
         raise ValueError(f"vocab_size {vocab_size}: must be at least 1 (the tokenizer's vocab_size), or None")
     # The logits have config.padded_vocab_size columns: pick none past the model's or the tokenizer's vocabulary
@@ -110,12 +116,13 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
     last[torch.arange(B, device=device), lengths - 1] = True  # each row's last prompt position
     logits = model(idx, torch.arange(T, device=device), logits_at=last)  # prefill: (B, vocab)
     input_pos = lengths.clone()  # (B,): where each row's next token goes
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    token = None
     for step in range(max_new_tokens):
-        token = sample(logits[..., :vocab_size], temperature, top_k, top_p, generator)  # (B,)
-        if eos_id is not None:
-            token = token.masked_fill(finished, eos_id)
-            finished |= token == eos_id
+        sampled = sample(logits[..., :vocab_size], temperature, top_k, top_p, generator)  # (B,)
+        token = sampled if token is None else torch.where(finished, token, sampled)  # a finished row repeats its stop id
+        finished |= torch.isin(token, stop)
         yield token
         if finished.all() or step == max_new_tokens - 1:
             return
@@ -124,14 +131,14 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
 
 
 def generate(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+             top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Collection[int] = (),
              seed: Optional[int] = None, vocab_size: Optional[int] = None) -> list[torch.Tensor]:
-    """The new tokens of each prompt (EOS and anything after it left out), with a fresh KV cache.
+    """The new tokens of each prompt (cut before its first stop id), with a fresh KV cache.
     The options are generate_stream's; pass vocab_size=tokenizer.vocab_size when the tokens will be decoded."""
     prompt_length = max(len(p) for p in prompts)
     model.set_kv_cache(batch_size=len(prompts), max_seq_length=prompt_length + max_new_tokens)
     try:
-        steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+        steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, seed,
                                      vocab_size))
     finally:
         model.clear_kv_cache()
@@ -140,9 +147,8 @@ def generate(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, tem
     tokens = torch.stack(steps, dim=1).cpu()  # (B, steps)
     outputs = []
     for row in tokens:
-        if eos_id is not None and (row == eos_id).any():
-            row = row[: int((row == eos_id).nonzero()[0])]
-        outputs.append(row)
+        stopped = torch.isin(row, torch.tensor(list(stop_ids), dtype=torch.long)).nonzero()
+        outputs.append(row[: int(stopped[0])] if len(stopped) else row)
     return outputs
 
 
@@ -150,6 +156,8 @@ def check_prompt_length(model: LLaMA, prompt_length: int, max_new_tokens: int) -
     """The number of new tokens that fit in the context: an error if the prompt alone does not fit,
     fewer new tokens (with a warning) if prompt + max_new_tokens does not."""
     block_size = model.config.block_size
+    if prompt_length == 0:  # nothing to continue: a tokenizer that puts no BOS first (SmolLM2) and an empty prompt
+        raise ValueError("The prompt is empty, and this model's tokenizer puts no BOS before a text: give a prompt.")
     if prompt_length >= block_size:
         raise ValueError(
             f"The prompt is {prompt_length} tokens, but the model's context is {block_size}: shorten the prompt."
@@ -162,17 +170,20 @@ def check_prompt_length(model: LLaMA, prompt_length: int, max_new_tokens: int) -
     return max_new_tokens
 
 
-def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor]) -> Iterator[str]:
+def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor],
+                stop_ids: Optional[Collection[int]] = None) -> Iterator[str]:
     """Turn a stream of single tokens into a stream of text pieces.
 
     SentencePiece decodes a token differently alone than in context (the leading space of '▁word', bytes of a
-    multi-byte character), so decode everything so far and emit what is new. Stops before EOS.
+    multi-byte character), so decode everything so far and emit what is new. Stops before any of `stop_ids`
+    (None: tokenizer.stop_ids).
     """
+    stop_ids = set(tokenizer.stop_ids if stop_ids is None else stop_ids)
     ids: list[int] = []
     printed = ""
     for token in tokens:
         token_id = int(token.reshape(-1)[0])
-        if token_id == tokenizer.eos_id:
+        if token_id in stop_ids:
             break
         ids.append(token_id)
         text = tokenizer.decode(ids)
@@ -184,10 +195,12 @@ def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor]) -> Iterato
 
 def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100,
                        temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
-                       num_samples: int = 1, seed: Optional[int] = None, show_prompt: bool = False) -> list[str]:
+                       num_samples: int = 1, seed: Optional[int] = None, show_prompt: bool = False,
+                       stop_ids: Optional[Collection[int]] = None) -> list[str]:
     """What every generate script does with one prompt string: stream `num_samples` continuations to
     stdout (after the prompt itself if `show_prompt`) and report time, tokens/s and peak memory on stderr.
-    Returns the generated texts."""
+    Each stops at any of `stop_ids` (None: tokenizer.stop_ids). Returns the generated texts."""
+    stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
     device = model.lm_head.weight.device
     encoded = tokenizer.encode(prompt, bos=True).to(device)
     max_new_tokens = check_prompt_length(model, len(encoded), max_new_tokens)
@@ -197,10 +210,10 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
         start, new_tokens, pieces = time.perf_counter(), [], []
         if show_prompt:
             print(prompt, end="", flush=True)
-        stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
+        stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, stop_ids,
                                  seed=None if seed is None else seed + i, vocab_size=tokenizer.vocab_size)
         try:
-            for piece in stream_text(tokenizer, keep_tokens(stream, new_tokens)):
+            for piece in stream_text(tokenizer, keep_tokens(stream, new_tokens), stop_ids):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
         finally:
@@ -250,8 +263,8 @@ class GenerateArgs:
 
     Args:
         prompt: The text to continue (base model) or the instruction to answer (finetuned models).
-        checkpoint_dir: Folder with lit_model.pth, model_config.json and tokenizer.model.
-        max_new_tokens: Generate at most this many tokens (fewer if EOS comes first).
+        checkpoint_dir: Folder with lit_model.pth, model_config.json and the tokenizer (tokenizer.model or tokenizer.json).
+        max_new_tokens: Generate at most this many tokens (fewer if a stop token, such as EOS, comes first).
         temperature: 0 is greedy decoding; higher values sample more freely.
         top_k: Sample only among the k most likely tokens (null: all).
         top_p: Sample only from the smallest set of tokens whose probability reaches p (1.0: off).
@@ -260,6 +273,8 @@ class GenerateArgs:
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
         compile: torch.compile the model (faster long generations on a GPU, after a slow first call).
         interactive: Read prompts from the terminal in a loop instead of using --prompt.
+        prompt_style: Put the prompt in an instruction format (lit_lora/data.py): alpaca, llama3 (Llama 3.x
+            Instruct) or chatml (SmolLM2-Instruct), and stop also at that format's end of answer; null: no format.
     """
 
     prompt: str = "Hello, my name is"
@@ -273,6 +288,7 @@ class GenerateArgs:
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
     compile: bool = False
     interactive: bool = False
+    prompt_style: Optional[str] = None
 
     def __post_init__(self):
         """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
@@ -282,6 +298,8 @@ class GenerateArgs:
         check_flag(self, "num_samples", self.num_samples >= 1, "must be at least 1")
         check_flag(self, "seed", self.seed is None or 0 <= self.seed < 2**63,
                    "must be from 0 to 2**63 - 1, or null for different answers every run")
+        check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
+                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/data.py)")
 
 
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:
@@ -295,13 +313,21 @@ def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compil
     return model
 
 
-def run_generation(model: LLaMA, args: GenerateArgs, make_prompt: Callable[[str], str] = lambda text: text,
-        show_prompt: bool = False) -> list[str]:
-    """What every generate script does once its model is built: answer --prompt, or loop with --interactive."""
+def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", show_prompt: bool = False) -> list[str]:
+    """What every generate script does once its model is built: answer --prompt, or loop with --interactive.
+
+    With --prompt_style each prompt is an instruction (with `input`, the instruction scripts' --input) put in that
+    format, and an answer ends at the format's end of answer too; without, the prompt is continued as it is. An
+    answer always ends at the tokenizer's stop ids."""
     model = prepare_for_generation(model, args.precision, args.compile)
     tokenizer = Tokenizer(args.checkpoint_dir)
+    stop_ids = tokenizer.stop_ids if args.prompt_style is None else response_stop_ids(tokenizer, args.prompt_style)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
+                   top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, stop_ids=stop_ids)
+
+    def make_prompt(text: str) -> str:
+        return text if args.prompt_style is None else format_prompt(text, input, args.prompt_style)
+
     if args.interactive:
         interactive_loop(model, tokenizer, make_prompt, **options)
         return []

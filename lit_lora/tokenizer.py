@@ -1,15 +1,32 @@
-"""Text <-> token ids with a SentencePiece model (LLaMA's `tokenizer.model`)."""
+"""Text <-> token ids, from either kind of tokenizer file the LLaMA family ships.
+
+- `tokenizer.model`: a SentencePiece model (LLaMA 1 and 2, and the small tokenizers `Tokenizer.train` makes).
+  One file holds everything: the pieces, BOS and EOS. Every text starts with BOS.
+- `tokenizer.json`: a Hugging Face `tokenizers` pipeline (Llama 3.x, SmolLM2: byte-level BPE). Which token is
+  BOS and which is EOS is written beside it, in tokenizer_config.json (`bos_token`, `eos_token`) and
+  generation_config.json (`bos_token_id`, `eos_token_id`: a list where several ids end generation, as Llama 3
+  Instruct's [<|end_of_text|>, <|eom_id|>, <|eot_id|>]). Whether a text starts with BOS is decided, as in
+  transformers 5, by tokenizer.json's post-processor: Llama 3's puts <|begin_of_text|> first, SmolLM2's nothing.
+
+`Tokenizer(path)` takes the file or its folder; a folder with both files is read through tokenizer.model. Either
+way the same API: encode, decode, vocab_size, bos_id, eos_id, stop_ids, files, checksum.
+"""
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 import sentencepiece as spm
 import torch
 
 from lit_lora.utils import atomic_write
+
+# The files beside tokenizer.json that say which of its tokens are BOS, EOS and the ends of generation. Those a
+# folder has are part of the tokenizer: a checkpoint folder carries them, and the checksum covers them.
+TOKENIZER_JSON_COMPANIONS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
 def check_utf8(text: str, what: str = "The text") -> None:
@@ -38,45 +55,146 @@ def check_utf8(text: str, what: str = "The text") -> None:
 
 
 class Tokenizer:
-    def __init__(self, model_path: Union[str, Path]):
-        model_path = Path(model_path)
-        if model_path.is_dir():
-            model_path = model_path / "tokenizer.model"
-        if not model_path.is_file():
+    """A tokenizer read from tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face `tokenizers`).
+
+    Attributes:
+        model_path: the file the vocabulary was read from, tokenizer.model or tokenizer.json.
+        files: every file the tokenizer was read from, sorted by name: what a checkpoint folder must carry
+            (`save_checkpoint_dir` copies them) and what `checksum` covers. SentencePiece: [tokenizer.model];
+            tokenizer.json: tokenizer.json and those of TOKENIZER_JSON_COMPANIONS that its folder has.
+        bos_id, eos_id, pad_id: the ids of BOS, EOS and padding, -1 where the tokenizer has none.
+        add_bos: whether the model reads every text after BOS: `encode(text, bos=True)` adds it only then.
+        stop_ids: every id that ends generation: EOS, then generation_config.json's other `eos_token_id`s.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        path = Path(path)
+        if path.is_dir():
+            found = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+            if not found:
+                raise FileNotFoundError(
+                    f"No tokenizer in {path}: a checkpoint folder holds tokenizer.model (SentencePiece: LLaMA 1 and 2) "
+                    "or tokenizer.json (Hugging Face: Llama 3, SmolLM2) beside lit_model.pth: see "
+                    "howto/download_weights.md, or train one with Tokenizer.train(...)."
+                )
+            path = found[0]
+        elif not path.is_file():
             raise FileNotFoundError(
-                f"No tokenizer at {model_path}. A checkpoint folder holds tokenizer.model beside lit_model.pth: "
-                "see howto/download_weights.md, or train one with Tokenizer.train(...)."
+                f"No tokenizer at {path}. A checkpoint folder holds tokenizer.model or tokenizer.json beside "
+                "lit_model.pth: see howto/download_weights.md, or train one with Tokenizer.train(...)."
             )
-        self.model_path = model_path
-        self.processor = spm.SentencePieceProcessor(model_file=str(model_path))
-        self.bos_id = self.processor.bos_id()
-        self.eos_id = self.processor.eos_id()
-        self.pad_id = self.processor.pad_id()  # -1 for LLaMA: it has no padding token
+        self.model_path = path
+        self.processor: Optional[spm.SentencePieceProcessor] = None  # set for tokenizer.model
+        self.json_tokenizer = None  # a tokenizers.Tokenizer, set for tokenizer.json
+        if path.suffix == ".json":
+            self._read_tokenizer_json(path)
+        else:
+            self.processor = spm.SentencePieceProcessor(model_file=str(path))
+            self.files = [path]
+            self.bos_id = self.processor.bos_id()
+            self.eos_id = self.processor.eos_id()
+            self.pad_id = self.processor.pad_id()  # -1 for LLaMA: it has no padding token
+            self.add_bos = self.bos_id >= 0  # LLaMA reads every text after <s>
+            self.stop_ids = (self.eos_id,) if self.eos_id >= 0 else ()
+
+    def _read_tokenizer_json(self, path: Path) -> None:
+        """tokenizer.json, and BOS, EOS, padding and the stop ids from the files beside it."""
+        JSONTokenizer = import_tokenizers(path)
+        try:
+            self.json_tokenizer = JSONTokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for a file it cannot read
+            raise ValueError(f"{path} cannot be read as a Hugging Face tokenizer.json ({error}). It may be incomplete "
+                             "or from a newer `tokenizers`: download it again, or upgrade `tokenizers`.") from None
+        folder = path.parent
+        self.files = sorted([path] + [folder / name for name in TOKENIZER_JSON_COMPANIONS if (folder / name).is_file()],
+                            key=lambda file: file.name)
+        config = read_json(folder / "tokenizer_config.json")
+        special_tokens = read_json(folder / "special_tokens_map.json")
+        generation = read_json(folder / "generation_config.json")
+
+        def named_token(field: str) -> int:
+            """The id of tokenizer_config.json's (else special_tokens_map.json's) `field`, or -1 if neither names one."""
+            for file, fields in (("tokenizer_config.json", config), ("special_tokens_map.json", special_tokens)):
+                token = fields.get(field)
+                if isinstance(token, dict):  # {"content": "<|begin_of_text|>", "lstrip": false, ...}
+                    token = token.get("content")
+                if token is None:
+                    continue
+                token_id = self.json_tokenizer.token_to_id(str(token))
+                if token_id is None:
+                    raise ValueError(f"{folder / file}: {field} {token!r} is not a token of {path}: the files come "
+                                     "from different tokenizers. Download the model's tokenizer files together.")
+                return token_id
+            return -1
+
+        def generation_ids(field: str) -> list[int]:
+            """generation_config.json's `field`: one id or a list of them (none if it is absent)."""
+            value = generation.get(field)
+            ids = [] if value is None else value if isinstance(value, list) else [value]
+            if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"{folder / 'generation_config.json'}: {field} {value!r} is not an id of {path} "
+                                 f"(0 to {self.vocab_size - 1}) or a list of them. Download the model's files together.")
+            return ids
+
+        self.bos_id = named_token("bos_token")
+        if self.bos_id < 0:
+            self.bos_id = (generation_ids("bos_token_id") or [-1])[0]
+        end_ids = generation_ids("eos_token_id")
+        self.eos_id = named_token("eos_token")
+        if self.eos_id < 0:
+            self.eos_id = (end_ids or [-1])[0]
+        self.pad_id = named_token("pad_token")
+        self.stop_ids = tuple(dict.fromkeys(i for i in [self.eos_id, *end_ids] if i >= 0))  # unique, EOS first
+        # As transformers 5 (which ignores tokenizer_config.json's add_bos_token when there is a tokenizer.json):
+        # BOS comes first if tokenizer.json's post-processor puts it there. encode() then adds it itself.
+        with_special = self.json_tokenizer.encode("a", add_special_tokens=True).ids
+        plain = self.json_tokenizer.encode("a", add_special_tokens=False).ids
+        self.add_bos = self.bos_id >= 0 and with_special[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
 
     @property
     def vocab_size(self) -> int:
-        return self.processor.vocab_size()
+        """The number of ids the tokenizer can produce (tokenizer.json: with its added special tokens)."""
+        if self.processor is not None:
+            return self.processor.vocab_size()
+        return self.json_tokenizer.get_vocab_size(with_added_tokens=True)
 
     def checksum(self) -> str:
-        """A fingerprint of the tokenizer file: prepared data records it, so finetuning can refuse
-        data that was tokenized by another tokenizer."""
-        return hashlib.sha256(self.model_path.read_bytes()).hexdigest()
+        """A fingerprint of the tokenizer's files (sha256 of their bytes, in name order): prepared data records it,
+        so finetuning can refuse data that was tokenized by another tokenizer."""
+        digest = hashlib.sha256()
+        for file in self.files:
+            digest.update(file.read_bytes())
+        return digest.hexdigest()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False, max_length: int = -1) -> torch.Tensor:
+        """The ids of `text`; with bos=True after BOS where the model reads texts so (`add_bos`: LLaMA 1-3 do,
+        SmolLM2 does not), exactly as transformers' `tokenizer(text)` gives them; with eos=True followed by EOS.
+
+        A special token's text (<|eot_id|> in a prompt) becomes its one id with tokenizer.json, as in transformers;
+        SentencePiece reads it as ordinary text."""
         check_utf8(text)
-        ids = self.processor.encode(text)
-        if bos:
+        if self.processor is not None:
+            ids = self.processor.encode(text)
+        else:  # without the post-processor's special tokens: BOS and EOS are added here, once
+            ids = self.json_tokenizer.encode(text, add_special_tokens=False).ids
+        if bos and self.add_bos:
             ids = [self.bos_id] + ids
         if eos:
+            if self.eos_id < 0:
+                raise ValueError(f"{self.model_path} has no EOS token to end a text with: give the tokenizer files "
+                                 "that name one (tokenizer_config.json's eos_token)")
             ids = ids + [self.eos_id]
         if max_length > 0:
             ids = ids[:max_length]
         return torch.tensor(ids, dtype=torch.long)
 
     def decode(self, ids: Union[torch.Tensor, Iterable[int]]) -> str:
+        """The text of `ids`, leaving out special tokens (BOS, EOS, <|eot_id|>), as SentencePiece does."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.processor.decode(list(ids))
+        if self.processor is not None:
+            return self.processor.decode(list(ids))
+        return self.json_tokenizer.decode(list(ids), skip_special_tokens=True)
 
     @staticmethod
     def train(texts_or_file: Union[str, Path, Iterable[str]], vocab_size: int, model_prefix: Union[str, Path]) -> "Tokenizer":
@@ -113,3 +231,27 @@ class Tokenizer:
         )
         atomic_write(Path(f"{model_prefix}.model"), lambda tmp: Path(tmp).write_bytes(model.getvalue()))
         return Tokenizer(str(model_prefix) + ".model")
+
+
+def import_tokenizers(path: Path) -> Any:
+    """The `tokenizers` library's Tokenizer class, imported only when a tokenizer.json is read: it is an optional
+    dependency, and SentencePiece models do not need it."""
+    try:
+        from tokenizers import Tokenizer as JSONTokenizer
+    except ImportError:
+        raise ImportError(f"{path} is a Hugging Face tokenizer.json: reading it needs the `tokenizers` library. "
+                          'Install it with `pip install -e ".[tokenizers]"`.') from None
+    return JSONTokenizer
+
+
+def read_json(path: Path) -> dict:
+    """The object in a JSON file beside tokenizer.json; {} if there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): download the model's tokenizer files again.") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} holds a JSON {type(content).__name__}, not an object: download it again.")
+    return content

@@ -36,6 +36,8 @@ from lit_lora.data import (
     format_prompt,
     global_batch_indices,
     load_prepared,
+    prepared_prompt_style,
+    response_stop_ids,
 )
 from lit_lora.devices import is_sharded, reshard
 from lit_lora.generation import generate
@@ -263,11 +265,12 @@ def evaluate(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, test_data: 
         val_loss = float(fabric.all_reduce(total, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum"))
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
         fabric.print(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
-    prompt = tokenizer.encode(format_prompt(args.eval_instruction, args.eval_input), bos=True).to(fabric.device)
+    style = prepared_prompt_style(args.data_dir)  # the prompt format the model learns: the prepared data's
+    prompt = tokenizer.encode(format_prompt(args.eval_instruction, args.eval_input, style), bos=True).to(fabric.device)
     new_tokens = min(args.eval_max_new_tokens, model.config.block_size - len(prompt))
     if new_tokens > 0:
-        (answer,) = generate(model, [prompt], max_new_tokens=new_tokens, temperature=0.0, eos_id=tokenizer.eos_id,
-                             vocab_size=tokenizer.vocab_size)  # never an id the tokenizer cannot decode
+        (answer,) = generate(model, [prompt], max_new_tokens=new_tokens, temperature=0.0,
+                             stop_ids=response_stop_ids(tokenizer, style), vocab_size=tokenizer.vocab_size)
         fabric.print(f"  {(args.eval_instruction + ' ' + args.eval_input).strip()!r} -> {tokenizer.decode(answer)!r}")
     reshard(model.module)
     model.train()

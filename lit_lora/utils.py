@@ -3,7 +3,9 @@
 A checkpoint folder is the unit every script reads and full finetuning writes:
     lit_model.pth       the model's state dict
     model_config.json   the `Config` it was built from
-    tokenizer.model     the SentencePiece tokenizer
+    the tokenizer       either tokenizer.model (SentencePiece: LLaMA 1 and 2), or tokenizer.json (Hugging Face
+                        `tokenizers`: Llama 3, SmolLM2) with whichever of tokenizer_config.json,
+                        generation_config.json and special_tokens_map.json came with it (`Tokenizer.files`)
 """
 
 import hashlib
@@ -21,7 +23,8 @@ import torch.nn as nn
 
 from lit_lora.model import Config, LLaMA
 
-CHECKPOINT_FILES = ("lit_model.pth", "model_config.json", "tokenizer.model")
+# What a checkpoint folder must hold: each entry is a file, or a tuple of files of which it must hold one
+CHECKPOINT_FILES = ("lit_model.pth", "model_config.json", ("tokenizer.model", "tokenizer.json"))
 HOW_TO_GET_A_CHECKPOINT = (
     "Download and convert weights with `python checkpoints/download.py --repo_id ORG/NAME` and "
     "`python checkpoints/convert_hf.py` (see howto/download_weights.md), or pretrain a small one with "
@@ -34,7 +37,11 @@ def check_checkpoint_dir(checkpoint_dir: Union[str, Path]) -> Path:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"Checkpoint folder {str(checkpoint_dir)!r} does not exist. {HOW_TO_GET_A_CHECKPOINT}")
-    missing = [name for name in CHECKPOINT_FILES if not (checkpoint_dir / name).is_file()]
+    missing = []
+    for names in CHECKPOINT_FILES:
+        names = (names,) if isinstance(names, str) else names
+        if not any((checkpoint_dir / name).is_file() for name in names):
+            missing.append(" or ".join(names))
     if missing:
         raise FileNotFoundError(
             f"Checkpoint folder {str(checkpoint_dir)!r} lacks {', '.join(missing)}. {HOW_TO_GET_A_CHECKPOINT}"
@@ -52,7 +59,7 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     config = Config.from_file(checkpoint_dir / "model_config.json")
-    check_vocabulary(config, checkpoint_dir / "tokenizer.model")
+    check_vocabulary(config, checkpoint_dir)
     with torch.device("meta"):
         model = LLaMA(config)
     state_dict = load_tensors(checkpoint_dir / "lit_model.pth")
@@ -120,15 +127,16 @@ def check_base_model(method_file: dict, config: Config, path: Union[str, Path],
               "the results may be poor. Load the base checkpoint it was trained on.", file=sys.stderr)
 
 
-def check_vocabulary(config: Config, tokenizer_path: Path) -> None:
-    """A tokenizer with more pieces than the model has embeddings would produce ids the model cannot embed."""
+def check_vocabulary(config: Config, tokenizer_path: Union[str, Path]) -> None:
+    """A tokenizer with more pieces than the model has embeddings would produce ids the model cannot embed.
+    `tokenizer_path`: a tokenizer file, or a folder with one (as `Tokenizer` takes it)."""
     from lit_lora.tokenizer import Tokenizer
 
-    pieces = Tokenizer(tokenizer_path).vocab_size
-    if pieces > config.vocab_size:
-        raise ValueError(f"{tokenizer_path} has {pieces:,} tokens, more than the model's vocabulary of "
-                         f"{config.vocab_size:,} (its config's vocab_size): the tokenizer belongs to another "
-                         "model. Use the tokenizer.model the weights came with.")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{tokenizer.model_path} has {tokenizer.vocab_size:,} tokens, more than the model's vocabulary "
+                         f"of {config.vocab_size:,} (its config's vocab_size): the tokenizer belongs to another "
+                         f"model. Use the {tokenizer.model_path.name} the weights came with.")
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 256) -> str:
@@ -153,16 +161,26 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> None:
 
 
 def save_checkpoint_dir(checkpoint_dir: Union[str, Path], state_dict: dict, config: Config,
-                        tokenizer_path: Union[str, Path]) -> Path:
+                        tokenizer_files: list[Union[str, Path]]) -> Path:
     """Write a whole checkpoint folder (see the module docstring) that `load_model` and every script read.
 
-    The three files are written into a temporary folder first (atomic_folder): a new folder appears whole; in
-    an existing one each file appears whole, and other files (logs, say) are left alone.
+    `tokenizer_files`: every file the tokenizer was read from, `Tokenizer(path).files`. Each is copied in under its
+    own name, but a SentencePiece model (`Tokenizer.train` may name it NAME.model) as tokenizer.model. The files
+    are written into a temporary folder first (atomic_folder): a new folder appears whole; in an existing one each
+    file appears whole, and other files (logs, say) are left alone.
     """
+    if isinstance(tokenizer_files, (str, Path)):
+        raise TypeError(f"save_checkpoint_dir takes a list of tokenizer files, not the one path {str(tokenizer_files)!r}: "
+                        "pass Tokenizer(path).files")
+    names = {Path(file): "tokenizer.model" if Path(file).suffix == ".model" else Path(file).name for file in tokenizer_files}
+    if not {"tokenizer.model", "tokenizer.json"} & set(names.values()):
+        raise ValueError(f"The tokenizer files {[str(file) for file in names]} hold no tokenizer.model or tokenizer.json, "
+                         "one of which every checkpoint folder needs: pass Tokenizer(path).files")
     with atomic_folder(checkpoint_dir) as tmp:
         torch.save(state_dict, tmp / "lit_model.pth")
         config.to_file(tmp / "model_config.json")
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        for file, name in names.items():
+            shutil.copyfile(file, tmp / name)
     return Path(checkpoint_dir)
 
 

@@ -2,8 +2,8 @@
 
     python prepare_data/inspect_data.py --data_dir data/alpaca --index 3
 
-With mask_inputs (the default), only the response and its EOS carry loss: the model learns to answer,
-not to predict the prompt. Loss tokens are shown [[like this]] (and in green on a terminal).
+With mask_inputs (the default), only the response and its EOS (or the prompt style's end of response, such as
+<|eot_id|>) carry loss: the model learns to answer, not to predict the prompt. Loss tokens are shown [[like this]] (and in green on a terminal).
 """
 
 import sys
@@ -17,7 +17,11 @@ from lit_lora.utils import cli
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    """One token as text: '▁' is a space, byte tokens like <0x0A> are their character, BOS/EOS are <s> and </s>."""
+    """One token as text. SentencePiece: '▁' is a space, byte tokens like <0x0A> are their character, BOS/EOS are
+    <s> and </s>. tokenizer.json: a special token is its own text (<|eot_id|>), any other token is decoded alone
+    (a byte-level token that holds part of a character shows as '\ufffd')."""
+    if tokenizer.processor is None:
+        return tokenizer.json_tokenizer.decode([token_id], skip_special_tokens=False)
     sp = tokenizer.processor
     if token_id == tokenizer.bos_id:
         return "<s>"
@@ -38,7 +42,7 @@ def render(tokenizer: Tokenizer, input_ids, labels, color: bool = False) -> str:
             pieces.append(start if carries_loss else end)
             inside = carries_loss
         text = token_text(tokenizer, token_id)
-        if position == 1 and input_ids[0] == tokenizer.bos_id:
+        if position == 1 and input_ids[0] == tokenizer.bos_id and tokenizer.processor is not None:
             text = text.removeprefix(" ")  # SentencePiece's space before the first word is not in the text
         pieces.append(text)
     if inside:

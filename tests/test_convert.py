@@ -274,7 +274,7 @@ def make_lit_checkpoint(folder: Path, tokenizer_path: Path, tokenizer) -> LLaMA:
     """A random micro model whose embedding is padded (vocab 320 -> 384 rows), as models trained here are."""
     model = randomize(LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size, padding_multiple=128)))
     assert model.config.padded_vocab_size > tokenizer.vocab_size
-    save_checkpoint_dir(folder, model.state_dict(), model.config, tokenizer_path)
+    save_checkpoint_dir(folder, model.state_dict(), model.config, [tokenizer_path])
     return model
 
 
@@ -506,7 +506,7 @@ def test_export_peft_checks_the_base_model(tmp_path, tokenizer_path, tokenizer):
     make_lora(tmp_path, tokenizer_path, tokenizer)
     other = tmp_path / "other"
     wider = LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size, n_embd=64))
-    save_checkpoint_dir(other, wider.state_dict(), wider.config, tokenizer_path)
+    save_checkpoint_dir(other, wider.state_dict(), wider.config, [tokenizer_path])
     with pytest.raises(ValueError, match="trained on another base model .*: its n_embd is 32, .*other's is 64"):
         export_peft_adapter(tmp_path / "lora.pth", tmp_path / "peft", checkpoint_dir=other)
 
@@ -518,7 +518,7 @@ def test_peft_adapter_that_does_not_fit_the_base_model_is_named(tmp_path, tokeni
     q_factor = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     wider = tmp_path / "wider"
     wider_model = LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size, n_embd=64))
-    save_checkpoint_dir(wider, wider_model.state_dict(), wider_model.config, tokenizer_path)
+    save_checkpoint_dir(wider, wider_model.state_dict(), wider_model.config, [tokenizer_path])
     with pytest.raises(ValueError, match=re.escape(f"{q_factor} has shape (4, 32), expected (4, 64)")):
         import_peft_adapter(tmp_path / "peft", wider, tmp_path / "imported.pth")
 

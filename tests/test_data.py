@@ -311,6 +311,7 @@ BAD_FLAGS = [  # (flag, value, words its error must contain)
     ("test_split_size", -0.1, "--test_split_size -0.1: a fraction must be at least 0"),
     ("test_split_size", float("nan"), "--test_split_size nan: a fraction must be at least 0 and below 1"),
     ("seed", -1, "--seed -1: must be 0 or more"),
+    ("prompt_style", "vicuna", "--prompt_style vicuna: is not a prompt style; choose one of alpaca, llama3, chatml"),
 ]
 
 
@@ -455,6 +456,80 @@ def test_json_script_and_inspect_marks_exactly_the_loss_tokens(tmp_path, tokeniz
     assert "carry loss" in capsys.readouterr().out
     with pytest.raises(IndexError, match="has 8 train examples"):
         inspect(data_dir=tmp_path / "d", index=8, checkpoint_dir=tokenizer.model_path.parent)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt styles
+
+
+def test_the_chat_styles_are_the_instruct_models_own_formats():
+    # what transformers' apply_chat_template([{"role": "user", "content": ...}], add_generation_prompt=True) gives
+    # with Meta-Llama-3-8B-Instruct's template (less its BOS) and SmolLM2-Instruct's, which trims nothing
+    assert format_prompt("  Add the numbers. ", "12 and 30\n", style="llama3") == (
+        "<|start_header_id|>user<|end_header_id|>\n\nAdd the numbers. \n\n12 and 30<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert format_prompt("Say hello.", style="chatml") == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n")
+    assert format_prompt("Say hello.") == format_prompt("Say hello.", style="alpaca")  # the default
+    with pytest.raises(ValueError, match=re.escape("Unknown prompt style 'vicuna': choose one of alpaca, llama3, chatml")):
+        format_prompt("Say hello.", style="vicuna")
+
+
+def test_a_style_ends_the_response_with_its_own_token_instead_of_eos(tmp_path):
+    from lit_lora.data import response_stop_ids
+    from tests.conftest import make_tokenizer_json_dir
+
+    tokenizer = Tokenizer(make_tokenizer_json_dir(tmp_path / "llama3-base", "llama3", instruct=False))
+    eot, end_of_text = (tokenizer.json_tokenizer.token_to_id(t) for t in ("<|eot_id|>", "<|end_of_text|>"))
+    assert tokenizer.eos_id == end_of_text and tokenizer.stop_ids == (end_of_text,)  # Llama 3 base
+    record = {"instruction": "Say hello.", "input": "", "output": "Hello!"}
+    example = tokenize_example(record, tokenizer, max_seq_length=256, style="llama3")
+    prompt = tokenizer.encode(format_prompt("Say hello.", style="llama3"), bos=True)
+    assert example["input_ids"].tolist() == prompt.tolist() + tokenizer.encode("Hello!", bos=False).tolist() + [eot]
+    assert example["input_ids"][0] == tokenizer.bos_id and end_of_text not in example["input_ids"].tolist()
+    assert example["labels"][-1] == eot  # the model learns to end its answer with <|eot_id|>
+    cut = tokenize_example(record, tokenizer, max_seq_length=len(example["input_ids"]) - 1, style="llama3")
+    assert cut["truncated"] and eot not in cut["input_ids"][len(prompt):].tolist()  # only after a whole response
+    assert response_stop_ids(tokenizer, "llama3") == (end_of_text, eot)  # so generation stops there
+    assert response_stop_ids(tokenizer, "alpaca") == (end_of_text,)
+    assert tokenize_example(record, tokenizer, max_seq_length=256)["input_ids"][-1] == end_of_text  # alpaca: EOS
+
+
+def test_a_style_whose_end_is_not_one_token_works_as_text(tokenizer, smollm2_tokenizer_dir):
+    from lit_lora.data import response_stop_ids
+
+    record = {"instruction": "Say hello.", "input": "", "output": "Hello!"}
+    example = tokenize_example(record, tokenizer, max_seq_length=256, style="llama3")  # SentencePiece: <|eot_id|> is text
+    assert example["input_ids"][-1] == tokenizer.eos_id  # so EOS follows it: generation stops at an id
+    assert tokenizer.decode(example["input_ids"]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
+    assert response_stop_ids(tokenizer, "llama3") == tokenizer.stop_ids == (tokenizer.eos_id,)
+
+    smollm2 = Tokenizer(smollm2_tokenizer_dir)  # <|im_end|> is SmolLM2-Instruct's EOS: one token, ending the answer once
+    chat = tokenize_example(record, smollm2, max_seq_length=256, style="chatml")["input_ids"].tolist()
+    assert chat[-1] == smollm2.eos_id == 2 and chat[-2] != 2
+    assert chat == smollm2.encode(format_prompt("Say hello.", style="chatml") + "Hello!<|im_end|>", bos=False).tolist()
+    assert response_stop_ids(smollm2, "chatml") == (2,)
+
+
+def test_prepare_records_the_style_and_finetuning_reads_it(tmp_path, llama3_tokenizer_dir):
+    from lit_lora.data import prepared_prompt_style
+    from prepare_data.inspect_data import main as inspect
+    from prepare_data.json_data import JSONArgs, main
+
+    data_file = write_json(tmp_path / "mine.json", RECORDS)
+    main(JSONArgs(data_file=data_file, checkpoint_dir=llama3_tokenizer_dir, destination_path=tmp_path / "d",
+                  test_split_size=2, prompt_style="llama3"))
+    train, _, config = load_prepared(tmp_path / "d", Tokenizer(llama3_tokenizer_dir))
+    assert config["prompt_style"] == prepared_prompt_style(tmp_path / "d") == "llama3"
+    text = inspect(data_dir=tmp_path / "d", index=0)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>") and text.endswith("<|eot_id|>]]")
+    (tmp_path / "d" / "prepare_config.json").write_text(json.dumps(config | {"prompt_style": "vicuna"}))
+    with pytest.raises(ValueError, match="prepare_config.json: prompt_style 'vicuna' is not one of alpaca, llama3, chatml"):
+        load_prepared(tmp_path / "d")
+    del config["prompt_style"]  # data prepared before there were styles
+    (tmp_path / "d" / "prepare_config.json").write_text(json.dumps(config))
+    assert prepared_prompt_style(tmp_path / "d") == "alpaca"
 
 
 def test_collate_right_pads():

@@ -64,8 +64,95 @@ def test_stops_at_eos(model):
     (free,) = generate(model, [prompt], max_new_tokens=12, temperature=0.0)
     eos_id = int(free[5])
     first = int((free == eos_id).nonzero()[0])  # the first time greedy decoding produces that token
-    (stopped,) = generate(model, [prompt], max_new_tokens=12, temperature=0.0, eos_id=eos_id)
+    (stopped,) = generate(model, [prompt], max_new_tokens=12, temperature=0.0, stop_ids=[eos_id])
     assert torch.equal(stopped, free[:first])
+
+
+def model_preferring(token_id: int, vocab_size: int = 320) -> LLaMA:
+    """A micro model whose logits favour `token_id` by far: greedy decoding picks it at every step."""
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("micro", vocab_size=vocab_size)).eval()
+    bias = torch.zeros(model.config.padded_vocab_size)
+    bias[token_id] = 100.0
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    return model
+
+
+def test_stops_at_the_second_of_several_stop_ids():
+    from lit_lora.generation import generate_stream
+
+    model, prompt = model_preferring(7), torch.randint(0, 256, (4,))
+    (free,) = generate(model, [prompt], max_new_tokens=6, temperature=0.0, stop_ids=[5])
+    assert free.tolist() == [7] * 6  # 7 is not a stop id: it runs to max_new_tokens
+    (stopped,) = generate(model, [prompt], max_new_tokens=6, temperature=0.0, stop_ids=(5, 7))
+    assert stopped.shape == (0,)  # cut before the stop id
+    model.set_kv_cache(batch_size=1, max_seq_length=10)
+    steps = list(generate_stream(model, [prompt], max_new_tokens=6, temperature=0.0, stop_ids={5, 7}))
+    model.clear_kv_cache()
+    assert [int(t) for t in steps] == [7]  # the stream ends once every row has stopped
+    with pytest.raises(TypeError, match=re.escape("stop_ids 7: a collection of ids, e.g. tokenizer.stop_ids or [7]")):
+        generate(model, [prompt], max_new_tokens=6, stop_ids=7)
+
+
+def test_each_row_stops_at_its_own_stop_id_and_repeats_it(model):
+    from lit_lora.generation import generate_stream
+
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,)) for n in (4, 9)]
+    free = generate(model, prompts, max_new_tokens=12, temperature=0.0)
+    first = {row: int(free[row][n]) for row, n in ((0, 2), (1, 6))}  # row 0 stops at its 3rd token, row 1 later
+    stop_ids = [first[0], first[1]]
+    ends = [int(torch.isin(f, torch.tensor(stop_ids)).nonzero()[0]) for f in free]
+    assert ends[0] < ends[1] and int(free[0][ends[0]]) != int(free[1][ends[1]])  # at other steps, by other ids
+    stopped = generate(model, prompts, max_new_tokens=12, temperature=0.0, stop_ids=stop_ids)
+    assert [s.tolist() for s in stopped] == [f[:end].tolist() for f, end in zip(free, ends)]
+    model.set_kv_cache(batch_size=2, max_seq_length=9 + 12)
+    steps = torch.stack(list(generate_stream(model, prompts, 12, temperature=0.0, stop_ids=stop_ids)), dim=1)
+    model.clear_kv_cache()
+    for row, end in enumerate(ends):  # after its stop id a row yields that id again while the other goes on
+        assert (steps[row, end:] == free[row][end]).all() and int(free[row][end]) in stop_ids
+    assert steps.shape[1] == max(ends) + 1
+
+
+def test_generation_stops_at_every_stop_id_of_a_tokenizer_json(llama3_tokenizer_dir, capsys):
+    from lit_lora.generation import generate_and_print
+    from lit_lora.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(llama3_tokenizer_dir)
+    end_of_text = tokenizer.json_tokenizer.token_to_id("<|end_of_text|>")
+    assert tokenizer.stop_ids[1] == end_of_text != tokenizer.eos_id  # Instruct: EOS is <|eot_id|>
+    model = model_preferring(end_of_text, vocab_size=tokenizer.vocab_size)
+    assert generate_and_print(model, tokenizer, "Hello", max_new_tokens=8, temperature=0.0) == [""]
+    assert "Sample 1: 1 tokens in" in capsys.readouterr().err
+    ids = tokenizer.encode("Hello world", bos=False).tolist() + [end_of_text] + tokenizer.encode(" more").tolist()
+    assert "".join(stream_text(tokenizer, iter(torch.tensor(ids)))) == "Hello world"
+
+
+def test_prompt_style_formats_the_prompt_and_stops_at_its_end_of_answer(tmp_path, monkeypatch, capsys):
+    from lit_lora import generation
+    from lit_lora.data import format_prompt
+    from lit_lora.generation import GenerateArgs, run_generation
+    from lit_lora.tokenizer import Tokenizer
+    from tests.conftest import make_tokenizer_json_dir
+
+    folder = make_tokenizer_json_dir(tmp_path / "llama3-base", "llama3", instruct=False)
+    tokenizer = Tokenizer(folder)
+    eot = tokenizer.json_tokenizer.token_to_id("<|eot_id|>")
+    assert eot not in tokenizer.stop_ids  # Llama 3 base stops only at <|end_of_text|>
+    model, prompts, real_stream = model_preferring(eot, vocab_size=tokenizer.vocab_size), [], generation.generate_stream
+
+    def spy(model, prompt_list, *args, **kwargs):
+        prompts.append(prompt_list[0].tolist())
+        return real_stream(model, prompt_list, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_stream", spy)
+    options = dict(prompt="Say hi.", checkpoint_dir=folder, max_new_tokens=6, temperature=0.0, precision="32-true")
+    assert run_generation(model, GenerateArgs(**options, prompt_style="llama3")) == [""]  # stopped at <|eot_id|>
+    assert prompts[-1] == tokenizer.encode(format_prompt("Say hi.", style="llama3"), bos=True).tolist()
+    assert "Sample 1: 1 tokens in" in capsys.readouterr().err
+    run_generation(model, GenerateArgs(**options))  # no style: the prompt as it is, and <|eot_id|> does not stop it
+    assert prompts[-1] == tokenizer.encode("Say hi.", bos=True).tolist()
+    assert "Sample 1: 6 tokens in" in capsys.readouterr().err
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -208,6 +295,7 @@ BAD_FLAGS = [  # (flag, value, what the error must say after "--flag value: ")
     ("top_p", 1.01, "must be in (0, 1]"),
     ("num_samples", 0, "must be at least 1"),
     ("seed", -1, "must be from 0 to 2**63 - 1, or null"),
+    ("prompt_style", "vicuna", "is not a prompt style; choose one of alpaca, llama3, chatml"),
 ]
 
 

@@ -668,7 +668,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, tok
     from lit_lora.utils import load_model, save_checkpoint_dir
 
     model = LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size - 10))  # the tokenizer of another model
-    folder = save_checkpoint_dir(tmp_path / "ckpt", model.state_dict(), model.config, tokenizer_path)
+    folder = save_checkpoint_dir(tmp_path / "ckpt", model.state_dict(), model.config, [tokenizer_path])
     with pytest.raises(ValueError, match=rf"tokenizer.model has {tokenizer.vocab_size:,} tokens, more than the model's "
                                          rf"vocabulary of {tokenizer.vocab_size - 10:,}"):
         load_model(folder)
@@ -711,3 +711,28 @@ def test_training_never_uses_fabric_save(setup, monkeypatch):
     monkeypatch.setattr(Fabric, "save", refuse)
     main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", max_steps=2, save_interval=1, eval_interval=0))
     assert torch.load(tmp_path / "out" / "state.pth", weights_only=True)["step"] == 2
+
+
+def test_evaluation_prompts_in_the_prepared_datas_style_and_stops_at_its_end(tmp_path, monkeypatch, capsys):
+    from finetune.lora import main
+    from lit_lora.data import format_prompt
+    from lit_lora.tokenizer import Tokenizer
+    from tests.conftest import make_tokenizer_json_dir
+
+    tokenizer_dir = make_tokenizer_json_dir(tmp_path / "llama3-base", "llama3", instruct=False)
+    tokenizer = Tokenizer(tokenizer_dir)
+    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_dir, block_size=256)
+    records = [{"instruction": "Say the word.", "input": "", "output": w} for w in WORDS]
+    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=2, seed=0, style="llama3")
+    calls, real_generate = [], train_module.generate
+
+    def spy(model, prompts, **kwargs):
+        calls.append((prompts[0].tolist(), kwargs["stop_ids"]))
+        return real_generate(model, prompts, **kwargs)
+
+    monkeypatch.setattr(train_module, "generate", spy)
+    main(lora_args(checkpoint_dir, tmp_path / "data", tmp_path / "out", max_steps=2, eval_interval=0, save_interval=0,
+                   eval_max_new_tokens=3, eval_instruction="Say the word.", eval_input="cat"))
+    eot, end_of_text = (tokenizer.json_tokenizer.token_to_id(t) for t in ("<|eot_id|>", "<|end_of_text|>"))
+    assert calls == [(tokenizer.encode(format_prompt("Say the word.", "cat", "llama3"), bos=True).tolist(),
+                      (end_of_text, eot))]
