@@ -145,10 +145,10 @@ def check_converted_tensors(state_dict: dict[str, torch.Tensor], config: Config,
                        f"vocabulary {config.padded_vocab_size}): both must come from the same model.")
 
 
-def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokenizer_path: Path) -> Path:
-    """The folder that `lit_lora.utils.load_model` reads (lit_model.pth, model_config.json, tokenizer.model),
-    written whole, with what it took."""
-    save_checkpoint_dir(output_dir, state_dict, config, tokenizer_path)
+def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokenizer_files: list[Path]) -> Path:
+    """The folder that `lit_lora.utils.load_model` reads (lit_model.pth, model_config.json and the tokenizer's
+    files, `Tokenizer.files`), written whole, with what it took."""
+    save_checkpoint_dir(output_dir, state_dict, config, tokenizer_files)
     size = (output_dir / "lit_model.pth").stat().st_size
     print(f"Wrote {output_dir} (lit_model.pth {format_bytes(size)}); peak memory {format_bytes(peak_memory_bytes())}")
     return output_dir

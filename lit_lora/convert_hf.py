@@ -38,7 +38,7 @@ from lit_lora.convert_common import (
 from lit_lora.hf_tokenizer import hf_tokenizer_files
 from lit_lora.lora import load_lora, merge_lora
 from lit_lora.model import Config
-from lit_lora.tokenizer import Tokenizer
+from lit_lora.tokenizer import TOKENIZER_JSON_COMPANIONS, Tokenizer
 from lit_lora.utils import (
     atomic_folder,
     check_vocabulary,
@@ -185,7 +185,7 @@ HF_WEIGHTS = (  # (single file, index of shards), safetensors first
 
 # The tokenizer files a checkpoint folder carries: SentencePiece's tokenizer.model (LLaMA, Llama 2), or Hugging Face's
 # tokenizer.json (Llama 3, SmolLM2) with the files that give its BOS, EOS and stop tokens.
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+TOKENIZER_JSON_FILES = ("tokenizer.json", *TOKENIZER_JSON_COMPANIONS)
 
 
 def hf_files_to_download(repo_files: list[str]) -> list[str]:
@@ -277,17 +277,14 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
         raise FileNotFoundError(f"No config.json in {hf_dir}: is it a Hugging Face model folder? "
                                 "Download one with `python checkpoints/download.py --repo_id ORG/NAME`.")
     weight_files = find_hf_weight_files(hf_dir)
-    tokenizer_path = hf_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"No tokenizer.model in {hf_dir}: lit-lora needs the SentencePiece tokenizer "
-                                "(models that ship only tokenizer.json, such as Llama 3, are not supported)")
+    tokenizer = Tokenizer(hf_dir)  # tokenizer.model (SentencePiece), or tokenizer.json and the files beside it
     hf_config = json.loads((hf_dir / "config.json").read_text())
     config = config_from_hf(hf_config, model_name)
     config.name = config.name or hf_dir.name
     # Where the weights came from, for the record: export_peft.py writes it as base_model_name_or_path, so the
     # whole path of the folder on this machine (config.json's _name_or_path may be one on the uploader's).
     config.extra["hf_model"] = str(hf_dir.resolve())
-    check_vocabulary(config, tokenizer_path)
+    check_vocabulary(config, hf_dir)
 
     state_dict = {}
     for file_number, path in enumerate(weight_files, 1):
@@ -301,7 +298,7 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
     if config.tie_embeddings:  # one matrix for embed and lm_head: Hugging Face saves it once, as the embedding
         state_dict["lm_head.weight"] = state_dict["embed.weight"]
     check_converted_tensors(state_dict, config, str(hf_dir))
-    return write_checkpoint(output_dir, state_dict, config, tokenizer_path)
+    return write_checkpoint(output_dir, state_dict, config, tokenizer.files)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,16 +323,20 @@ def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str
         if "lora_" not in name and not tied_copy:  # the LoRA factors are merged into the weights
             state_dict[lit_to_hf_name(name)] = to_dtype(tensor, torch_dtype).contiguous()
     hf_config = config_to_hf(model.config)
-    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
-    hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+    tokenizer = Tokenizer(checkpoint_dir)
+    stop_ids = list(tokenizer.stop_ids)
+    hf_config.update(bos_token_id=tokenizer.bos_id if tokenizer.bos_id >= 0 else None,
+                     eos_token_id=stop_ids[0] if len(stop_ids) == 1 else stop_ids,
                      torch_dtype=str(next(iter(state_dict.values())).dtype).removeprefix("torch."))
-    tokenizer_files = hf_tokenizer_files(tokenizer, model.config.block_size)
+    # A SentencePiece model gets the tokenizer.json transformers needs; a tokenizer.json model has its own files
+    made = hf_tokenizer_files(tokenizer, model.config.block_size) if tokenizer.processor is not None else {}
     with atomic_folder(output_dir) as tmp_dir:
         (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
         save_safetensors(state_dict, tmp_dir / "model.safetensors")
-        shutil.copyfile(tokenizer.model_path, tmp_dir / "tokenizer.model")  # for SentencePiece itself (and lit-lora)
-        for file_name, content in tokenizer_files.items():
+        for path in tokenizer.files:  # tokenizer.model (for SentencePiece itself), or tokenizer.json and its files
+            shutil.copyfile(path, tmp_dir / path.name)
+        for file_name, content in made.items():
             (tmp_dir / file_name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
-    print(f"Wrote {output_dir} (config.json, model.safetensors, tokenizer.model, {', '.join(tokenizer_files)}); "
-          f"peak memory {format_bytes(peak_memory_bytes())}")
+    written = ["config.json", "model.safetensors", *sorted({path.name for path in tokenizer.files} | set(made))]
+    print(f"Wrote {output_dir} ({', '.join(written)}); peak memory {format_bytes(peak_memory_bytes())}")
     return output_dir

@@ -133,10 +133,16 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
     tokenizer_path = next((path for path in candidates if path.is_file()), None)
     if tokenizer_path is None:
         raise FileNotFoundError(f"No tokenizer.model in {meta_dir} or {meta_dir.parent}: it comes with Meta's download")
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
+    except Exception:  # Meta's Llama 3 download ships tiktoken's BPE ranks under the same name
+        raise ValueError(f"{tokenizer_path} is not a SentencePiece model: Meta's Llama 3 downloads ship tiktoken's "
+                         "tokenizer. Convert Llama 3 from its Hugging Face repository instead (tokenizer.json): "
+                         "checkpoints/download.py, then checkpoints/convert_hf.py") from None
     params = json.loads((meta_dir / "params.json").read_text())
     vocab_size = params.get("vocab_size", -1)
     if vocab_size <= 0:  # the original LLaMA's params.json says -1: the tokenizer decides
-        vocab_size = Tokenizer(tokenizer_path).vocab_size
+        vocab_size = tokenizer.vocab_size
     config = config_from_meta(params, vocab_size, model_size)
     check_vocabulary(config, tokenizer_path)
 
@@ -153,4 +159,4 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
             tensor = permute_meta_qk(tensor, config.n_query_groups)
         state_dict[lit_name] = to_dtype(tensor, torch_dtype)
     check_converted_tensors(state_dict, config, str(meta_dir))
-    return write_checkpoint(output_dir, state_dict, config, tokenizer_path)
+    return write_checkpoint(output_dir, state_dict, config, tokenizer.files)

@@ -602,7 +602,7 @@ def test_hf_folder_errors(tmp_path, tokenizer_path, tokenizer):
 
     no_tokenizer = make_hf_dir(tmp_path / "no_tokenizer", hf, tokenizer_path)
     (no_tokenizer / "tokenizer.model").unlink()
-    with pytest.raises(FileNotFoundError, match="No tokenizer.model in"):
+    with pytest.raises(FileNotFoundError, match="No tokenizer in .*no_tokenizer: a checkpoint folder holds tokenizer.model .* or tokenizer.json"):
         convert_hf_checkpoint(no_tokenizer, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
 
@@ -910,3 +910,40 @@ def test_tied_models_export_to_transformers_and_peft_and_back(tmp_path, tokenize
     import_peft_adapter(tmp_path / "peft", tmp_path / "lit", tmp_path / "back.pth")
     back = read_lora_file(tmp_path / "back.pth")["lora"]
     assert all(torch.equal(back[name], tensor) for name, tensor in read_lora_file(tmp_path / "lora.pth")["lora"].items())
+
+
+@pytest.mark.parametrize("family, tokenizer_fixture", [("llama-3.2", "llama3_tokenizer_dir"),
+                                                       ("smollm2", "smollm2_tokenizer_dir")])
+def test_a_tokenizer_json_model_converts_trains_and_exports(tmp_path, family, tokenizer_fixture, request):
+    """A Hugging Face folder with tokenizer.json (no tokenizer.model) converts; the checkpoint folder carries the
+    tokenizer's files, its stop ids come from generation_config.json, and the export gives them back to transformers."""
+    tokenizer_dir = request.getfixturevalue(tokenizer_fixture)
+    tokenizer = Tokenizer(tokenizer_dir)
+    hf = family_model(tokenizer.vocab_size, family)
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+    for path in tokenizer.files:
+        (hf_dir / path.name).write_bytes(path.read_bytes())
+    convert_hf_checkpoint(hf_dir, tmp_path / "lit")
+    assert sorted(p.name for p in (tmp_path / "lit").iterdir()) == sorted(
+        ["lit_model.pth", "model_config.json", *(path.name for path in tokenizer.files)])
+    lit = load_model(tmp_path / "lit")
+    assert Tokenizer(tmp_path / "lit").stop_ids == tokenizer.stop_ids
+    assert len(tokenizer.stop_ids) == (2 if family == "llama-3.2" else 1)  # the fixture's Llama 3: two end tokens
+    assert same_logits(hf, lit, tokenizer.vocab_size) < 1e-4
+
+    export_hf_checkpoint(tmp_path / "lit", tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    stop_ids = list(tokenizer.stop_ids)
+    assert config["eos_token_id"] == (stop_ids if len(stop_ids) > 1 else stop_ids[0])
+    text = "Hello world!\n  Two  spaces, digits 12345 and <|eot_id|>."
+    assert AutoTokenizer.from_pretrained(tmp_path / "exported")(text)["input_ids"] == tokenizer.encode(text).tolist()
+
+
+def test_meta_llama3_download_is_refused_clearly(tmp_path, tokenizer_path, tokenizer):
+    """Meta's own Llama 3 download ships tiktoken's BPE ranks as tokenizer.model: not SentencePiece."""
+    meta_dir = make_meta_dir(tmp_path / "llama3", randomize(LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size))),
+                             tokenizer_path, n_shards=1)
+    (meta_dir / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # tiktoken's format: base64 token, rank
+    with pytest.raises(ValueError, match="is not a SentencePiece model: Meta's Llama 3 downloads ship tiktoken's"):
+        convert_meta_checkpoint(meta_dir, tmp_path / "out", model_size="micro")
