@@ -247,9 +247,16 @@ def num_parameters(module: nn.Module, trainable: Optional[bool] = None) -> int:
 
 
 def peak_memory_bytes(device: Optional[torch.device] = None) -> int:
-    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size (RSS)."""
+    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size (RSS).
+
+    On Linux the RSS peak is VmHWM of /proc/self/status: getrusage's ru_maxrss would count the RSS of the
+    process that started this one too (Linux carries it over fork and exec), so a run started by a big process
+    (finetune/compare.py) would report that process's memory."""
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    if sys.platform == "linux":
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports kilobytes, macOS bytes
 
