@@ -14,9 +14,9 @@ stored as the 4-bit index i of the level q_i nearest to w / absmax, one of these
      0.0796  0.1609  0.2461  0.3379  0.4407  0.5626  0.7230  1.0000
 
 and read back as w ~ q_i * absmax. The levels are not evenly spaced: they are quantiles of the normal
-distribution N(0, 1), scaled to [-1, 1] (`nf4_levels` computes them; NF4_LEVELS holds them). Pretrained weights are close to normal,
-so each level is used about equally often (more levels near 0, where most weights are), and 0 is a level, so
-a zero weight (padding, say) stays exactly zero. One scale per 64 weights keeps one large weight from
+distribution N(0, 1), scaled to [-1, 1] (`nf4_levels` computes them; NF4_LEVELS holds them). Pretrained
+weights are close to normal, so each level is used about equally often (more levels near 0, where most
+weights are), and 0 is a level, so a zero weight stays exactly zero. One scale per 64 weights keeps one large weight from
 crushing the others of its matrix into a few levels: only its own block pays. `nf4_reference` is the whole
 computation in plain torch; bitsandbytes' kernels compute the same numbers (tests/test_quantize.py checks it).
 
@@ -28,8 +28,8 @@ the scales instead of 0.0625, so 0.5159 byte per weight; 3 GB less for a 65B mod
 For LLaMA 7B, whose Blocks hold 6.5B of its 6.7B weights: 13.0 GB in bf16 become 3.6 GB (nf4) or 3.3 GB
 (nf4-dq). The embedding, the norms and lm_head stay in the compute dtype (they are 4% of 7B).
 
-Computing with it. y = x W^T calls bitsandbytes' `matmul_4bit`, which dequantizes W block by block into
-x's dtype and multiplies: W exists in 16/32 bits only for the time of one matmul. The backward pass needs
+Computing with it. y = x W^T calls bitsandbytes' `matmul_4bit`, which dequantizes W (q_i * absmax for every
+weight) and multiplies, in x's dtype: W exists in 16/32 bits only for the time of one matmul. The backward pass needs
 dx = dy W, for the LoRA matrices of the layers below, and dequantizes W again; W itself gets no gradient
 (it is frozen, and a 4-bit number could not take a small step anyway). Dequantizing costs time: QLoRA trades
 speed for memory (measured in howto/finetune_qlora.md).
