@@ -8,8 +8,11 @@ the Blocks' linear weights are 25M), random weights saved as an fp32 checkpoint 
 the way every script loads it (lit_lora/utils.py's load_model, memory-mapped; with --quantize each Block weight is
 read, quantized to NF4 and dropped, one at a time).
 
-- load: load the checkpoint and run one forward pass of 256 tokens (so every weight has been read). The figure
-  is the peak resident memory (RSS, VmHWM) above what the process held before loading, and what it still holds.
+Both parts load the checkpoint and read every weight once, as moving the model to a GPU would (a forward pass
+alone reads only the embedding rows of its tokens: how much of the memory-mapped file then counts in the
+resident memory would depend on the kernel's page cache).
+- load: then one forward pass of 256 tokens. The figures are the peak resident memory (RSS, VmHWM) above what
+  the process held before loading, and what it still holds after.
 - train: LoRA r 8 / alpha 16 / dropout 0.05 on q and v, AdamW, fp32, micro batch 4 x 256 tokens with the first
   half of each sequence masked (as train_throughput.py); tokens/s over the timed steps and the peak RSS above
   the memory held before loading.
@@ -72,12 +75,15 @@ def measure(part: str, quantize: Optional[str], steps: int, warmup: int) -> dict
     start = time.perf_counter()
     model = load_model(CHECKPOINT_DIR, quantize=quantize)
     load_s = time.perf_counter() - start
+    with torch.no_grad():
+        for tensor in model.state_dict().values():  # read every weight once, as moving the model to a GPU would
+            tensor.sum()
     tokens = torch.randint(0, 300, (MICRO_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1))
     if part == "load":
         last = torch.zeros(1, SEQ_LEN, dtype=torch.bool)
         last[0, -1] = True
         with torch.no_grad():
-            model.eval()(tokens[:1], logits_at=last)  # reads every weight; logits of the last position only
+            model.eval()(tokens[:1], logits_at=last)  # one forward pass; logits of the last position only
         return {"part": part, "quantize": quantize, "load_s": load_s, "peak_mb": (peak_memory_bytes() - baseline) / 1e6,
                 "held_mb": (resident_bytes() - baseline) / 1e6}
     apply_lora(model, r=8, alpha=16, dropout=0.05, targets=("q", "v"))
