@@ -1,13 +1,13 @@
 """Compare LoRA, QLoRA, LLaMA-Adapter and full finetuning on the same model and data: memory, time, loss.
 
     python finetune/compare.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca
-    python finetune/compare.py --estimate_only true --model_name 7B --precision bf16-true
+    python finetune/compare.py --estimate_only true --model_name 7B --precision bf16-true --methods [lora,qlora,adapter,full]
 
-Each method runs its own script (finetune/lora.py, adapter.py, full.py; QLoRA is finetune/lora.py --quantize) with
-the same checkpoint, data, precision, batch sizes, seed and number of optimizer steps, and its own learning rate
-(the script's default unless given). Each runs in a fresh Python process, so the peak memory it reports is its own: CUDA's
-max_memory_allocated on a GPU, the peak resident set size (RSS) on a CPU, where it includes what Python,
-torch and Lightning hold before training starts (reported as the baseline). Before anything runs, the
+Each method runs its own script (finetune/lora.py, adapter.py, full.py; QLoRA is finetune/lora.py --quantize)
+with the same checkpoint, data, precision, batch sizes, seed and number of optimizer steps, and its own learning
+rate (the script's default unless given). Each runs in a fresh Python process, so the peak memory it reports is
+its own: CUDA's max_memory_allocated on a GPU, the peak resident set size (RSS) on a CPU, where it includes what
+Python, torch and Lightning hold before training starts (reported as the baseline). Before anything runs, the
 memory each method should need is worked out by lit_lora/memory.py and printed beside what was measured.
 
 Written to out_dir: <method>/ (each run's weights and logs), results.csv, results.md, and results.png
