@@ -46,7 +46,7 @@ class AdapterArgs(TrainArgs):
 
 def main(args: AdapterArgs) -> dict:
     fabric = launch_fabric(args)
-    model = load_model(args.checkpoint_dir)
+    model = load_model(args.checkpoint_dir, quantize=args.quantize, device=fabric.device)  # --quantize: 4-bit Blocks
     apply_adapter(model, prompt_length=args.adapter_prompt_length, start_layer=args.adapter_start_layer)
     mark_only_adapter_as_trainable(model)
     return fit(fabric, model, args,

@@ -1,13 +1,13 @@
-"""Compare LoRA, LLaMA-Adapter and full finetuning on the same model and data: memory, time, loss.
+"""Compare LoRA, QLoRA, LLaMA-Adapter and full finetuning on the same model and data: memory, time, loss.
 
     python finetune/compare.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca
-    python finetune/compare.py --estimate_only true --model_name 7B --precision bf16-true
+    python finetune/compare.py --estimate_only true --model_name 7B --precision bf16-true --methods [lora,qlora,adapter,full]
 
-Each method runs its own script (finetune/lora.py, adapter.py, full.py) with the same checkpoint, data,
-precision, batch sizes, seed and number of optimizer steps, and its own learning rate (the script's default
-unless given). Each runs in a fresh Python process, so the peak memory it reports is its own: CUDA's
-max_memory_allocated on a GPU, the peak resident set size (RSS) on a CPU, where it includes what Python,
-torch and Lightning hold before training starts (reported as the baseline). Before anything runs, the
+Each method runs its own script (finetune/lora.py, adapter.py, full.py; QLoRA is finetune/lora.py --quantize)
+with the same checkpoint, data, precision, batch sizes, seed and number of optimizer steps, and its own learning
+rate (the script's default unless given). Each runs in a fresh Python process, so the peak memory it reports is
+its own: CUDA's max_memory_allocated on a GPU, the peak resident set size (RSS) on a CPU, where it includes what
+Python, torch and Lightning hold before training starts (reported as the baseline). Before anything runs, the
 memory each method should need is worked out by lit_lora/memory.py and printed beside what was measured.
 
 Written to out_dir: <method>/ (each run's weights and logs), results.csv, results.md, and results.png
@@ -38,29 +38,32 @@ from finetune.lora import LoRAArgs  # noqa: E402
 from lit_lora.data import load_prepared  # noqa: E402
 from lit_lora.memory import MemoryEstimate, TrainingSetup, estimate_memory, format_estimates, step_flops  # noqa: E402
 from lit_lora.model import Config  # noqa: E402
+from lit_lora.quantize import require_bitsandbytes  # noqa: E402
 from lit_lora.utils import atomic_write, check_checkpoint_dir, cli, default_precision, format_bytes, peak_memory_bytes  # noqa: E402
 
-Method = Literal["lora", "adapter", "full"]
-METHOD_ARGS = {"lora": LoRAArgs, "adapter": AdapterArgs, "full": FullArgs}
-NAMES = {"lora": "LoRA", "adapter": "LLaMA-Adapter", "full": "Full finetuning"}
+Method = Literal["lora", "qlora", "adapter", "full"]
+SCRIPTS = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "full": "full"}  # QLoRA: finetune/lora.py --quantize
+METHOD_ARGS = {"lora": LoRAArgs, "qlora": LoRAArgs, "adapter": AdapterArgs, "full": FullArgs}
+NAMES = {"lora": "LoRA", "qlora": "QLoRA", "adapter": "LLaMA-Adapter", "full": "Full finetuning"}
 
 
 @dataclass
 class CompareArgs:
-    """Run LoRA, LLaMA-Adapter and full finetuning for the same steps and compare memory, time and loss.
+    """Run LoRA, QLoRA, LLaMA-Adapter and full finetuning for the same steps and compare memory, time and loss.
 
     Args:
         checkpoint_dir: The base model's folder (lit_model.pth, model_config.json, tokenizer.model).
         data_dir: Prepared data (train.pt, test.pt) made by a prepare_data/ script with this model's tokenizer.
         out_dir: Each method's run goes to out_dir/<method>/; the results to out_dir/results.{csv,md,png}.
-        methods: The methods to run, in this order.
+        methods: The methods to run, in this order: any of lora, qlora (LoRA on a 4-bit base: needs
+            pip install -e '.[quantize]'), adapter, full.
         max_steps: Optimizer steps of every method.
         micro_batch_size: Examples per forward/backward pass.
         global_batch_size: Examples per optimizer step (gradient accumulation makes up the rest).
         precision: 32-true, bf16-true, bf16-mixed or 16-mixed; default bf16-true on a GPU that supports it, else
             32-true (with --estimate_only, bf16-true: the estimate is for a GPU).
         max_seq_length: Truncate examples to this many tokens (default: as prepared).
-        lora_learning_rate: LoRA's peak learning rate (default: finetune/lora.py's).
+        lora_learning_rate: LoRA's and QLoRA's peak learning rate (default: finetune/lora.py's).
         adapter_learning_rate: LLaMA-Adapter's peak learning rate (default: finetune/adapter.py's).
         full_learning_rate: Full finetuning's peak learning rate (default: finetune/full.py's).
         warmup_steps: Warmup of every method in optimizer steps (default: each script's own).
@@ -69,6 +72,7 @@ class CompareArgs:
         estimate_only: Only print the predicted memory of each method on a GPU (lit_lora/memory.py) and stop.
         model_name: With --estimate_only: a Config preset (e.g. 7B) instead of checkpoint_dir's model_config.json.
         seq_length: With --estimate_only: the tokens per example to estimate for (default: the data's longest, else 256).
+        quantize: QLoRA's 4-bit format: bnb.nf4-dq (NF4 with double quantization, as the QLoRA paper) or bnb.nf4.
     """
 
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")
@@ -89,17 +93,20 @@ class CompareArgs:
     estimate_only: bool = False
     model_name: Optional[str] = None
     seq_length: Optional[int] = None
+    quantize: Literal["bnb.nf4", "bnb.nf4-dq"] = "bnb.nf4-dq"
 
 
 def main(args: CompareArgs) -> dict:
     """Predict, run and compare. Returns {"estimates": {method: MemoryEstimate}, "results": [row per method]}."""
     if not args.methods:
-        raise ValueError("--methods is empty: give one or more of lora, adapter, full, e.g. --methods [lora,full]")
+        raise ValueError("--methods is empty: give one or more of lora, qlora, adapter, full, e.g. --methods [lora,full]")
     if args.global_batch_size % args.micro_batch_size:
         raise ValueError(f"--global_batch_size ({args.global_batch_size}) must be a multiple of "
                          f"--micro_batch_size ({args.micro_batch_size})")
     if args.model_name is not None and not args.estimate_only:
         raise ValueError("--model_name is for --estimate_only true; a run uses checkpoint_dir's model_config.json")
+    if "qlora" in args.methods and not args.estimate_only:
+        require_bitsandbytes("--methods with qlora")  # before any method runs
     config = (Config.from_name(args.model_name) if args.model_name is not None
               else Config.from_file(check_checkpoint_dir(args.checkpoint_dir) / "model_config.json"))
     device = "cuda" if torch.cuda.is_available() or args.estimate_only else "cpu"  # an estimate is for a GPU
@@ -158,21 +165,24 @@ def training_setup(method: str, args: CompareArgs, precision: str, device: str, 
     hyperparameters = ("lora_r", "lora_targets", "lora_dropout", "adapter_prompt_length", "adapter_start_layer")
     return TrainingSetup(
         method=method, precision=precision, micro_batch_size=args.micro_batch_size, seq_length=data["seq_length"],
-        label_fraction=data["label_fraction"], device=device,
+        label_fraction=data["label_fraction"], device=device, quantize=args.quantize,
         **{name: getattr(defaults, name) for name in hyperparameters if hasattr(defaults, name)},
     )
 
 
 def method_flags(method: str, args: CompareArgs, precision: str) -> list[str]:
-    """The command-line flags of finetune/<method>.py for this comparison: shared settings, the method's own
-    learning rate, no evaluation or checkpoint during the run (they would count as step time)."""
+    """The command-line flags of the method's script for this comparison: shared settings, the method's own
+    learning rate (QLoRA's is LoRA's), QLoRA's --quantize, no evaluation or checkpoint during the run (they would
+    count as step time)."""
     flags = {
         "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir, "out_dir": args.out_dir / method,
         "precision": precision, "max_steps": args.max_steps, "micro_batch_size": args.micro_batch_size,
         "global_batch_size": args.global_batch_size, "seed": args.seed, "eval_interval": 0, "save_interval": 0,
         "eval_examples": args.eval_examples, "log_interval": max(1, args.max_steps // 10),
     }
-    learning_rate = getattr(args, f"{method}_learning_rate")
+    if method == "qlora":
+        flags["quantize"] = args.quantize
+    learning_rate = getattr(args, f"{SCRIPTS[method]}_learning_rate")  # QLoRA: LoRA's
     if learning_rate is not None:
         flags["learning_rate"] = learning_rate
     if args.warmup_steps is not None:
@@ -185,14 +195,15 @@ def method_flags(method: str, args: CompareArgs, precision: str) -> list[str]:
 
 
 def run_in_own_process(method: str, flags: list[str], run_dir: Path) -> dict:
-    """Run `python finetune/<method>.py <flags>` in a fresh process and return the summary its fit() returned.
+    """Run `python finetune/<script>.py <flags>` (the method's script, SCRIPTS) in a fresh process and return the
+    summary its fit() returned.
 
     The child is `run_child` below: the script's own CLI and main(), plus writing the summary to a JSON
     file (a process cannot return a dict). The output streams to this terminal as the run goes.
     """
     summary_path = run_dir / "summary.json"
     summary_path.unlink(missing_ok=True)  # never read a previous run's figures
-    print(f"\n=== {NAMES[method]}: python finetune/{method}.py {' '.join(flags)}", flush=True)
+    print(f"\n=== {NAMES[method]}: python finetune/{SCRIPTS[method]}.py {' '.join(flags)}", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if not torch.cuda.is_available():
         # On a CPU the figure is the peak RSS. glibc's malloc keeps freed blocks (the activations of earlier
@@ -204,16 +215,18 @@ def run_in_own_process(method: str, flags: list[str], run_dir: Path) -> dict:
     completed = subprocess.run([sys.executable, "-c", code, str(summary_path), method, *flags], env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"{NAMES[method]} failed (exit code {completed.returncode}): its output is above. "
-                           f"Run it alone with: python finetune/{method}.py {' '.join(flags)}")
+                           f"Run it alone with: python finetune/{SCRIPTS[method]}.py {' '.join(flags)}")
     return json.loads(summary_path.read_text())
 
 
 def run_child() -> None:
     """In the child process: argv is SUMMARY_JSON METHOD FLAGS... Runs the script's main on its own CLI."""
     summary_path, method, *flags = sys.argv[1:]
+    if method == "qlora":  # a fixed cost like torch's (about 45 MB of RSS): in the baseline, not in the run's memory
+        require_bitsandbytes()
     # What the process holds before training: Python, torch, Lightning (RSS on a CPU; nothing on a GPU yet)
     baseline = 0 if torch.cuda.is_available() else peak_memory_bytes()
-    script = importlib.import_module(f"finetune.{method}")
+    script = importlib.import_module(f"finetune.{SCRIPTS[method]}")
     summary = script.main(CLI(METHOD_ARGS[method], as_positional=False, args=flags))
     summary["baseline_memory_bytes"] = baseline
     atomic_write(Path(summary_path), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
@@ -273,7 +286,7 @@ def write_results(out_dir: Path, results: list[dict], estimates: dict[str, Memor
     memory_note = ("peak resident memory (RSS) of each run's process; `above baseline` subtracts what the "
                    "process held after importing Python, torch and Lightning" if r0["device"] == "cpu"
                    else "torch.cuda.max_memory_allocated of each run's process")
-    text = (f"# LoRA vs LLaMA-Adapter vs full finetuning\n\n{r0['steps']} optimizer steps each, {r0['precision']}, "
+    text = (f"# {' vs '.join(NAMES[r['method']] for r in results)}\n\n{r0['steps']} optimizer steps each, {r0['precision']}, "
             f"on {r0['device']}. Peak memory: {memory_note}. Time per step and tokens/s: medians over the training "
             "loop's steps 2.. (no evaluation, no checkpoint). Val loss: after the run.\n\n"
             + markdown_table(results) + "\n\n## Predicted memory (lit_lora/memory.py)\n\n"
@@ -326,6 +339,13 @@ def print_comparison(results: list[dict]) -> None:
             line += (f"; time per step {r['time_per_step_s'] / full['time_per_step_s']:.2f}x full finetuning's "
                      f"(predicted matmul FLOPs: {r['predicted_flops_per_step'] / full['predicted_flops_per_step']:.2f}x)")
         print(line)
+    lora, qlora = (next((r for r in results if r["method"] == m), None) for m in ("lora", "qlora"))
+    if lora is not None and qlora is not None:  # what the 4-bit base saves and costs, measured in the same run
+        measured = {name: r["peak_memory_bytes"] - r["baseline_memory_bytes"] for name, r in (("lora", lora), ("qlora", qlora))}
+        print(f"QLoRA vs LoRA: {measured['qlora'] / measured['lora']:.2f}x the measured memory"
+              f"{' above the baseline' if lora['baseline_memory_bytes'] else ''} "
+              f"({qlora['predicted_memory_bytes'] / lora['predicted_memory_bytes']:.2f}x predicted), "
+              f"{qlora['tokens_per_sec'] / lora['tokens_per_sec']:.2f}x the tokens/s")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Optional
 
 from lit_lora.devices import launch_fabric
 from lit_lora.model import PRESETS, Config, LLaMA
+from lit_lora.quantize import QUANTIZE_MODES
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train import TrainArgs, fit
 from lit_lora.utils import check_flag, cli, load_model, save_checkpoint_dir
@@ -41,6 +42,9 @@ class FullArgs(TrainArgs):
     activation_checkpointing: bool = False
 
     def __post_init__(self):
+        check_flag(self, "quantize", self.quantize not in QUANTIZE_MODES,  # (an unknown mode: TrainArgs says so)
+                   "full finetuning trains every weight, and a 4-bit weight cannot train; use finetune/lora.py "
+                   f"--quantize {self.quantize} (QLoRA), or leave --quantize out")
         super().__post_init__()
         check_flag(self, "model_name", self.model_name is None or self.model_name in PRESETS,
                    f"is not a preset; choose one of {', '.join(PRESETS)}")

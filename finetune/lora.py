@@ -4,6 +4,7 @@
 
 Defaults are the Alpaca-LoRA reference setup (lr 3e-4, batch 128, r 8, alpha 16, dropout 0.05, q and v, 3 epochs).
 The result is out_dir/lit_lora_finetuned.pth: the LoRA tensors and their hyperparameters, a few MB.
+With --quantize bnb.nf4 (or bnb.nf4-dq) this is QLoRA: the frozen base is stored in 4 bits (lit_lora/quantize.py).
 """
 
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ class LoRAArgs(TrainArgs):
 
 def main(args: LoRAArgs) -> dict:
     fabric = launch_fabric(args)
-    model = load_model(args.checkpoint_dir)  # meta device + memory-mapped weights: no second copy
+    # meta device + memory-mapped weights: no second copy; with --quantize (QLoRA) the Blocks' weights in 4 bits
+    model = load_model(args.checkpoint_dir, quantize=args.quantize, device=fabric.device)
     apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
     mark_only_lora_as_trainable(model)  # W0 stays frozen: no gradients, no optimizer state for it
     return fit(fabric, model, args, save_weights=lambda m, folder, trained: save_lora(m, folder / "lit_lora_finetuned.pth", trained))

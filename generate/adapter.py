@@ -37,7 +37,7 @@ class AdapterGenerateArgs(GenerateArgs):
 
 
 def main(args: AdapterGenerateArgs) -> list[str]:
-    model = load_model(args.checkpoint_dir)
+    model = load_model(args.checkpoint_dir, quantize=args.quantize)
     load_adapter(model, args.adapter_path)  # checks the file fits this base model, names any mismatch
     return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
 

@@ -11,7 +11,7 @@ from lit_lora.utils import cli, load_model
 
 
 def main(args: GenerateArgs) -> list[str]:
-    model = load_model(args.checkpoint_dir)
+    model = load_model(args.checkpoint_dir, quantize=args.quantize)
     return run_generation(model, args, show_prompt=args.prompt_style is None)  # a prompt continued as it is: shown
 
 

@@ -32,7 +32,7 @@ class FullGenerateArgs(GenerateArgs):
 
 
 def main(args: FullGenerateArgs) -> list[str]:
-    model = load_model(args.checkpoint_dir)
+    model = load_model(args.checkpoint_dir, quantize=args.quantize)
     return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
 
 

@@ -3,7 +3,9 @@
     python generate/lora.py --lora_path out/lora/alpaca/lit_lora_finetuned.pth --prompt "What do llamas eat?"
 
 r, alpha and the targets are read from the LoRA file. LoRA is merged into the weights once before decoding
-(W = W0 + alpha/r B A), so the finetuned model decodes exactly as fast as the base model.
+(W = W0 + alpha/r B A), so the finetuned model decodes exactly as fast as the base model. With --quantize (a 4-bit
+base, as QLoRA trains on) LoRA stays unmerged: W0 + B A rounded to 4 bits again would lose most of B A, so every
+token pays the two thin LoRA matmuls (and the dequantization of W0). Any LoRA file loads with or without --quantize.
 """
 
 from dataclasses import dataclass
@@ -37,9 +39,10 @@ class LoRAGenerateArgs(GenerateArgs):
 
 
 def main(args: LoRAGenerateArgs) -> list[str]:
-    model = load_model(args.checkpoint_dir)
+    model = load_model(args.checkpoint_dir, quantize=args.quantize)
     load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
-    merge_lora(model)
+    if args.quantize is None:
+        merge_lora(model)  # a 4-bit W0 cannot take B A exactly: on a quantized base LoRA stays unmerged
     return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
 
 

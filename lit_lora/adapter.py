@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.model import CausalSelfAttention, LLaMA, repeat_kv
+from lit_lora.quantize import compute_dtype
 from lit_lora.utils import atomic_save, check_base_model, check_tensors
 
 ADAPTER_PARAMETERS = ("adaption_prompt", "gating_factor")  # the names of the tensors LLaMA-Adapter adds
@@ -70,11 +71,11 @@ class AdapterAttention(CausalSelfAttention):
         self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
         self.kv_cache = attention.kv_cache
         weight = self.q_proj.weight  # new tensors go where the model is: its device (meta included) and dtype
-        n_embd = weight.size(1)
+        n_embd, dtype = self.q_proj.in_features, compute_dtype(weight)  # (a 4-bit weight: the dtype it came from)
         # N(0, 1), the scale of the normalised hidden states that k_proj and v_proj usually see.
         # Not zero: with both the prompt and the gate at zero neither would ever get a gradient.
-        self.adaption_prompt = nn.Parameter(torch.randn(prompt_length, n_embd, device=weight.device, dtype=weight.dtype))
-        self.gating_factor = nn.Parameter(torch.zeros(1, self.n_head, 1, 1, device=weight.device, dtype=weight.dtype))
+        self.adaption_prompt = nn.Parameter(torch.randn(prompt_length, n_embd, device=weight.device, dtype=dtype))
+        self.gating_factor = nn.Parameter(torch.zeros(1, self.n_head, 1, 1, device=weight.device, dtype=dtype))
 
     def compute_prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """P W_k and P W_v, split into heads: (1, n_query_groups, prompt_length, hs) each. No RoPE: no position."""

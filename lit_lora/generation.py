@@ -20,6 +20,7 @@ import torch
 
 from lit_lora.data import PROMPT_STYLES, format_prompt, response_stop_ids
 from lit_lora.model import LLaMA
+from lit_lora.quantize import check_quantize
 from lit_lora.tokenizer import Tokenizer, check_utf8
 from lit_lora.utils import (
     check_flag,
@@ -275,6 +276,8 @@ class GenerateArgs:
         interactive: Read prompts from the terminal in a loop instead of using --prompt.
         prompt_style: Put the prompt in an instruction format (lit_lora/data.py): alpaca, llama3 (Llama 3.x
             Instruct) or chatml (SmolLM2-Instruct), and stop also at that format's end of answer; null: no format.
+        quantize: Store the Blocks' weights in 4 bits (bnb.nf4, or bnb.nf4-dq: see howto/finetune_qlora.md): about
+            a quarter of the memory of bf16, slower; null: in the precision's dtype. Needs pip install -e '.[quantize]'.
     """
 
     prompt: str = "Hello, my name is"
@@ -289,6 +292,7 @@ class GenerateArgs:
     compile: bool = False
     interactive: bool = False
     prompt_style: Optional[str] = None
+    quantize: Optional[str] = None
 
     def __post_init__(self):
         """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
@@ -300,6 +304,7 @@ class GenerateArgs:
                    "must be from 0 to 2**63 - 1, or null for different answers every run")
         check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
                    f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/data.py)")
+        check_quantize(self.quantize)
 
 
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:

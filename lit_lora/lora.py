@@ -17,6 +17,9 @@ dW has a low "intrinsic rank": it can be written as B A with B (d_out x r) and A
   4,194,304 trainable parameters, 0.06% of 6.7B, about 8 MB in bf16.
 - Merging: after training, W = W0 + (alpha / r) B A is an ordinary matrix again. Folding it in once makes
   the finetuned model exactly as fast as the base model: LoRA adds no inference latency.
+- QLoRA: W0 may be stored in 4 bits (lit_lora/quantize.py); the layer computes the same h, with W0
+  dequantized inside its matmul. Such a W0 cannot take the merge: W0 + dW would have to be rounded to 4 bits
+  again, which would lose most of dW, so LoRA stays unmerged on a 4-bit base.
 """
 
 import math
@@ -28,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from lit_lora.model import LLaMA
+from lit_lora.quantize import compute_dtype, is_4bit, linear_4bit
 from lit_lora.utils import atomic_save, check_base_model, check_tensors
 
 # Where each target lives: in every Block (attn.* and mlp.*), or on the model itself (lm_head).
@@ -59,14 +63,19 @@ class LoRALinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float) -> "LoRALinear":
-        """Wrap an existing linear layer, sharing its weight tensor (no copy; works on the meta device)."""
+        """Wrap an existing linear layer, sharing its weight tensor (no copy; works on the meta device). A 4-bit
+        layer (lit_lora/quantize.py's Linear4bit) is wrapped the same way: its 4-bit weight becomes W0."""
         if linear.bias is not None:
             raise ValueError("LoRALinear expects a linear layer without bias (LLaMA has none)")
         w = linear.weight
         lora = cls(linear.in_features, linear.out_features, r, alpha, dropout, device="meta")  # allocates nothing
-        lora.weight = nn.Parameter(w.data, requires_grad=False)  # the same W0 storage
-        lora.lora_A = nn.Parameter(torch.empty_like(lora.lora_A, device=w.device, dtype=w.dtype))
-        lora.lora_B = nn.Parameter(torch.empty_like(lora.lora_B, device=w.device, dtype=w.dtype))
+        if is_4bit(w):
+            lora.weight = w  # the same 4-bit W0, with its quantization state; frozen
+        else:
+            lora.weight = nn.Parameter(w.data, requires_grad=False)  # the same W0 storage
+        dtype = compute_dtype(w)  # A and B in W0's dtype (for a 4-bit W0: the dtype it was quantized from)
+        lora.lora_A = nn.Parameter(torch.empty_like(lora.lora_A, device=w.device, dtype=dtype))
+        lora.lora_B = nn.Parameter(torch.empty_like(lora.lora_B, device=w.device, dtype=dtype))
         lora.reset_lora_parameters()
         return lora.train(linear.training)  # keep the model's train/eval mode (dropout)
 
@@ -74,7 +83,8 @@ class LoRALinear(nn.Linear):
         return (self.lora_B @ self.lora_A) * self.scaling  # (d_out, d_in), rank <= r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = super().forward(x)  # W0 x (already W0 + dW when merged)
+        # W0 x (already W0 + dW when merged); QLoRA: W0 is 4-bit, dequantized inside the matmul
+        h = linear_4bit(x, self.weight) if is_4bit(self.weight) else super().forward(x)
         if self.merged:
             return h
         # scaling * B(A(dropout(x))): two thin matmuls, never the full d_out x d_in product; the scaling is
@@ -85,6 +95,10 @@ class LoRALinear(nn.Linear):
     def merge(self) -> None:
         """W0 <- W0 + scaling * B A, for inference at the base model's speed. Training stays unmerged:
         merging and unmerging again and again in low precision would slowly drift the frozen W0."""
+        if is_4bit(self.weight):
+            raise ValueError("Cannot merge LoRA into a 4-bit W0 (QLoRA): W0 + dW rounded to 4 bits again would lose "
+                             "most of dW. Keep LoRA unmerged (generate/lora.py --quantize does), or load the "
+                             "unquantized base to merge.")
         if not self.merged:
             self.weight.data += self.delta_weight().to(self.weight.dtype)
             self.merged = True
@@ -172,7 +186,8 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] = None) -> None:
-    """One self-describing file: the LoRA tensors, their hyperparameters, and the base model's config.
+    """One self-describing file: the LoRA tensors, their hyperparameters, the base model's config and, for
+    QLoRA, the 4-bit format of the base it was trained on (the file loads on the unquantized base too).
 
     The tensors come from the model, or from `state_dict` (the training loop passes the ones it gathered
     from all devices)."""
@@ -182,6 +197,7 @@ def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] =
         "lora_config": asdict(model.lora_config),
         "base_config": asdict(model.config),
         "base_fingerprint": getattr(model, "base_fingerprint", None),  # which base weights it was trained on
+        "quantization": getattr(model, "quantization", None),  # None, or the base's 4-bit format (QLoRA)
     }, path)
 
 

@@ -23,6 +23,12 @@ LLaMA-Adapter pay the weight's bytes per frozen parameter (bf16-true: 2, 13.5 GB
 4, 27 GB) and nothing more for them: no gradient and no optimizer state for W0. Their activations stay: the
 backward pass still has to run through every layer above the lowest trainable one.
 
+QLoRA (method "qlora") is LoRA on a base whose Blocks' linear weights are stored in 4-bit NF4
+(lit_lora/quantize.py): 0.5625 bytes per weight with its fp32 block scale, 0.5159 with double quantization
+(NF4_BYTES), instead of 2 or 4. The embedding, the norms, lm_head and LoRA's A and B keep the parameter dtype;
+gradients, optimizer state and activations are LoRA's (the 4-bit matmul keeps only the 4-bit weight for the
+backward pass, and it is counted). For 7B in bf16-true the weights fall from 13.5 GB to 3.9 GB (nf4-dq).
+
 Under FSDP each device keeps 1/devices of the weights, gradients and moments, plus the Block it computes,
 gathered whole, with its whole gradients until they are reduce-scattered (after every micro batch).
 
@@ -30,7 +36,8 @@ The total is `weights + gradients + optimizer + max(activations + logits, optimi
 gradients are counted in full while the activations are alive, which is exact from the second micro batch
 of an accumulating step on (an upper bound for the first); the scratch is the temporary sqrt(v) that the
 multi-tensor AdamW on a GPU allocates for all trainable parameters at once, once the activations are gone.
-Left out: a few layer-sized temporaries of the backward pass, the RoPE cache, the CUDA context (~0.5 GB) and
+Left out: a few layer-sized temporaries of the backward pass (with QLoRA, also the dequantized weight of the
+layer computing), the RoPE cache, the CUDA context (~0.5 GB) and
 the caching allocator's reserved-but-free blocks (neither is in torch.cuda.max_memory_allocated); under FSDP,
 the top-level module (embedding, final norm, lm_head) that fully_shard keeps gathered from its forward to the
 end of the backward pass, and the next Block it gathers while one computes.
@@ -43,9 +50,14 @@ from typing import Literal, Optional
 
 from lit_lora.lora import LORA_TARGETS
 from lit_lora.model import Config
+from lit_lora.quantize import BLOCK_SIZE, QUANTIZE_MODES
 from lit_lora.utils import format_bytes
 
-METHODS = ("lora", "adapter", "full")
+METHODS = ("lora", "qlora", "adapter", "full")
+# Bytes per 4-bit weight (QLoRA, lit_lora/quantize.py): the 4-bit index, 1/2 byte, plus its share of its block's
+# absmax scale: fp32 per 64 weights (bnb.nf4); with double quantization 8 bits per 64 weights and one fp32 scale per
+# 256 of those (bnb.nf4-dq). Left out: a few constants per matrix (the levels, the scales' mean), under 1.1 KB.
+NF4_BYTES = {"bnb.nf4": 1 / 2 + 4 / BLOCK_SIZE, "bnb.nf4-dq": 1 / 2 + 1 / BLOCK_SIZE + 4 / (BLOCK_SIZE * 256)}
 # Bytes per element: (parameters, gradients and AdamW moments; activations). Mixed: fp32 weights, 16-bit compute.
 PRECISION_BYTES = {"32-true": (4, 4), "bf16-true": (2, 2), "bf16-mixed": (4, 2), "16-mixed": (4, 2)}
 
@@ -57,7 +69,7 @@ class TrainingSetup:
     Defaults are the LoRA reference setup (Alpaca-LoRA / Lit-LLaMA) on a GPU.
     """
 
-    method: Literal["lora", "adapter", "full"] = "lora"
+    method: Literal["lora", "qlora", "adapter", "full"] = "lora"
     precision: str = "bf16-true"
     micro_batch_size: int = 4
     seq_length: int = 256  # T: the longest example of the micro batch (the batch is padded to it)
@@ -70,16 +82,23 @@ class TrainingSetup:
     lora_dropout: float = 0.05
     adapter_prompt_length: int = 10
     adapter_start_layer: int = 2
+    quantize: str = "bnb.nf4-dq"  # QLoRA's 4-bit format (method "qlora" only)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.precision not in PRECISION_BYTES:
             raise ValueError(f"Unknown precision {self.precision!r}: choose one of {', '.join(PRECISION_BYTES)}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"Unknown quantization {self.quantize!r}: choose one of {', '.join(QUANTIZE_MODES)}")
         unknown = [target for target in self.lora_targets if target not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"Unknown LoRA target(s) {unknown}: valid targets are {', '.join(LORA_TARGETS)}")
         self.lora_targets = tuple(self.lora_targets)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")  # QLoRA trains the same A and B
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +133,7 @@ def count_parameters(config: Config, setup: TrainingSetup) -> tuple[int, int]:
     base = L * block_parameters(config) + embeddings + C  # + the final norm
     if setup.method == "full":
         return base, base
-    if setup.method == "lora":  # A (r x d_in) and B (d_out x r) per targeted linear: r (d_in + d_out)
+    if setup.uses_lora:  # A (r x d_in) and B (d_out x r) per targeted linear: r (d_in + d_out)
         added = sum(setup.lora_r * sum(shapes[target]) * (1 if target == "head" else L)
                     for target in setup.lora_targets)
     else:  # adapter: a prompt (K x C) and a gate per head in each layer from start_layer up
@@ -163,7 +182,7 @@ class SavedTensors:
         self.activation_bytes = PRECISION_BYTES[setup.precision][1]  # s
         self.rows = setup.micro_batch_size * setup.seq_length  # R = B x T
         self.base_trains = setup.method == "full"  # every weight of model.py trains
-        self.lora_targets = set(setup.lora_targets) if setup.method == "lora" else set()
+        self.lora_targets = set(setup.lora_targets) if setup.uses_lora else set()
         self.saved: dict[str, int] = {}
 
     def save(self, name: str, elements: int, bytes_per_element: Optional[int] = None) -> None:
@@ -295,6 +314,9 @@ def estimate_memory(config: Config, setup: Optional[TrainingSetup] = None) -> Me
     parameter_bytes, activation_bytes = PRECISION_BYTES[setup.precision]
     trainable, total = count_parameters(config, setup)
     weights, gradients = total * parameter_bytes, trainable * parameter_bytes
+    if setup.method == "qlora":  # the Blocks' linear weights in 4 bits instead of the parameter dtype
+        in_4bit = config.n_layer * block_linear_parameters(config)
+        weights += round(in_4bit * NF4_BYTES[setup.quantize]) - in_4bit * parameter_bytes
     optimizer = 2 * trainable * parameter_bytes  # AdamW's m and v
     if setup.device == "cuda":  # multi-tensor AdamW: sqrt(v) for all trainable tensors at once
         scratch = trainable * parameter_bytes
@@ -321,8 +343,8 @@ def estimate_memory(config: Config, setup: Optional[TrainingSetup] = None) -> Me
     else:
         activations = sum(saved.values()) - log_probs
     if parameter_bytes != activation_bytes:  # autocast (approximate): each linear weight's 16-bit copy is saved
-        activations += activation_bytes * (config.n_layer * block_linear_parameters(config)
-                                           + config.n_embd * config.padded_vocab_size)
+        blocks = 0 if setup.method == "qlora" else config.n_layer * block_linear_parameters(config)  # not the 4-bit
+        activations += activation_bytes * (blocks + config.n_embd * config.padded_vocab_size)
     return MemoryEstimate(setup, trainable, total, weights, gradients, optimizer, activations, 3 * log_probs,
                           scratch, saved)
 
@@ -331,7 +353,7 @@ def largest_trainable_tensor(config: Config, setup: TrainingSetup) -> int:
     shapes = linear_shapes(config)
     if setup.method == "full":
         return max(d_in * d_out for d_in, d_out in shapes.values())  # the embedding / lm_head
-    if setup.method == "lora":
+    if setup.uses_lora:
         return max(setup.lora_r * max(shapes[target]) for target in setup.lora_targets)
     return setup.adapter_prompt_length * config.n_embd
 
@@ -376,12 +398,12 @@ def step_flops(config: Config, setup: TrainingSetup) -> dict[str, float]:
     attention = 2 * 2 * config.n_embd * setup.seq_length / 2  # q k^T and p v, T/2 keys per query
     head = 2 * shapes["head"][0] * shapes["head"][1]  # per label row
     lora = ({target: 2 * setup.lora_r * sum(shapes[target]) for target in setup.lora_targets}
-            if setup.method == "lora" else {})
+            if setup.uses_lora else {})
     adapter = 2 * 2 * config.n_embd * setup.adapter_prompt_length if setup.method == "adapter" else 0
 
     if setup.method == "full":
         lowest_trainable_layer = 0
-    elif setup.method == "lora":
+    elif setup.uses_lora:
         lowest_trainable_layer = 0 if set(setup.lora_targets) - {"head"} else L
     else:
         lowest_trainable_layer = setup.adapter_start_layer

@@ -41,6 +41,7 @@ from lit_lora.data import (
 )
 from lit_lora.devices import is_sharded, reshard
 from lit_lora.generation import generate
+from lit_lora.quantize import check_quantize
 from lit_lora.resume import (
     interrupt_held,
     run_identity,
@@ -92,6 +93,9 @@ class TrainArgs:
         save_interval: Save step files and the resumable state every this many optimizer steps (0: only at the end).
         log_interval: Print a progress line every this many optimizer steps.
         resume: Continue from a resumable state: a path to a state.pth, or auto (out_dir/state.pth if present).
+        quantize: Store the frozen weights of the Blocks in 4 bits (QLoRA, see howto/finetune_qlora.md): bnb.nf4
+            (4-bit NormalFloat), or bnb.nf4-dq (its scales quantized too); null: in the precision's dtype. Needs
+            bitsandbytes: pip install -e '.[quantize]'.
     """
 
     checkpoint_dir: Path = Path("checkpoints/lit-llama/7B")
@@ -121,6 +125,7 @@ class TrainArgs:
     save_interval: int = 1000
     log_interval: int = 1
     resume: Union[bool, Literal["auto"], Path] = False
+    quantize: Optional[str] = None
 
     def __post_init__(self):
         for name in ("devices", "num_nodes", "global_batch_size", "micro_batch_size", "log_interval", "eval_examples"):
@@ -141,6 +146,10 @@ class TrainArgs:
         check_flag(self, "global_batch_size", self.global_batch_size % (self.micro_batch_size * processes) == 0,
                    f"must be divisible by --micro_batch_size ({self.micro_batch_size}) x devices ({processes}): "
                    "each optimizer step is a whole number of micro batches on every device")
+        check_quantize(self.quantize)  # a known mode, and bitsandbytes installed
+        check_flag(self, "quantize", self.quantize is None or self.strategy != "fsdp",
+                   "not with --strategy fsdp, which would shard the packed 4-bit weights apart from their scales; "
+                   "use one device or --strategy ddp")
 
 
 # ---------------------------------------------------------------------------------------------------------

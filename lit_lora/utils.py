@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from lit_lora.model import Config, LLaMA
+from lit_lora.quantize import quantize_blocks
 
 # What a checkpoint folder must hold: each entry is a file, or a tuple of files of which it must hold one
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.json", ("tokenizer.model", "tokenizer.json"))
@@ -49,13 +50,18 @@ def check_checkpoint_dir(checkpoint_dir: Union[str, Path]) -> Path:
     return checkpoint_dir
 
 
-def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = None) -> LLaMA:
+def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
+               device: Optional[torch.device] = None) -> LLaMA:
     """Build the model on the meta device (no memory) and point its parameters at the checkpoint's
     tensors, memory-mapped from disk: loading 7B never needs two copies in RAM.
 
     The tensors stay on the CPU, in the checkpoint's dtype unless `dtype` is given; moving the model to a
     GPU (e.g. by `fabric.setup`) then reads them from disk once. The model remembers a fingerprint of these
     weights (`model.base_fingerprint`), which LoRA and adapter files record to recognise their base model.
+
+    quantize: "bnb.nf4" or "bnb.nf4-dq" (QLoRA, lit_lora/quantize.py): the Blocks' linear weights are read from
+    the file one at a time and stored in 4 bits on `device` (default: a GPU if there is one), so the 16-bit
+    model is never in memory at once; the rest stays as above.
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     config = Config.from_file(checkpoint_dir / "model_config.json")
@@ -72,7 +78,10 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     if config.tie_embeddings:  # assign=True gave each name its own parameter: make them one again
         model.lm_head.weight = model.embed.weight
     model.reset_rope_cache()  # cos/sin are not in the checkpoint: build them on the weights' device
-    model.base_fingerprint = weights_fingerprint(state_dict)
+    model.base_fingerprint = weights_fingerprint(state_dict)  # of the weights as stored: the same when quantized
+    if quantize is not None:  # QLoRA: the Blocks' linears in 4 bits
+        # without `dtype` the weights are the file's own memory-mapped tensors, not copies in ordinary memory
+        quantize_blocks(model, quantize, device, free_mapped_pages=dtype is None)
     return model
 
 
@@ -242,14 +251,26 @@ def atomic_folder(path: Union[str, Path], replace: bool = False) -> Iterator[Pat
 
 
 def num_parameters(module: nn.Module, trainable: Optional[bool] = None) -> int:
-    """Parameters of `module`: all of them, or only the (non-)trainable ones. Works on the meta device."""
-    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+    """Parameters of `module`: all of them, or only the (non-)trainable ones. Works on the meta device.
+    A 4-bit weight (QLoRA) counts the weights it holds, not its bytes (two weights per byte)."""
+    def count(p: torch.Tensor) -> int:
+        quant_state = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight: the shape it was quantized from
+        return quant_state.shape.numel() if quant_state is not None else p.numel()
+
+    return sum(count(p) for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
 def peak_memory_bytes(device: Optional[torch.device] = None) -> int:
-    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size (RSS)."""
+    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size (RSS).
+
+    On Linux the RSS peak is VmHWM of /proc/self/status: getrusage's ru_maxrss would count the RSS of the
+    process that started this one too (Linux carries it over fork and exec), so a run started by a big process
+    (finetune/compare.py) would report that process's memory."""
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    if sys.platform == "linux":
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports kilobytes, macOS bytes
 

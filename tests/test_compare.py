@@ -207,6 +207,19 @@ def test_estimate_only_needs_no_checkpoint(capsys):
     assert "| **total** | **19.0 GB** | **18.2 GB** | **67.4 GB** |" in out
 
 
+def test_estimate_only_with_qlora_prints_the_fourth_column(capsys):
+    """QLoRA's estimate needs no bitsandbytes: LoRA's, with the Blocks' weights at 0.5159 bytes (NF4 + double
+    quantization) instead of bf16's 2."""
+    from finetune.compare import CompareArgs, main
+
+    result = main(CompareArgs(estimate_only=True, model_name="7B", precision="bf16-true", data_dir="no/such/dir",
+                              methods=("lora", "qlora", "adapter", "full")))
+    lora, qlora = result["estimates"]["lora"], result["estimates"]["qlora"]
+    assert qlora.weights == pytest.approx(lora.weights - 32 * 202_383_360 * (2 - 0.5159), rel=1e-4)
+    assert "| | LoRA | QLoRA | LLaMA-Adapter | Full finetuning |" in (out := capsys.readouterr().out)
+    assert "| **total** | **19.0 GB** | **9.4 GB** | **18.2 GB** | **67.4 GB** |" in out
+
+
 def test_an_estimate_without_precision_is_for_the_precision_of_a_gpu_run(capsys):
     """On a CPU-only machine too: the estimate describes a GPU run, which defaults to bf16-true (not the
     32-true a CPU run would take: 327.6 GB for LoRA on Llama-2-70b instead of 167.3 GB)."""

@@ -296,6 +296,7 @@ BAD_FLAGS = [  # (flag, value, what the error must say after "--flag value: ")
     ("num_samples", 0, "must be at least 1"),
     ("seed", -1, "must be from 0 to 2**63 - 1, or null"),
     ("prompt_style", "vicuna", "is not a prompt style; choose one of alpaca, llama3, chatml"),
+    ("quantize", "nf4", "is not a quantization mode; choose bnb.nf4 (4-bit NormalFloat) or bnb.nf4-dq"),
 ]
 
 

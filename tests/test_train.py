@@ -549,6 +549,8 @@ BAD_TRAIN_FLAGS = [
     ("adapter_start_layer", -1, "--adapter_start_layer -1: must not be negative"),
     ("model_name", "7b", "--model_name 7b: is not a preset"),
     ("from_scratch", True, "--from_scratch true needs --model_name"),
+    ("quantize", "bnb.fp4", "--quantize bnb.fp4: is not a quantization mode; choose bnb.nf4"),
+    ("quantize", "bnb.int8", "--quantize bnb.int8: is not a quantization mode"),
 ]
 
 
