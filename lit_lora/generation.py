@@ -19,6 +19,7 @@ from typing import Callable, Collection, Iterator, Literal, Optional
 import torch
 
 from lit_lora.data import PROMPT_STYLES, format_prompt, response_stop_ids
+from lit_lora.inference import fuse_for_inference
 from lit_lora.model import LLaMA
 from lit_lora.tokenizer import Tokenizer, check_utf8
 from lit_lora.utils import (
@@ -272,6 +273,8 @@ class GenerateArgs:
         seed: Random seed for sampling; sample i uses seed + i (null: different every run).
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
         compile: torch.compile the model (faster long generations on a GPU, after a slow first call).
+        fused: Decode with q/k/v and gate/up fused and weights transposed (lit_lora/inference.py): the same
+            tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
         interactive: Read prompts from the terminal in a loop instead of using --prompt.
         prompt_style: Put the prompt in an instruction format (lit_lora/data.py): alpaca, llama3 (Llama 3.x
             Instruct) or chatml (SmolLM2-Instruct), and stop also at that format's end of answer; null: no format.
@@ -287,6 +290,7 @@ class GenerateArgs:
     seed: Optional[int] = 1234
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
     compile: bool = False
+    fused: bool = True
     interactive: bool = False
     prompt_style: Optional[str] = None
 
@@ -302,12 +306,16 @@ class GenerateArgs:
                    f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/data.py)")
 
 
-def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:
-    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; optionally
-    compile it (worth it for long generations on a GPU: the first calls are slow while it compiles)."""
+def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False,
+                           fused: bool = True) -> LLaMA:
+    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `fused`,
+    in the fused, transposed layout of lit_lora/inference.py (the same tokens, faster); optionally compile it
+    (worth it for long generations on a GPU: the first calls are slow while it compiles)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
     model.reset_rope_cache()  # cos/sin back in fp32 on the device: positions need more precision than bf16
+    if fused:
+        fuse_for_inference(model)
     if compile:
         model = torch.compile(model)
     return model
@@ -319,7 +327,7 @@ def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", show_promp
     With --prompt_style each prompt is an instruction (with `input`, the instruction scripts' --input) put in that
     format, and an answer ends at the format's end of answer too; without, the prompt is continued as it is. An
     answer always ends at the tokenizer's stop ids."""
-    model = prepare_for_generation(model, args.precision, args.compile)
+    model = prepare_for_generation(model, args.precision, args.compile, args.fused)
     tokenizer = Tokenizer(args.checkpoint_dir)
     stop_ids = tokenizer.stop_ids if args.prompt_style is None else response_stop_ids(tokenizer, args.prompt_style)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

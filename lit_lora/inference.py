@@ -1,0 +1,100 @@
+"""A faster layout of the same model for decoding: fused and transposed weights. Inference only.
+
+At batch size 1 a decoding step multiplies every weight matrix by one vector, so its speed is the speed of
+reading the weights from memory. Two things make that reading faster without changing what is computed:
+
+- Fusing. q, k and v read the same input, and so do gate and up: stacking their weights into one matrix turns
+  three matrix-vector products into one (and two into one). Fewer, larger products: less time launching kernels
+  and more time streaming weights.
+- Transposing. nn.Linear stores W as (d_out, d_in) and computes x W^T. torch's CPU matrix-vector product reads
+  a weight stored (d_in, d_out) and computed as x @ W faster: for the bench-8x512 model's lm_head (32000 x 512)
+  about twice as fast on the CPU this was measured on, where it is the largest matrix of a small model.
+
+Measured on a 2-core CPU (benchmarks/generate_throughput.py): the same tokens, 48 -> 67 tokens/s. Training never
+uses this layout (LoRA and the adapter need the modules of model.py), so it is applied only where a model is
+prepared for generation, after LoRA is merged (a merged LoRA layer is a plain x W^T again).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_lora.lora import LoRALinear
+from lit_lora.model import MLP, CausalSelfAttention, LLaMA, apply_rope
+
+
+class FusedAttention(CausalSelfAttention):
+    """CausalSelfAttention with q, k and v as one (n_embd, n_embd + 2 kv_size) matrix and o transposed."""
+
+    def __init__(self, attention: CausalSelfAttention):
+        nn.Module.__init__(self)  # not CausalSelfAttention.__init__: the weights come from `attention`
+        self.n_head, self.n_query_groups, self.head_size = attention.n_head, attention.n_query_groups, attention.head_size
+        self.kv_cache = attention.kv_cache
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        self.qkv_sizes = [proj.out_features for proj in projections]
+        self.qkv_t = nn.Parameter(torch.cat([proj.weight for proj in projections]).t().contiguous(), requires_grad=False)
+        self.o_t = nn.Parameter(attention.o_proj.weight.t().contiguous(), requires_grad=False)  # (n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, input_pos=None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (x @ self.qkv_t).split(self.qkv_sizes, dim=-1)  # one product instead of three
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, hs)
+        k = k.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        v = v.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
+        return y @ self.o_t
+
+
+class FusedMLP(MLP):
+    """SwiGLU with gate and up as one (n_embd, 2 intermediate) matrix and down transposed."""
+
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)
+        self.gate_up_t = nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),
+                                      requires_grad=False)
+        self.down_t = nn.Parameter(mlp.down_proj.weight.t().contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)  # one product instead of two
+        return (F.silu(gate) * up) @ self.down_t
+
+
+class TransposedLinear(nn.Module):
+    """y = x @ W_t with W_t = W^T stored (d_in, d_out), for the lm_head."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.t().contiguous(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # W, as a view: where code asks the lm_head for the model's device and dtype
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t
+
+
+@torch.no_grad()
+def fuse_for_inference(model: LLaMA) -> LLaMA:
+    """Swap the attention, MLP and lm_head of `model` for their fused, transposed forms, in place; the model then
+    computes the same function (the same tokens when decoding greedily), faster. Modules that are not model.py's
+    own (an adapter's attention, an unmerged LoRA layer) are left as they are: they still work, unfused."""
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        if type(attn) is CausalSelfAttention and all(map(computes_x_wt, (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                          attn.o_proj))):
+            block.attn = FusedAttention(attn)
+        if type(mlp) is MLP and all(map(computes_x_wt, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))):
+            block.mlp = FusedMLP(mlp)
+    if computes_x_wt(model.lm_head) and not model.config.tie_embeddings:  # tied: a transposed copy would double
+        model.lm_head = TransposedLinear(model.lm_head)  # the largest matrix's memory; leave it shared
+    return model
+
+
+def computes_x_wt(module: nn.Module) -> bool:
+    """A plain nn.Linear without bias, or a LoRA layer merged into its weight: y = x W^T, so W can be fused."""
+    plain = type(module) is nn.Linear or (isinstance(module, LoRALinear) and module.merged)
+    return plain and module.bias is None
