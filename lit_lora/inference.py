@@ -15,12 +15,14 @@ uses this layout (LoRA and the adapter need the modules of model.py), so it is a
 prepared for generation, after LoRA is merged (a merged LoRA layer is a plain x W^T again).
 """
 
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.lora import LoRALinear
-from lit_lora.model import MLP, CausalSelfAttention, LLaMA, apply_rope
+from lit_lora.model import MLP, CausalSelfAttention, LLaMA, RMSNorm
 
 
 class FusedAttention(CausalSelfAttention):
@@ -34,18 +36,39 @@ class FusedAttention(CausalSelfAttention):
         self.qkv_sizes = [proj.out_features for proj in projections]
         self.qkv_t = nn.Parameter(torch.cat([proj.weight for proj in projections]).t().contiguous(), requires_grad=False)
         self.o_t = nn.Parameter(attention.o_proj.weight.t().contiguous(), requires_grad=False)  # (n_embd, n_embd)
+        half = self.head_size // 2  # RoPE's sin with the sign of rotate-half folded in: (-1,..., -1, 1,..., 1)
+        self.register_buffer("rope_sign", torch.tensor([-1.0] * half + [1.0] * half, dtype=self.o_t.dtype,
+                                                       device=self.o_t.device), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, input_pos=None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (x @ self.qkv_t).split(self.qkv_sizes, dim=-1)  # one product instead of three
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, hs)
-        k = k.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n_qk = self.n_head + self.n_query_groups  # query heads, then key heads, then value heads
+        qkv = (x @ self.qkv_t).view(B, T, n_qk + self.n_query_groups, self.head_size)  # one product instead of three
+        qk = rope_rolled(qkv[:, :, :n_qk], cos, sin, self.rope_sign).transpose(1, 2)  # q and k rotated at once
+        q, k = qk.split([self.n_head, self.n_query_groups], dim=1)  # (B, n_head, T, hs), (B, n_groups, T, hs)
+        v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_groups, T, hs)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         y = self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
         return y @ self.o_t
+
+
+def rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """model.py's apply_rope in fewer operations, on heads laid out (B, T, heads, hs): x cos + (-x2, x1) sin is
+    x cos + (x2, x1) (-sin, sin), and (x2, x1) is x rolled by half a head. The same products, the same numbers."""
+    cos, sin = (cos.transpose(1, 2), sin.transpose(1, 2)) if cos.dim() == 4 else (cos.unsqueeze(1), sin.unsqueeze(1))
+    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * (sin * sign)).to(x.dtype)  # cos, sin: (B or 1, T, 1, hs)
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm with x / sqrt(mean(x^2) + eps) in one kernel (F.rms_norm, the same numbers): 2 operations, not 7."""
+
+    def __init__(self, norm: RMSNorm):
+        nn.Module.__init__(self)
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 class FusedMLP(MLP):
@@ -84,11 +107,13 @@ def fuse_for_inference(model: LLaMA) -> LLaMA:
     own (an adapter's attention, an unmerged LoRA layer) are left as they are: they still work, unfused."""
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
+        block.attn_norm, block.mlp_norm = FusedRMSNorm(block.attn_norm), FusedRMSNorm(block.mlp_norm)
         if type(attn) is CausalSelfAttention and all(map(computes_x_wt, (attn.q_proj, attn.k_proj, attn.v_proj,
                                                                           attn.o_proj))):
             block.attn = FusedAttention(attn)
         if type(mlp) is MLP and all(map(computes_x_wt, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))):
             block.mlp = FusedMLP(mlp)
+    model.norm = FusedRMSNorm(model.norm)
     if computes_x_wt(model.lm_head) and not model.config.tie_embeddings:  # tied: a transposed copy would double
         model.lm_head = TransposedLinear(model.lm_head)  # the largest matrix's memory; leave it shared
     return model
@@ -98,3 +123,31 @@ def computes_x_wt(module: nn.Module) -> bool:
     """A plain nn.Linear without bias, or a LoRA layer merged into its weight: y = x W^T, so W can be fused."""
     plain = type(module) is nn.Linear or (isinstance(module, LoRALinear) and module.merged)
     return plain and module.bias is None
+
+
+def compile_decoding(model: LLaMA) -> LLaMA:
+    """torch.compile the one-token decoding step, in place; the prefill stays eager (gpt-fast's recipe).
+
+    A decoding step has the same shapes at every token (the new token (B, 1), the KV cache), so one compilation
+    serves them all; a prompt of a new length would be a new compilation, so the prefill is not compiled. Each new
+    shape (batch size, KV cache length) compiles on its first step, which then takes seconds to minutes: the time
+    is added up in model.compile_seconds, so callers can report it apart from decoding."""
+    eager = model.forward
+    step = torch.compile(eager, dynamic=False, fullgraph=True)
+    compiled_shapes = set()
+
+    def forward(idx: torch.Tensor, input_pos=None, logits_at=None) -> torch.Tensor:
+        if input_pos is None or idx.size(1) != 1 or logits_at is not None:
+            return eager(idx, input_pos, logits_at)  # the prefill, or a plain forward
+        shapes = (idx.shape, model.blocks[0].attn.kv_cache.k.shape)
+        if shapes in compiled_shapes:
+            return step(idx, input_pos)
+        start = time.perf_counter()
+        logits = step(idx, input_pos)  # compiles for these shapes, then runs
+        model.compile_seconds += time.perf_counter() - start
+        compiled_shapes.add(shapes)
+        return logits
+
+    model.forward = forward  # this model only (an instance attribute): nn.Module.__call__ calls it
+    model.compile_seconds = 0.0
+    return model
