@@ -1,30 +1,44 @@
-"""Batch-1 decoding speed on a fixed CPU configuration: lit-lora against Hugging Face `generate` on the same
-weights, and against the memory-bandwidth bound.
+"""Decoding speed on a fixed CPU configuration: lit-lora against Hugging Face `generate` on the same weights, and
+against the memory-bandwidth bound.
 
-    python benchmarks/generate_throughput.py
+    python benchmarks/generate_throughput.py              # about 3 minutes on 2 cores, compilation included
+    python benchmarks/generate_throughput.py --compile false
 
-The configuration: `bench-8x512` (benchmarks/bench_config.py: 8 layers, n_embd 512, 8 heads, vocab 32000), fp32, a prompt of
-32 tokens, 128 new tokens, greedy. Both implementations must produce the same tokens.
+The configuration: `bench-8x512` (benchmarks/bench_config.py: 8 layers, n_embd 512, 8 heads, vocab 32000), fp32,
+greedy, no stop token (always `new_tokens` tokens), random weights. Each implementation must produce the same tokens.
+Five measurements, each the best of `repeats` runs:
 
-The bound. At batch size 1 a decode step multiplies every weight matrix by one vector: each weight is read
-from memory once and used for one multiply-add, so the step takes at least (bytes read) / (memory bandwidth).
-Bytes read per token: every parameter except the embedding table (only one row of it is read), plus the KV
-cache. The bandwidth is measured here, with the same kind of work: matrix-vector products over a matrix far
-larger than the CPU caches.
+1. Batch 1: a 32-token prompt, 128 new tokens. model.py's layers as they are ("plain"), the fused layout the generate
+   scripts use (lit_lora/inference.py), a LoRA (r 8 on q and v) merged into the weights and left unmerged, and HF.
+2. The bound. At batch size 1 a decode step multiplies every weight matrix by one vector: each weight is read from
+   memory once and used for one multiply-add, so a step takes at least (bytes read) / (memory bandwidth). Bytes read
+   per token: every parameter except the embedding table (one row of it is read), plus the KV cache. The bandwidth is
+   measured here with the same kind of work: a matrix-vector product over a matrix far larger than the CPU caches.
+3. --compile: the time torch.compile takes for the decoding step (a first compilation: inductor's on-disk cache is
+   off here), apart from the decoding speed after it.
+4. Batched: 8 prompts of different lengths at once (lit-lora pads on the right and keeps each row's positions;
+   HF pads on the left with an attention mask), tokens/s counted over all rows.
+5. Prefill: the time to the first token of a 512-token prompt.
 """
 
+import copy
+import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # time a first compilation, not one read from disk
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_lora.generation import generate  # noqa: E402
-from lit_lora.model import LLaMA  # noqa: E402
 from benchmarks.bench_config import bench_config  # noqa: E402
+from lit_lora.generation import generate  # noqa: E402
+from lit_lora.inference import compile_decoding, fuse_for_inference  # noqa: E402
+from lit_lora.lora import apply_lora, merge_lora  # noqa: E402
+from lit_lora.model import LLaMA  # noqa: E402
 from lit_lora.utils import cli  # noqa: E402
 
 
@@ -40,8 +54,10 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
     return matrix.numel() * 4 / best
 
 
-def time_it(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    """The shortest of `repeats` runs of fn (after one run to warm up), and fn's result."""
+    result = fn()
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
@@ -49,55 +65,144 @@ def time_it(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
-def main(prompt_length: int = 32, new_tokens: int = 128, repeats: int = 3) -> dict:
-    """Measure decoding tokens/s.
-
-    Args:
-        prompt_length: Tokens in the (random) prompt.
-        new_tokens: Tokens to generate (no EOS: always this many).
-        repeats: Runs of each; the best is reported.
-    """
-    torch.manual_seed(0)
-    config = bench_config()
-    model = LLaMA(config).eval()
-    prompt = torch.randint(0, config.vocab_size, (prompt_length,))
-
-    generate(model, [prompt], max_new_tokens=8)  # warm up
-    lit_s, (lit_tokens,) = time_it(lambda: generate(model, [prompt], max_new_tokens=new_tokens), repeats)
-    figures = {"lit_tokens_per_s": new_tokens / lit_s}
-
-    n_params = sum(p.numel() for p in model.parameters())
-    kv_bytes = config.n_layer * 2 * (prompt_length + new_tokens / 2) * config.n_query_groups * config.head_size * 4
-    bytes_per_token = (n_params - model.embed.weight.numel() + config.n_embd) * 4 + kv_bytes
-    bandwidth = read_bandwidth()
-    bound = bandwidth / bytes_per_token
-    figures.update(bandwidth_gb_s=bandwidth / 1e9, bound_tokens_per_s=bound, fraction_of_bound=figures["lit_tokens_per_s"] / bound)
-
-    print(f"Decoding, bench-8x512 ({n_params / 1e6:.0f}M parameters), fp32, batch 1, {prompt_length}-token prompt, "
-          f"{new_tokens} new tokens, {torch.get_num_threads()} threads (best of {repeats}):")
-    print(f"  lit-lora           {figures['lit_tokens_per_s']:7.1f} tokens/s")
+def hugging_face_model(model: LLaMA):
+    """The same weights in transformers' LlamaForCausalLM (SDPA attention), or None without transformers."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         from lit_lora.convert_hf import config_to_hf, lit_to_hf_name
     except ImportError:
         print("  (transformers is not installed: pip install -e '.[test]' to compare with Hugging Face)")
-    else:
-        hf_config = LlamaConfig(**{k: v for k, v in config_to_hf(config).items() if k != "architectures"})
-        hf_config._attn_implementation = "sdpa"
-        hf = LlamaForCausalLM(hf_config).eval()
-        hf.load_state_dict({lit_to_hf_name(k): v for k, v in model.state_dict().items()})
-        options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                       pad_token_id=0, eos_token_id=None)
-        with torch.inference_mode():
-            hf.generate(prompt.unsqueeze(0), **{**options, "max_new_tokens": 8, "min_new_tokens": 8})  # warm up
-            hf_s, hf_out = time_it(lambda: hf.generate(prompt.unsqueeze(0), **options), repeats)
-        same = torch.equal(hf_out[0, prompt_length:], lit_tokens)
-        figures.update(hf_tokens_per_s=new_tokens / hf_s, ratio=hf_s / lit_s, same_tokens=same)
-        print(f"  Hugging Face       {figures['hf_tokens_per_s']:7.1f} tokens/s   (same tokens: {same})")
-        print(f"  ratio lit-lora / Hugging Face: {figures['ratio']:.2f}x (target >= 2.5x)")
-    print(f"  bandwidth bound    {bound:7.1f} tokens/s   ({bytes_per_token / 1e6:.0f} MB read per token at "
-          f"{bandwidth / 1e9:.1f} GB/s measured); lit-lora reaches {100 * figures['fraction_of_bound']:.0f}% of it (aim: 75%)")
+        return None
+    hf_config = LlamaConfig(**{k: v for k, v in config_to_hf(model.config).items() if k != "architectures"})
+    hf_config._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict({lit_to_hf_name(k): v for k, v in model.state_dict().items()})
+    return hf
+
+
+def hf_generate(hf, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
+    """HF `generate`, greedy, exactly `new_tokens` tokens per prompt; a batch is padded on the left with a mask."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):], mask[row, length - len(prompt):] = prompt, 1
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    return list(out[:, length:])
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, prefill_length: int = 512,
+         repeats: int = 3, compile: bool = True) -> dict:
+    """Measure decoding tokens/s and time to first token.
+
+    Args:
+        prompt_length: Tokens in the (random) prompt of the batch-1 runs; the batched prompts range around it.
+        new_tokens: Tokens to generate (no EOS: always this many).
+        batch_size: Prompts in the batched run.
+        prefill_length: Tokens in the prompt whose time to first token is measured.
+        repeats: Runs of each; the best is reported.
+        compile: Also measure the compiled decoding step (--compile true): compilation takes about a minute.
+    """
+    torch.manual_seed(0)
+    config = dataclasses.replace(bench_config(), block_size=1024)  # room for the prefill prompt
+    model = LLaMA(config).eval()
+    fused = fuse_for_inference(copy.deepcopy(model))  # as the generate scripts decode (--fused true, the default)
+    lora = apply_lora(copy.deepcopy(model), r=8, alpha=16, targets=("q", "v")).eval()
+    with torch.no_grad():  # a trained LoRA: B is not zero
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    lora_unmerged = fuse_for_inference(copy.deepcopy(lora))  # unmerged LoRA layers stay unfused
+    lora_merged = copy.deepcopy(lora)
+    merge_lora(lora_merged)  # what generate/lora.py does
+    fuse_for_inference(lora_merged)
+    prompt = torch.randint(0, config.vocab_size, (prompt_length,))
+    figures = {}
+    print(f"Decoding, bench-8x512 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters), fp32, "
+          f"{torch.get_num_threads()} threads, best of {repeats}.")
+
+    # 1. batch 1
+    print(f"\n1. Batch 1: a {prompt_length}-token prompt, {new_tokens} new tokens")
+    runs = {}
+    for name, decoder in (("plain", model), ("fused", fused), ("lora_merged", lora_merged),
+                          ("lora_unmerged", lora_unmerged)):
+        runs[name] = best_time(lambda: generate(decoder, [prompt], max_new_tokens=new_tokens), repeats)
+        figures[f"{name}_tokens_per_s"] = new_tokens / runs[name][0]
+    tokens = runs["fused"][1]
+    assert same(runs["plain"][1], tokens), "the fused layout must decode the same tokens"
+    lit = figures["fused_tokens_per_s"]
+    print(f"  lit-lora           {lit:7.1f} tokens/s   (the fused layout of the generate scripts)")
+    print(f"  model.py's layers  {figures['plain_tokens_per_s']:7.1f} tokens/s   (--fused false; the same tokens)")
+    print(f"  LoRA merged        {figures['lora_merged_tokens_per_s']:7.1f} tokens/s   (generate/lora.py: the base "
+          f"model's speed)")
+    print(f"  LoRA unmerged      {figures['lora_unmerged_tokens_per_s']:7.1f} tokens/s   (r 8 on q and v, attention "
+          f"unfused: {100 * (lit / figures['lora_unmerged_tokens_per_s'] - 1):.0f}% slower per token than merged)")
+    hf = hugging_face_model(model)
+    if hf is not None:
+        hf_s, hf_tokens = best_time(lambda: hf_generate(hf, [prompt], new_tokens), repeats)
+        figures.update(hf_tokens_per_s=new_tokens / hf_s, ratio=lit / (new_tokens / hf_s))
+        print(f"  Hugging Face       {figures['hf_tokens_per_s']:7.1f} tokens/s   (same tokens: {same(hf_tokens, tokens)})")
+        print(f"  lit-lora / Hugging Face: {figures['ratio']:.2f}x (target >= 1.3x)")
+
+    # 2. the bound
+    n_params = sum(p.numel() for p in model.parameters())
+    kv_bytes = config.n_layer * 2 * (prompt_length + new_tokens / 2) * config.n_query_groups * config.head_size * 4
+    bytes_per_token = (n_params - model.embed.weight.numel() + config.n_embd) * 4 + kv_bytes
+    bandwidth = read_bandwidth()
+    bound = bandwidth / bytes_per_token
+    figures.update(bandwidth_gb_s=bandwidth / 1e9, bound_tokens_per_s=bound, fraction_of_bound=lit / bound)
+    print(f"\n2. Bandwidth bound  {bound:7.1f} tokens/s   ({bytes_per_token / 1e6:.0f} MB read per token at "
+          f"{bandwidth / 1e9:.1f} GB/s measured); lit-lora reaches {100 * lit / bound:.0f}% of it (target 75%)")
+
+    # 3. the compiled decoding step
+    if compile:
+        compiled = compile_decoding(copy.deepcopy(fused))
+        start = time.perf_counter()
+        first = generate(compiled, [prompt], max_new_tokens=new_tokens)
+        first_call_s = time.perf_counter() - start
+        compiled_s, compiled_tokens = best_time(lambda: generate(compiled, [prompt], max_new_tokens=new_tokens), repeats)
+        rate = new_tokens / compiled_s
+        figures.update(compile_s=compiled.compile_seconds, compiled_tokens_per_s=rate)
+        gain_per_token = 1 / lit - 1 / rate  # seconds saved per token once compiled
+        pays_after = f"after {compiled.compile_seconds / gain_per_token:,.0f} tokens" if gain_per_token > 0 else "never"
+        print(f"\n3. --compile: compiling the decoding step took {compiled.compile_seconds:.1f} s (first call "
+              f"{first_call_s:.1f} s in all); then {rate:.1f} tokens/s vs {lit:.1f} eager "
+              f"(same tokens: {same(first, tokens) and same(compiled_tokens, tokens)}). It pays for itself {pays_after}.")
+
+    # 4. batched
+    lengths = torch.linspace(prompt_length // 2, prompt_length * 3 // 2, batch_size).long().tolist()
+    prompts = [torch.randint(0, config.vocab_size, (n,)) for n in lengths]
+    lit_s, lit_batch = best_time(lambda: generate(fused, prompts, max_new_tokens=new_tokens), repeats)
+    figures["batched_tokens_per_s"] = batch_size * new_tokens / lit_s
+    print(f"\n4. Batch {batch_size}: prompts of {lengths[0]} to {lengths[-1]} tokens, {new_tokens} new tokens each")
+    print(f"  lit-lora           {figures['batched_tokens_per_s']:7.1f} tokens/s   (right padding, each row at its own "
+          f"positions; every row as alone: {same(lit_batch, [generate(fused, [p], new_tokens)[0] for p in prompts])})")
+    if hf is not None:
+        hf_s, hf_batch = best_time(lambda: hf_generate(hf, prompts, new_tokens), repeats)
+        figures.update(hf_batched_tokens_per_s=batch_size * new_tokens / hf_s, batched_ratio=hf_s / lit_s)
+        rows_same = sum(torch.equal(a, b) for a, b in zip(lit_batch, hf_batch))
+        print(f"  Hugging Face       {figures['hf_batched_tokens_per_s']:7.1f} tokens/s   (left padding; rows with the "
+              f"same tokens: {rows_same} of {batch_size})")
+        print(f"  lit-lora / Hugging Face: {figures['batched_ratio']:.2f}x")
+
+    # 5. prefill
+    long_prompt = torch.randint(0, config.vocab_size, (prefill_length,))
+    lit_s, lit_first = best_time(lambda: generate(fused, [long_prompt], max_new_tokens=1), repeats)
+    figures["prefill_ms"] = 1000 * lit_s
+    print(f"\n5. Prefill: time to the first token of a {prefill_length}-token prompt")
+    print(f"  lit-lora           {1000 * lit_s:7.1f} ms")
+    if hf is not None:
+        hf_s, hf_first = best_time(lambda: hf_generate(hf, [long_prompt], 1), repeats)
+        figures.update(hf_prefill_ms=1000 * hf_s, prefill_ratio=hf_s / lit_s)
+        print(f"  Hugging Face       {1000 * hf_s:7.1f} ms   (same token: {same(hf_first, lit_first)}); "
+              f"lit-lora is {figures['prefill_ratio']:.2f}x as fast")
     return figures
 
 

@@ -19,6 +19,7 @@ from typing import Callable, Collection, Iterator, Literal, Optional
 import torch
 
 from lit_lora.data import PROMPT_STYLES, format_prompt, response_stop_ids
+from lit_lora.inference import compile_decoding, fuse_for_inference
 from lit_lora.model import LLaMA
 from lit_lora.quantize import check_quantize
 from lit_lora.tokenizer import Tokenizer, check_utf8
@@ -206,32 +207,56 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
     encoded = tokenizer.encode(prompt, bos=True).to(device)
     max_new_tokens = check_prompt_length(model, len(encoded), max_new_tokens)
     texts = []
+    compiled = hasattr(model, "compile_seconds")  # prepared with --compile (lit_lora/inference.py)
+    kv_length = len(encoded) + max_new_tokens
+    if compiled:  # a compiled step is compiled per KV cache length: round it up, so other prompts reuse it
+        kv_length = min(-(-kv_length // 256) * 256, model.config.block_size)
     for i in range(num_samples):
-        model.set_kv_cache(batch_size=1, max_seq_length=len(encoded) + max_new_tokens)
-        start, new_tokens, pieces = time.perf_counter(), [], []
+        model.set_kv_cache(batch_size=1, max_seq_length=kv_length)
+        start, token_times, pieces = time.perf_counter(), [], []
+        compile_seconds = getattr(model, "compile_seconds", 0.0)
         if show_prompt:
             print(prompt, end="", flush=True)
         stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, stop_ids,
                                  seed=None if seed is None else seed + i, vocab_size=tokenizer.vocab_size)
         try:
-            for piece in stream_text(tokenizer, keep_tokens(stream, new_tokens), stop_ids):
+            for piece in stream_text(tokenizer, time_tokens(stream, token_times), stop_ids):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
         finally:
             model.clear_kv_cache()  # also when Ctrl-C stops the answer
         print(flush=True)
-        elapsed = time.perf_counter() - start
         texts.append("".join(pieces))
-        print(f"Sample {i + 1}: {len(new_tokens)} tokens in {elapsed:.2f} s, {len(new_tokens) / elapsed:.1f} tokens/s; "
+        compile_seconds = getattr(model, "compile_seconds", 0.0) - compile_seconds  # 0 once compiled
+        print(f"Sample {i + 1}: {timing_summary(start, token_times, compile_seconds)}; "
               f"peak memory {format_bytes(peak_memory_bytes(device))}", file=sys.stderr)
     return texts
 
 
-def keep_tokens(stream: Iterator[torch.Tensor], kept: list) -> Iterator[torch.Tensor]:
-    """Pass a token stream through, keeping every token in `kept` (to count them for tokens/s)."""
+def time_tokens(stream: Iterator[torch.Tensor], times: list[float]) -> Iterator[torch.Tensor]:
+    """Pass a token stream through, noting when each token was ready (to report the speed of each phase)."""
     for token in stream:
-        kept.append(token)
+        times.append(time.perf_counter())
         yield token
+
+
+def timing_summary(start: float, token_times: list[float], compile_seconds: float = 0.0) -> str:
+    """'N tokens in T s, R tokens/s (first token after P s, then D tokens/s)': the first token waits for the
+    prefill (the whole prompt at once), the others are decoding steps. Time spent compiling the decoding step
+    (--compile) is reported apart, so the speed after it is the speed of a long generation."""
+    n, elapsed = len(token_times), time.perf_counter() - start
+    summary = f"{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s"
+    if n < 2:
+        return summary
+    phases = [f"first token after {token_times[0] - start:.2f} s"]
+    decoding_from = 0
+    if compile_seconds > 0:  # the first decoding step compiled
+        phases.append(f"compiling the decoding step {compile_seconds:.1f} s")
+        decoding_from = 1
+    if n - 1 > decoding_from:
+        steps = n - 1 - decoding_from
+        phases.append(f"then {steps / (token_times[-1] - token_times[decoding_from]):.1f} tokens/s")
+    return f"{summary} ({', '.join(phases)})"
 
 
 def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[str], str], **kwargs) -> None:
@@ -272,7 +297,10 @@ class GenerateArgs:
         num_samples: How many answers to generate.
         seed: Random seed for sampling; sample i uses seed + i (null: different every run).
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
-        compile: torch.compile the model (faster long generations on a GPU, after a slow first call).
+        compile: torch.compile the decoding step. Its first step compiles (seconds to minutes, reported apart);
+            worth it only for long answers, and on some machines not at all: see howto/generate.md, "Speed".
+        fused: Decode with q/k/v and gate/up fused and weights transposed (lit_lora/inference.py): the same
+            tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
         interactive: Read prompts from the terminal in a loop instead of using --prompt.
         prompt_style: Put the prompt in an instruction format (lit_lora/data.py): alpaca, llama3 (Llama 3.x
             Instruct) or chatml (SmolLM2-Instruct), and stop also at that format's end of answer; null: no format.
@@ -290,6 +318,7 @@ class GenerateArgs:
     seed: Optional[int] = 1234
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
     compile: bool = False
+    fused: bool = True
     interactive: bool = False
     prompt_style: Optional[str] = None
     quantize: Optional[str] = None
@@ -307,14 +336,18 @@ class GenerateArgs:
         check_quantize(self.quantize)
 
 
-def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False) -> LLaMA:
-    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; optionally
-    compile it (worth it for long generations on a GPU: the first calls are slow while it compiles)."""
+def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False,
+                           fused: bool = True) -> LLaMA:
+    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `fused`,
+    in the fused, transposed layout of lit_lora/inference.py (the same tokens, faster); with `compile`, its
+    decoding step compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
     model.reset_rope_cache()  # cos/sin back in fp32 on the device: positions need more precision than bf16
+    if fused:
+        fuse_for_inference(model)
     if compile:
-        model = torch.compile(model)
+        compile_decoding(model)
     return model
 
 
@@ -324,7 +357,7 @@ def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", show_promp
     With --prompt_style each prompt is an instruction (with `input`, the instruction scripts' --input) put in that
     format, and an answer ends at the format's end of answer too; without, the prompt is continued as it is. An
     answer always ends at the tokenizer's stop ids."""
-    model = prepare_for_generation(model, args.precision, args.compile)
+    model = prepare_for_generation(model, args.precision, args.compile, args.fused)
     tokenizer = Tokenizer(args.checkpoint_dir)
     stop_ids = tokenizer.stop_ids if args.prompt_style is None else response_stop_ids(tokenizer, args.prompt_style)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

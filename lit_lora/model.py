@@ -316,8 +316,11 @@ class LLaMA(nn.Module):
         input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
         cos, sin = self.cos[input_pos].unsqueeze(1), self.sin[input_pos].unsqueeze(1)  # (B, 1, T, hs)
         cache_pos = torch.arange(kv_cache.k.size(2), device=input_pos.device)  # (max_seq_length,)
-        mask = (cache_pos <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, max_seq_length): key pos <= query pos
-        return cos, sin, mask
+        allowed = cache_pos <= input_pos.unsqueeze(-1)  # (B, T, max_seq_length): key position <= query position
+        # Added to the scores: softmax(q k^T / sqrt(hs) + mask) gives the keys where it is -inf no weight. Built once
+        # per step in the cache's dtype (a True/False mask would be converted to this in every layer).
+        mask = torch.zeros(allowed.shape, dtype=kv_cache.k.dtype, device=input_pos.device)
+        return cos, sin, mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)  # mask: (B, 1, T, max_seq_length)
 
 
 class KVCache(nn.Module):

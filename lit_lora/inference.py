@@ -1,0 +1,153 @@
+"""A faster layout of the same model for decoding: fused and transposed weights. Inference only.
+
+At batch size 1 a decoding step multiplies every weight matrix by one vector, so its speed is the speed of
+reading the weights from memory. Two things make that reading faster without changing what is computed:
+
+- Fusing. q, k and v read the same input, and so do gate and up: stacking their weights into one matrix turns
+  three matrix-vector products into one (and two into one). Fewer, larger products: less time launching kernels
+  and more time streaming weights.
+- Transposing. nn.Linear stores W as (d_out, d_in) and computes x W^T. torch's CPU matrix-vector product reads
+  a weight stored (d_in, d_out) and computed as x @ W faster: for the bench-8x512 model's lm_head (32000 x 512)
+  about twice as fast on the CPU this was measured on, where it is the largest matrix of a small model.
+
+Measured on a 2-core CPU (benchmarks/generate_throughput.py): the same tokens, 48 -> 67 tokens/s. Training never
+uses this layout (LoRA and the adapter need the modules of model.py), so it is applied only where a model is
+prepared for generation, after LoRA is merged (a merged LoRA layer is a plain x W^T again).
+"""
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_lora.lora import LoRALinear
+from lit_lora.model import MLP, CausalSelfAttention, LLaMA, RMSNorm
+
+
+class FusedAttention(CausalSelfAttention):
+    """CausalSelfAttention with q, k and v as one (n_embd, n_embd + 2 kv_size) matrix and o transposed."""
+
+    def __init__(self, attention: CausalSelfAttention):
+        nn.Module.__init__(self)  # not CausalSelfAttention.__init__: the weights come from `attention`
+        self.n_head, self.n_query_groups, self.head_size = attention.n_head, attention.n_query_groups, attention.head_size
+        self.kv_cache = attention.kv_cache
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        self.qkv_sizes = [proj.out_features for proj in projections]
+        self.qkv_t = nn.Parameter(torch.cat([proj.weight for proj in projections]).t().contiguous(), requires_grad=False)
+        self.o_t = nn.Parameter(attention.o_proj.weight.t().contiguous(), requires_grad=False)  # (n_embd, n_embd)
+        half = self.head_size // 2  # RoPE's sin with the sign of rotate-half folded in: (-1,..., -1, 1,..., 1)
+        self.register_buffer("rope_sign", torch.tensor([-1.0] * half + [1.0] * half, dtype=self.o_t.dtype,
+                                                       device=self.o_t.device), persistent=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, input_pos=None) -> torch.Tensor:
+        B, T, C = x.shape
+        n_qk = self.n_head + self.n_query_groups  # query heads, then key heads, then value heads
+        qkv = (x @ self.qkv_t).view(B, T, n_qk + self.n_query_groups, self.head_size)  # one product instead of three
+        qk = rope_rolled(qkv[:, :, :n_qk], cos, sin, self.rope_sign).transpose(1, 2)  # q and k rotated at once
+        q, k = qk.split([self.n_head, self.n_query_groups], dim=1)  # (B, n_head, T, hs), (B, n_groups, T, hs)
+        v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_groups, T, hs)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
+        return y @ self.o_t
+
+
+def rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """model.py's apply_rope in fewer operations, on heads laid out (B, T, heads, hs): x cos + (-x2, x1) sin is
+    x cos + (x2, x1) (-sin, sin), and (x2, x1) is x rolled by half a head. The same products, the same numbers."""
+    cos, sin = (cos.transpose(1, 2), sin.transpose(1, 2)) if cos.dim() == 4 else (cos.unsqueeze(1), sin.unsqueeze(1))
+    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * (sin * sign)).to(x.dtype)  # cos, sin: (B or 1, T, 1, hs)
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm with x / sqrt(mean(x^2) + eps) in one kernel (F.rms_norm, the same numbers): 2 operations, not 7."""
+
+    def __init__(self, norm: RMSNorm):
+        nn.Module.__init__(self)
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+class FusedMLP(MLP):
+    """SwiGLU with gate and up as one (n_embd, 2 intermediate) matrix and down transposed."""
+
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)
+        self.gate_up_t = nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),
+                                      requires_grad=False)
+        self.down_t = nn.Parameter(mlp.down_proj.weight.t().contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)  # one product instead of two
+        return (F.silu(gate) * up) @ self.down_t
+
+
+class TransposedLinear(nn.Module):
+    """y = x @ W_t with W_t = W^T stored (d_in, d_out), for the lm_head."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.t().contiguous(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # W, as a view: where code asks the lm_head for the model's device and dtype
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t
+
+
+@torch.no_grad()
+def fuse_for_inference(model: LLaMA) -> LLaMA:
+    """Swap the attention, MLP and lm_head of `model` for their fused, transposed forms, in place; the model then
+    computes the same function (the same tokens when decoding greedily), faster. Modules that are not model.py's
+    own (an adapter's attention, an unmerged LoRA layer) are left as they are: they still work, unfused."""
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        block.attn_norm, block.mlp_norm = FusedRMSNorm(block.attn_norm), FusedRMSNorm(block.mlp_norm)
+        if type(attn) is CausalSelfAttention and all(map(computes_x_wt, (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                          attn.o_proj))):
+            block.attn = FusedAttention(attn)
+        if type(mlp) is MLP and all(map(computes_x_wt, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))):
+            block.mlp = FusedMLP(mlp)
+    model.norm = FusedRMSNorm(model.norm)
+    if computes_x_wt(model.lm_head) and not model.config.tie_embeddings:  # tied: a transposed copy would double
+        model.lm_head = TransposedLinear(model.lm_head)  # the largest matrix's memory; leave it shared
+    return model
+
+
+def computes_x_wt(module: nn.Module) -> bool:
+    """A plain nn.Linear without bias, or a LoRA layer merged into its weight: y = x W^T, so W can be fused."""
+    plain = type(module) is nn.Linear or (isinstance(module, LoRALinear) and module.merged)
+    return plain and module.bias is None
+
+
+def compile_decoding(model: LLaMA) -> LLaMA:
+    """torch.compile the one-token decoding step, in place; the prefill stays eager (gpt-fast's recipe).
+
+    A decoding step has the same shapes at every token (the new token (B, 1), the KV cache), so one compilation
+    serves them all; a prompt of a new length would be a new compilation, so the prefill is not compiled. Each new
+    shape (batch size, KV cache length) compiles on its first step, which then takes seconds to minutes: the time
+    is added up in model.compile_seconds, so callers can report it apart from decoding."""
+    eager = model.forward
+    step = torch.compile(eager, dynamic=False, fullgraph=True)
+    compiled_shapes = set()
+
+    def forward(idx: torch.Tensor, input_pos=None, logits_at=None) -> torch.Tensor:
+        if input_pos is None or idx.size(1) != 1 or logits_at is not None:
+            return eager(idx, input_pos, logits_at)  # the prefill, or a plain forward
+        shapes = (idx.shape, model.blocks[0].attn.kv_cache.k.shape)
+        if shapes in compiled_shapes:
+            return step(idx, input_pos)
+        start = time.perf_counter()
+        logits = step(idx, input_pos)  # compiles for these shapes, then runs
+        model.compile_seconds += time.perf_counter() - start
+        compiled_shapes.add(shapes)
+        return logits
+
+    model.forward = forward  # this model only (an instance attribute): nn.Module.__call__ calls it
+    model.compile_seconds = 0.0
+    return model
