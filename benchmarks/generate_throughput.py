@@ -94,6 +94,15 @@ def hf_generate(hf, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.
     return list(out[:, length:])
 
 
+def matrix_products_of_a_step(fused: LLaMA) -> None:
+    """Only the weight products of one batch-1 decoding step of a fused model: what a step costs at the least."""
+    x = torch.zeros(1, 1, fused.config.n_embd)
+    hidden = torch.zeros(1, 1, fused.config.intermediate_size)
+    for block in fused.blocks:
+        x @ block.attn.qkv_t, x @ block.attn.o_t, x @ block.mlp.gate_up_t, hidden @ block.mlp.down_t
+    x @ fused.lm_head.weight_t
+
+
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -142,8 +151,9 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
     print(f"  model.py's layers  {figures['plain_tokens_per_s']:7.1f} tokens/s   (--fused false; the same tokens)")
     print(f"  LoRA merged        {figures['lora_merged_tokens_per_s']:7.1f} tokens/s   (generate/lora.py: the base "
           f"model's speed)")
+    unmerged_cost = figures["lora_merged_tokens_per_s"] / figures["lora_unmerged_tokens_per_s"]
     print(f"  LoRA unmerged      {figures['lora_unmerged_tokens_per_s']:7.1f} tokens/s   (r 8 on q and v, attention "
-          f"unfused: {100 * (lit / figures['lora_unmerged_tokens_per_s'] - 1):.0f}% slower per token than merged)")
+          f"unfused: {100 * (unmerged_cost - 1):.0f}% more time per token than merged)")
     hf = hugging_face_model(model)
     if hf is not None:
         hf_s, hf_tokens = best_time(lambda: hf_generate(hf, [prompt], new_tokens), repeats)
@@ -160,6 +170,11 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
     figures.update(bandwidth_gb_s=bandwidth / 1e9, bound_tokens_per_s=bound, fraction_of_bound=lit / bound)
     print(f"\n2. Bandwidth bound  {bound:7.1f} tokens/s   ({bytes_per_token / 1e6:.0f} MB read per token at "
           f"{bandwidth / 1e9:.1f} GB/s measured); lit-lora reaches {100 * lit / bound:.0f}% of it (target 75%)")
+    products_s, _ = best_time(lambda: [matrix_products_of_a_step(fused) for _ in range(new_tokens)], repeats)
+    figures["products_only_tokens_per_s"] = new_tokens / products_s
+    print(f"  matrix products only {new_tokens / products_s:5.1f} tokens/s   (the fused model's 33 weight products of a "
+          f"step and nothing else: {100 * new_tokens / products_s / bound:.0f}% of the bound; the rest of a step is "
+          f"its other operations)")
 
     # 3. the compiled decoding step
     if compile:
