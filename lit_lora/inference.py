@@ -34,7 +34,6 @@ class FusedAttention(CausalSelfAttention):
         self.n_head, self.n_query_groups, self.head_size = attention.n_head, attention.n_query_groups, attention.head_size
         self.kv_cache = attention.kv_cache
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        self.qkv_sizes = [proj.out_features for proj in projections]
         self.qkv_t = nn.Parameter(torch.cat([proj.weight for proj in projections]).t().contiguous(), requires_grad=False)
         self.o_t = nn.Parameter(attention.o_proj.weight.t().contiguous(), requires_grad=False)  # (n_embd, n_embd)
         half = self.head_size // 2  # RoPE's sin with the sign of rotate-half folded in: (-1,..., -1, 1,..., 1)
@@ -62,7 +61,7 @@ def rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: tor
 
 
 class FusedRMSNorm(RMSNorm):
-    """RMSNorm with x / sqrt(mean(x^2) + eps) in one kernel (F.rms_norm, the same numbers): 2 operations, not 7."""
+    """RMSNorm with x / sqrt(mean(x^2) + eps) in one call (F.rms_norm, the same numbers): 2 calls, not 7."""
 
     def __init__(self, norm: RMSNorm):
         nn.Module.__init__(self)
@@ -103,9 +102,10 @@ class TransposedLinear(nn.Module):
 
 @torch.no_grad()
 def fuse_for_inference(model: LLaMA) -> LLaMA:
-    """Swap the attention, MLP and lm_head of `model` for their fused, transposed forms, in place; the model then
-    computes the same function (the same tokens when decoding greedily), faster. Modules that are not model.py's
-    own (an adapter's attention, an unmerged LoRA layer) are left as they are: they still work, unfused."""
+    """Swap the norms, attention, MLP and lm_head of `model` for their fused (transposed) forms, in place; the model
+    then computes the same function (the same tokens when decoding greedily), faster. Modules that are not
+    model.py's own (an adapter's attention, an unmerged LoRA layer, a 4-bit layer) are left as they are: they still
+    work, unfused."""
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
         block.attn_norm, block.mlp_norm = FusedRMSNorm(block.attn_norm), FusedRMSNorm(block.mlp_norm)

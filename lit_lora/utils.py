@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from lit_lora.model import Config, LLaMA
-from lit_lora.quantize import quantize_blocks
+from lit_lora.quantize import is_4bit, quantize_blocks
 
 # What a checkpoint folder must hold: each entry is a file, or a tuple of files of which it must hold one
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.json", ("tokenizer.model", "tokenizer.json"))
@@ -253,9 +253,8 @@ def atomic_folder(path: Union[str, Path], replace: bool = False) -> Iterator[Pat
 def num_parameters(module: nn.Module, trainable: Optional[bool] = None) -> int:
     """Parameters of `module`: all of them, or only the (non-)trainable ones. Works on the meta device.
     A 4-bit weight (QLoRA) counts the weights it holds, not its bytes (two weights per byte)."""
-    def count(p: torch.Tensor) -> int:
-        quant_state = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight: the shape it was quantized from
-        return quant_state.shape.numel() if quant_state is not None else p.numel()
+    def count(p: torch.Tensor) -> int:  # a 4-bit weight: the shape it was quantized from
+        return p.quant_state.shape.numel() if is_4bit(p) else p.numel()
 
     return sum(count(p) for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
@@ -272,7 +271,7 @@ def peak_memory_bytes(device: Optional[torch.device] = None) -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports kilobytes, macOS bytes
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, the BSDs kilobytes
 
 
 def format_bytes(n: float) -> str:
