@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.lora import LoRALinear
-from lit_lora.model import MLP, CausalSelfAttention, LLaMA, RMSNorm
+from lit_lora.model import MLP, CausalSelfAttention, KVCache, LLaMA, RMSNorm
 
 
 class FusedAttention(CausalSelfAttention):
@@ -48,9 +48,19 @@ class FusedAttention(CausalSelfAttention):
         q, k = qk.split([self.n_head, self.n_query_groups], dim=1)  # (B, n_head, T, hs), (B, n_groups, T, hs)
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_groups, T, hs)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = write_cache(self.kv_cache, input_pos, k, v)
         y = self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
         return y @ self.o_t
+
+
+def write_cache(cache: KVCache, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """KVCache.update in fewer operations for one row: its positions index one dimension of the cache."""
+    if k.size(0) != 1:
+        return cache.update(input_pos, k, v)  # rows at different positions
+    positions = input_pos.view(-1)  # (T,) from input_pos (T,) or (1, T)
+    cache.k.index_copy_(2, positions, k.to(cache.k.dtype))  # k: (1, n_groups, T, hs)
+    cache.v.index_copy_(2, positions, v.to(cache.v.dtype))
+    return cache.k, cache.v
 
 
 def rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -68,6 +78,8 @@ class FusedRMSNorm(RMSNorm):
         self.weight, self.eps = norm.weight, norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # the weight inside the call too: the same bits in fp32
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 

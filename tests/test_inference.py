@@ -15,9 +15,10 @@ from lit_lora.inference import (
     compile_decoding,
     fuse_for_inference,
     rope_rolled,
+    write_cache,
 )
 from lit_lora.lora import LoRALinear, apply_lora, merge_lora
-from lit_lora.model import Config, LLaMA, RMSNorm, apply_rope, build_rope_cache
+from lit_lora.model import Config, KVCache, LLaMA, RMSNorm, apply_rope, build_rope_cache
 
 CONFIGS = {
     "multi-head (tiny)": Config.from_name("tiny"),
@@ -123,6 +124,21 @@ def test_the_shorter_rope_and_rmsnorm_give_model_py_s_numbers_bit_for_bit(dtype)
         norm.weight.normal_()
     x = torch.randn(B, T, 64, dtype=dtype) * 3
     assert torch.equal(FusedRMSNorm(norm)(x), norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writing_the_cache_in_fewer_operations_writes_what_kv_cache_update_writes(dtype):
+    """write_cache (one row: index_copy_ along the positions) fills the cache exactly as KVCache.update does, for a
+    prefill ((T,) positions), a decoding step ((1, 1)) and a batch (rows at their own positions: update itself)."""
+    torch.manual_seed(0)
+    for B, input_pos in ((1, torch.arange(5)), (1, torch.tensor([[7]])), (2, torch.tensor([[3], [9]]))):
+        expected, actual = (KVCache(B, 2, 12, 8, dtype=dtype) for _ in range(2))
+        k, v = torch.randn(2, B, 2, input_pos.size(-1), 8)  # fp32 written into a cache of `dtype`
+        expected_k, expected_v = expected.update(input_pos, k, v)
+        actual_k, actual_v = write_cache(actual, input_pos, k, v)
+        assert actual_k is actual.k and actual_v is actual.v and actual.k.dtype == dtype
+        assert torch.equal(actual_k, expected_k) and torch.equal(actual_v, expected_v)
+        assert actual.k.abs().sum() > 0  # something was written
 
 
 def test_a_compiled_decoding_step_decodes_the_same_tokens_and_reports_its_compilation():
