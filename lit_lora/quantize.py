@@ -42,6 +42,7 @@ bitsandbytes is an optional extra: `pip install -e ".[quantize]"`. It is importe
 quantized or multiplied, so lit-lora without it runs everything else.
 """
 
+import copy
 import ctypes
 import mmap
 import sys
@@ -141,7 +142,38 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T for a 4-bit W: (..., d_in) -> (..., d_out), in x's dtype. W is dequantized inside the matmul
     (forward, and again in the backward pass for x's gradient) and never kept in 16 or 32 bits."""
     bnb = require_bitsandbytes()
+    if weight.quant_state.shape[-1] % BLOCK_SIZE:  # rows that are not whole blocks: see dequantize_nf4
+        return FlatMatmul4bit.apply(x, weight)
     return bnb.matmul_4bit(x, weight, quant_state=weight.quant_state)
+
+
+class FlatMatmul4bit(torch.autograd.Function):
+    """matmul_4bit for weights whose rows are not whole blocks, with dequantize_nf4: W is dequantized in the
+    forward pass and again in the backward pass (dx = dy W), and only the 4-bit weight is saved between them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return x @ dequantize_nf4(weight).to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_output @ dequantize_nf4(weight).to(grad_output.dtype), None
+
+
+def dequantize_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """W (d_out, d_in) back from its NF4 form: q_i * absmax of its block, for every weight.
+
+    Dequantized as one flat row of blocks and reshaped. bitsandbytes 0.50.2's CPU kernel, on a CPU with AVX512-BF16,
+    dequantizes (and multiplies) a (d_out, d_in) weight wrongly when d_in is a multiple of 16 but not of 64, so that
+    blocks straddle rows (measured: d_in 16, 32, 48, 96); flat, it is right for every shape (tests/test_quantize.py).
+    LLaMA-family models have d_in a multiple of 64 and never take this path; tiny test models do."""
+    bnb = require_bitsandbytes()
+    state = weight.quant_state
+    flat_state = copy.copy(state)
+    flat_state.shape = torch.Size([state.shape.numel()])
+    return bnb.functional.dequantize_4bit(weight.view(-1), flat_state).view(state.shape)
 
 
 class Linear4bit(nn.Linear):
