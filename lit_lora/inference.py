@@ -10,8 +10,9 @@ reading the weights from memory. Two things make that reading faster without cha
   a weight stored (d_in, d_out) and computed as x @ W faster: for the bench-8x512 model's lm_head (32000 x 512)
   about twice as fast on the CPU this was measured on, where it is the largest matrix of a small model.
 
-With RoPE and RMSNorm in fewer operations as well (below), measured on a 2-core CPU (benchmarks/generate_throughput.py,
-howto/generate.md "Speed"): the same tokens, 47-55 -> 69-74 tokens/s. Training never uses this layout (LoRA and
+With RoPE, RMSNorm and the KV cache write in fewer operations as well (below), and the scripts decoding under
+torch.inference_mode, measured on a 2-core CPU (benchmarks/generate_throughput.py, howto/generate.md "Speed"): the same
+tokens, 74-78 -> 114-120 tokens/s. Training never uses this layout (LoRA and
 the adapter need the modules of model.py), so it is applied only where a model is prepared for generation, after
 LoRA is merged (a merged LoRA layer is a plain x W^T again). compile_decoding, at the end, compiles the decoding step.
 """
