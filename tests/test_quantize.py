@@ -59,10 +59,6 @@ def relative_rms(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((x - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
 
 
-def dequantized(weight: torch.Tensor) -> torch.Tensor:
-    return dequantize_nf4(weight)  # bitsandbytes' dequantize_4bit, on the weight as one flat row of blocks
-
-
 # ---------------------------------------------------------------------------------------------------------
 # NF4: bitsandbytes against the reference in plain torch
 
@@ -92,7 +88,7 @@ def test_bitsandbytes_dequantizes_to_the_reference_nf4_of_blocks_of_64(shape):
     n_blocks = math.ceil(weight.numel() / 64)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(weight.numel() / 2)  # two weights per byte
     assert packed.quant_state.absmax.shape == (n_blocks,) and packed.quant_state.blocksize == 64
-    assert torch.equal(dequantized(packed), nf4_reference(weight))
+    assert torch.equal(dequantize_nf4(packed), nf4_reference(weight))
     x = torch.randn(3, shape[1])
     assert torch.allclose(linear_4bit(x, packed), x @ nf4_reference(weight).t(), rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)
@@ -100,7 +96,7 @@ def test_bitsandbytes_dequantizes_to_the_reference_nf4_of_blocks_of_64(shape):
     assert torch.allclose(x.grad, nf4_reference(weight).sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
     assert relative_rms(nf4_reference(weight, block_size=128), nf4_reference(weight)) > 0.01 or n_blocks == 1
     assert relative_rms(nf4_reference(weight, block_size=weight.numel()), nf4_reference(weight)) > 0.01
-    assert relative_rms(dequantized(packed), weight) < 0.12
+    assert relative_rms(dequantize_nf4(packed), weight) < 0.12
 
 
 @needs_bitsandbytes
@@ -111,7 +107,7 @@ def test_double_quantization_keeps_8_bit_scales_close_to_the_fp32_ones():
     state = packed.quant_state
     assert state.nested and state.absmax.dtype == torch.uint8 and state.absmax.shape == (512,)
     assert state.state2.blocksize == 256 and state.state2.absmax.shape == (2,)  # one fp32 scale per 256 scales
-    assert relative_rms(dequantized(packed), nf4_reference(weight)) < 0.01  # only the scales' 8-bit rounding
+    assert relative_rms(dequantize_nf4(packed), nf4_reference(weight)) < 0.01  # only the scales' 8-bit rounding
 
 
 @needs_bitsandbytes
@@ -146,7 +142,7 @@ def test_quantized_logits_stay_within_the_measured_nf4_error(mode):
     # each Linear4bit computes x dequantize(W)^T: the same as an nn.Linear holding the dequantized weight
     q_proj = model.blocks[0].attn.q_proj
     x = torch.randn(3, 32)
-    assert torch.allclose(q_proj(x), x @ dequantized(q_proj.weight).T, atol=1e-6)
+    assert torch.allclose(q_proj(x), x @ dequantize_nf4(q_proj.weight).T, atol=1e-6)
 
 
 @needs_bitsandbytes
@@ -159,7 +155,7 @@ def test_lora_on_a_4bit_linear_computes_w0_x_plus_scaled_b_a_x_and_trains_only_a
     assert isinstance(q_proj, LoRALinear) and is_4bit(q_proj.weight) and q_proj.lora_A.dtype == torch.float32
     torch.nn.init.normal_(q_proj.lora_B)
     x = torch.randn(3, 32)
-    expected = x @ dequantized(q_proj.weight).T + 2.0 * (x @ q_proj.lora_A.T @ q_proj.lora_B.T)
+    expected = x @ dequantize_nf4(q_proj.weight).T + 2.0 * (x @ q_proj.lora_A.T @ q_proj.lora_B.T)
     assert torch.allclose(q_proj(x), expected, atol=1e-5)
 
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -203,7 +199,7 @@ def test_load_model_quantizes_from_the_memory_mapped_file(tmp_path, tokenizer_pa
     for name, module in plain.blocks[1].named_modules():
         if type(module) is torch.nn.Linear:
             q = quantized.blocks[1].get_submodule(name)
-            assert isinstance(q, Linear4bit) and torch.equal(dequantized(q.weight), nf4_reference(module.weight))
+            assert isinstance(q, Linear4bit) and torch.equal(dequantize_nf4(q.weight), nf4_reference(module.weight))
     idx = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         assert relative_rms(quantized(idx), plain(idx)) < 1.5 * MEASURED_LOGIT_ERROR
