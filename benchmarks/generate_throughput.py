@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_config import bench_config  # noqa: E402
-from lit_lora.generation import generate, generate_stream  # noqa: E402
+from lit_lora.generation import generate, generate_stream, time_tokens  # noqa: E402
 from lit_lora.inference import compile_decoding, fuse_for_inference  # noqa: E402
 from lit_lora.lora import apply_lora, merge_lora  # noqa: E402
 from lit_lora.model import LLaMA  # noqa: E402
@@ -76,10 +76,9 @@ def decode_rate(model: LLaMA, prompt: torch.Tensor, new_tokens: int, repeats: in
     best = 0.0
     for _ in range(repeats + 1):
         model.set_kv_cache(batch_size=1, max_seq_length=len(prompt) + new_tokens)
-        times = []
+        times = []  # when each token was ready, as the generate scripts note them
         with torch.inference_mode():
-            for _ in generate_stream(model, [prompt], new_tokens):
-                times.append(time.perf_counter())
+            list(time_tokens(generate_stream(model, [prompt], new_tokens), times))
         model.clear_kv_cache()
         best = max(best, (len(times) - 1) / (times[-1] - times[0]))
     return best
