@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_config import bench_config  # noqa: E402
+from lit_lora.cli import cli  # noqa: E402
 from lit_lora.generation import generate, generate_stream, time_tokens  # noqa: E402
 from lit_lora.inference import compile_decoding, fuse_for_inference  # noqa: E402
 from lit_lora.lora import apply_lora, merge_lora  # noqa: E402
 from lit_lora.model import LLaMA  # noqa: E402
-from lit_lora.utils import cli  # noqa: E402
 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
@@ -89,7 +89,7 @@ def hugging_face_model(model: LLaMA):
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from lit_lora.convert_hf import config_to_hf, lit_to_hf_name
+        from lit_lora.convert.hf import config_to_hf, lit_to_hf_name
     except ImportError:
         print("  (transformers is not installed: pip install -e '.[test]' to compare with Hugging Face)")
         return None

@@ -5,7 +5,7 @@
 
 The model: `bench-8x512` (benchmarks/bench_config.py: 8 layers, n_embd 512, vocab 32,000; 58M parameters, of which
 the Blocks' linear weights are 25M), random weights saved as an fp32 checkpoint folder (out/bench-qlora/base), loaded
-the way every script loads it (lit_lora/utils.py's load_model, memory-mapped; with --quantize each Block weight is
+the way every script loads it (lit_lora/checkpoint.py's load_model, memory-mapped; with --quantize each Block weight is
 read, quantized to NF4 and dropped, one at a time).
 
 Both parts load the checkpoint and read every weight once, as moving the model to a GPU would (a forward pass
@@ -34,12 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_config import bench_config  # noqa: E402
+from lit_lora.checkpoint import load_model, save_checkpoint_dir  # noqa: E402
+from lit_lora.cli import cli  # noqa: E402
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
 from lit_lora.model import LLaMA  # noqa: E402
-from lit_lora.quantize import require_bitsandbytes  # noqa: E402
+from lit_lora.quantize import load_model_4bit, require_bitsandbytes  # noqa: E402
+from lit_lora.report import peak_memory_bytes  # noqa: E402
 from lit_lora.tokenizer import Tokenizer  # noqa: E402
 from lit_lora.train import loss_sum  # noqa: E402
-from lit_lora.utils import cli, load_model, peak_memory_bytes, save_checkpoint_dir  # noqa: E402
 
 CHECKPOINT_DIR = ROOT / "out" / "bench-qlora" / "base"
 MICRO_BATCH, SEQ_LEN = 4, 256
@@ -73,7 +75,7 @@ def measure(part: str, quantize: Optional[str], steps: int, warmup: int) -> dict
         require_bitsandbytes()  # imported before the baseline: a fixed cost, like torch's
     baseline = peak_memory_bytes()
     start = time.perf_counter()
-    model = load_model(CHECKPOINT_DIR, quantize=quantize)
+    model = load_model(CHECKPOINT_DIR) if quantize is None else load_model_4bit(CHECKPOINT_DIR, quantize)
     load_s = time.perf_counter() - start
     with torch.no_grad():
         for tensor in model.state_dict().values():  # read every weight once, as moving the model to a GPU would

@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_config import bench_config  # noqa: E402
+from lit_lora.cli import cli  # noqa: E402
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
 from lit_lora.model import Config, LLaMA  # noqa: E402
 from lit_lora.train import loss_sum  # noqa: E402
-from benchmarks.bench_config import bench_config  # noqa: E402
-from lit_lora.utils import cli  # noqa: E402
 
 MICRO_BATCH, SEQ_LEN = 4, 256
 
@@ -76,7 +76,7 @@ def build_hf(config: Config, state_dict: dict):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lit_lora.convert_hf import config_to_hf, lit_to_hf_name
+    from lit_lora.convert.hf import config_to_hf, lit_to_hf_name
 
     hf_config = LlamaConfig(**{k: v for k, v in config_to_hf(config).items() if k not in ("architectures",)})
     hf_config._attn_implementation = "sdpa"

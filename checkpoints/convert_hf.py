@@ -4,16 +4,15 @@
 
 reads config.json, the weights (model.safetensors or pytorch_model.bin, one file or shards with their index) and
 tokenizer.model, and writes lit_model.pth, model_config.json and tokenizer.model (by default beside them, so
-the same folder is then a lit-lora --checkpoint_dir). Memory: one copy of the weights (see lit_lora/convert_hf.py).
+the same folder is then a lit-lora --checkpoint_dir). Memory: one copy of the weights (see lit_lora/convert/hf.py).
 """
 
 from pathlib import Path
 from typing import Optional
 
-
-from lit_lora.convert_common import DtypeName
-from lit_lora.convert_hf import convert_hf_checkpoint
-from lit_lora.utils import cli
+from lit_lora.cli import cli
+from lit_lora.convert.common import DtypeName
+from lit_lora.convert.hf import convert_hf_checkpoint
 
 
 def main(hf_dir: Path, output_dir: Optional[Path] = None, model_name: Optional[str] = None,

@@ -11,10 +11,9 @@ RoPE layout to the rotate-half layout of lit_lora/model.py. tokenizer.model is t
 from pathlib import Path
 from typing import Optional
 
-
-from lit_lora.convert_common import DtypeName
-from lit_lora.convert_meta import convert_meta_checkpoint
-from lit_lora.utils import cli
+from lit_lora.cli import cli
+from lit_lora.convert.common import DtypeName
+from lit_lora.convert.meta import convert_meta_checkpoint
 
 
 def main(meta_dir: Path, model_size: str, output_dir: Path, dtype: Optional[DtypeName] = None) -> None:

@@ -11,9 +11,8 @@ else pytorch_model*.bin) and prints the conversion command. Needs `pip install h
 from pathlib import Path
 from typing import Optional
 
-
-from lit_lora.convert_hf import hf_files_to_download
-from lit_lora.utils import cli
+from lit_lora.cli import cli
+from lit_lora.convert.hf import hf_files_to_download
 
 
 def first_line(error: BaseException) -> str:
@@ -35,8 +34,13 @@ def main(repo_id: str, revision: str = "main", access_token: Optional[str] = Non
     """
     try:
         from huggingface_hub import list_repo_files, snapshot_download
-        from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                           RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.utils import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:
         raise ImportError("Downloading needs huggingface_hub: pip install huggingface_hub") from None
     # When the Hub cannot be reached, huggingface_hub retries for about half a minute and then lets through the

@@ -12,10 +12,9 @@ tokenizer_config.json, special_tokens_map.json; then in Python:
 from pathlib import Path
 from typing import Optional
 
-
-from lit_lora.convert_common import DtypeName
-from lit_lora.convert_hf import export_hf_checkpoint
-from lit_lora.utils import cli
+from lit_lora.cli import cli
+from lit_lora.convert.common import DtypeName
+from lit_lora.convert.hf import export_hf_checkpoint
 
 
 def main(checkpoint_dir: Path, output_dir: Path, lora_path: Optional[Path] = None,

@@ -14,9 +14,8 @@ or, with the base that adapter_config.json names (see --base_model_name_or_path)
 from pathlib import Path
 from typing import Optional
 
-
-from lit_lora.convert_peft import export_peft_adapter
-from lit_lora.utils import cli
+from lit_lora.cli import cli
+from lit_lora.convert.peft import export_peft_adapter
 
 
 def main(lora_path: Path, output_dir: Path, checkpoint_dir: Optional[Path] = None,

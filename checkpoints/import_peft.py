@@ -9,9 +9,8 @@ LoRA file from finetune/lora.py does (--lora_path).
 
 from pathlib import Path
 
-
-from lit_lora.convert_peft import import_peft_adapter
-from lit_lora.utils import cli
+from lit_lora.cli import cli
+from lit_lora.convert.peft import import_peft_adapter
 
 
 def main(peft_dir: Path, checkpoint_dir: Path, output_path: Path) -> None:

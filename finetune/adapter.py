@@ -14,11 +14,15 @@ from lit_lora.adapter import (
     AdapterConfig,
     apply_adapter,
     mark_only_adapter_as_trainable,
-    save_adapter,
 )
+from lit_lora.checkpoint import load_model
+from lit_lora.cli import cli, config_flags
 from lit_lora.devices import launch_fabric
+from lit_lora.method_files import save_adapter
+from lit_lora.quantize import load_model_4bit
 from lit_lora.train import TrainArgs, fit
-from lit_lora.utils import cli, load_model
+
+ADAPTER_FLAGS = dict(prompt_length="adapter_prompt_length", start_layer="adapter_start_layer")  # config -> flag
 
 
 @dataclass
@@ -41,13 +45,18 @@ class AdapterArgs(TrainArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        AdapterConfig(self.adapter_prompt_length, self.adapter_start_layer)  # refuses bad values
+        with config_flags(**ADAPTER_FLAGS):
+            AdapterConfig(self.adapter_prompt_length, self.adapter_start_layer)  # refuses bad values
 
 
 def main(args: AdapterArgs) -> dict:
     fabric = launch_fabric(args)
-    model = load_model(args.checkpoint_dir, quantize=args.quantize, device=fabric.device)  # --quantize: 4-bit Blocks
-    apply_adapter(model, prompt_length=args.adapter_prompt_length, start_layer=args.adapter_start_layer)
+    if args.quantize is None:  # meta device + memory-mapped weights: no second copy in RAM
+        model = load_model(args.checkpoint_dir)
+    else:  # the Blocks' frozen weights stored in 4 bits, each quantized as it is read
+        model = load_model_4bit(args.checkpoint_dir, args.quantize, fabric.device)
+    with config_flags(**ADAPTER_FLAGS):  # start_layer is checked against the model's layers
+        apply_adapter(model, prompt_length=args.adapter_prompt_length, start_layer=args.adapter_start_layer)
     mark_only_adapter_as_trainable(model)
     return fit(fabric, model, args,
                save_weights=lambda m, folder, trained: save_adapter(m, folder / "lit_adapter_finetuned.pth", trained))

@@ -35,11 +35,21 @@ sys.path.insert(0, str(ROOT))  # the finetune/ scripts are imported as modules
 from finetune.adapter import AdapterArgs  # noqa: E402
 from finetune.full import FullArgs  # noqa: E402
 from finetune.lora import LoRAArgs  # noqa: E402
+from lit_lora.atomic import atomic_write  # noqa: E402
+from lit_lora.checkpoint import check_checkpoint_dir, read_config  # noqa: E402
+from lit_lora.cli import cli  # noqa: E402
 from lit_lora.data import load_prepared  # noqa: E402
-from lit_lora.memory import MemoryEstimate, TrainingSetup, estimate_memory, format_estimates, step_flops  # noqa: E402
+from lit_lora.devices import default_precision  # noqa: E402
+from lit_lora.flops import step_flops  # noqa: E402
+from lit_lora.memory import (  # noqa: E402
+    MemoryEstimate,
+    TrainingSetup,
+    estimate_memory,
+    format_estimates,
+)
 from lit_lora.model import Config  # noqa: E402
 from lit_lora.quantize import require_bitsandbytes  # noqa: E402
-from lit_lora.utils import atomic_write, check_checkpoint_dir, cli, default_precision, format_bytes, peak_memory_bytes  # noqa: E402
+from lit_lora.report import format_bytes, peak_memory_bytes  # noqa: E402
 
 Method = Literal["lora", "qlora", "adapter", "full"]
 SCRIPTS = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "full": "full"}  # QLoRA: finetune/lora.py --quantize
@@ -108,7 +118,7 @@ def main(args: CompareArgs) -> dict:
     if "qlora" in args.methods and not args.estimate_only:
         require_bitsandbytes("--methods with qlora")  # before any method runs
     config = (Config.from_name(args.model_name) if args.model_name is not None
-              else Config.from_file(check_checkpoint_dir(args.checkpoint_dir) / "model_config.json"))
+              else read_config(check_checkpoint_dir(args.checkpoint_dir) / "model_config.json"))
     device = "cuda" if torch.cuda.is_available() or args.estimate_only else "cpu"  # an estimate is for a GPU
     # An estimate describes a GPU run, so by default the precision such a run takes (bf16-true), even on a CPU.
     precision = args.precision or ("bf16-true" if args.estimate_only else default_precision())

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from lit_lora.checkpoint import load_model, save_checkpoint_dir
+from lit_lora.cli import check_flag, cli
 from lit_lora.devices import launch_fabric
 from lit_lora.model import PRESETS, Config, LLaMA
 from lit_lora.quantize import QUANTIZE_MODES
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train import TrainArgs, fit
-from lit_lora.utils import check_flag, cli, load_model, save_checkpoint_dir
 
 
 @dataclass
@@ -32,14 +33,12 @@ class FullArgs(TrainArgs):
     Args:
         from_scratch: Start from random weights of the --model_name preset instead of checkpoint_dir's weights.
         model_name: The Config preset to build with --from_scratch (e.g. tiny); the vocabulary comes from the tokenizer.
-        activation_checkpointing: With FSDP: recompute each Block's activations in the backward pass (less memory, more time).
     """
 
     out_dir: Path = Path("out/full/alpaca")
     learning_rate: float = 3e-5
     from_scratch: bool = False
     model_name: Optional[str] = None
-    activation_checkpointing: bool = False
 
     def __post_init__(self):
         check_flag(self, "quantize", self.quantize not in QUANTIZE_MODES,  # (an unknown mode: TrainArgs says so)
@@ -53,7 +52,7 @@ class FullArgs(TrainArgs):
 
 
 def main(args: FullArgs) -> dict:
-    fabric = launch_fabric(args, multi_device_strategy="fsdp", activation_checkpointing=args.activation_checkpointing)
+    fabric = launch_fabric(args, multi_device_strategy="fsdp")
     tokenizer = Tokenizer(args.checkpoint_dir)
     if args.from_scratch:
         with fabric.init_module():

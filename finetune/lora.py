@@ -9,10 +9,15 @@ With --quantize bnb.nf4 (or bnb.nf4-dq) this is QLoRA: the frozen base is stored
 
 from dataclasses import dataclass
 
+from lit_lora.checkpoint import load_model
+from lit_lora.cli import cli, config_flags
 from lit_lora.devices import launch_fabric
-from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable, save_lora
+from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from lit_lora.method_files import save_lora
+from lit_lora.quantize import load_model_4bit
 from lit_lora.train import TrainArgs, fit
-from lit_lora.utils import cli, load_model
+
+LORA_FLAGS = dict(r="lora_r", alpha="lora_alpha", dropout="lora_dropout", targets="lora_targets")  # config -> flag
 
 
 @dataclass
@@ -34,14 +39,18 @@ class LoRAArgs(TrainArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)  # refuses bad values
+        with config_flags(**LORA_FLAGS):
+            LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)  # refuses bad values
 
 
 def main(args: LoRAArgs) -> dict:
     fabric = launch_fabric(args)
-    # meta device + memory-mapped weights: no second copy; with --quantize (QLoRA) the Blocks' weights in 4 bits
-    model = load_model(args.checkpoint_dir, quantize=args.quantize, device=fabric.device)
-    apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+    if args.quantize is None:  # meta device + memory-mapped weights: no second copy in RAM
+        model = load_model(args.checkpoint_dir)
+    else:  # QLoRA: the Blocks' frozen weights stored in 4 bits, each quantized as it is read
+        model = load_model_4bit(args.checkpoint_dir, args.quantize, fabric.device)
+    with config_flags(**LORA_FLAGS):  # r is checked against the model's layers
+        apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
     mark_only_lora_as_trainable(model)  # W0 stays frozen: no gradients, no optimizer state for it
     return fit(fabric, model, args, save_weights=lambda m, folder, trained: save_lora(m, folder / "lit_lora_finetuned.pth", trained))
 

@@ -6,12 +6,17 @@ An instruct model (Llama 3.x Instruct, SmolLM2-Instruct) answers best in its own
 (or chatml) puts the prompt, as the user's message, in that format.
 """
 
+from lit_lora.checkpoint import load_model
+from lit_lora.cli import cli
 from lit_lora.generation import GenerateArgs, run_generation
-from lit_lora.utils import cli, load_model
+from lit_lora.quantize import load_model_4bit
 
 
 def main(args: GenerateArgs) -> list[str]:
-    model = load_model(args.checkpoint_dir, quantize=args.quantize)
+    if args.quantize is None:  # meta device + memory-mapped weights: no second copy in RAM
+        model = load_model(args.checkpoint_dir)
+    else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
+        model = load_model_4bit(args.checkpoint_dir, args.quantize)
     return run_generation(model, args, show_prompt=args.prompt_style is None)  # a prompt continued as it is: shown
 
 

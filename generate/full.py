@@ -6,9 +6,11 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_lora.checkpoint import load_model
+from lit_lora.cli import cli
 from lit_lora.generation import GenerateArgs, run_generation
+from lit_lora.quantize import load_model_4bit
 from lit_lora.tokenizer import check_utf8
-from lit_lora.utils import cli, load_model
 
 
 @dataclass
@@ -32,7 +34,10 @@ class FullGenerateArgs(GenerateArgs):
 
 
 def main(args: FullGenerateArgs) -> list[str]:
-    model = load_model(args.checkpoint_dir, quantize=args.quantize)
+    if args.quantize is None:  # meta device + memory-mapped weights: no second copy in RAM
+        model = load_model(args.checkpoint_dir)
+    else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
+        model = load_model_4bit(args.checkpoint_dir, args.quantize)
     return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
 
 

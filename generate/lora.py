@@ -11,10 +11,13 @@ token pays the two thin LoRA matmuls (and the dequantization of W0). Any LoRA fi
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_lora.checkpoint import load_model
+from lit_lora.cli import cli
 from lit_lora.generation import GenerateArgs, run_generation
-from lit_lora.lora import load_lora, merge_lora
+from lit_lora.lora import merge_lora
+from lit_lora.method_files import load_lora
+from lit_lora.quantize import load_model_4bit
 from lit_lora.tokenizer import check_utf8
-from lit_lora.utils import cli, load_model
 
 
 @dataclass
@@ -39,7 +42,10 @@ class LoRAGenerateArgs(GenerateArgs):
 
 
 def main(args: LoRAGenerateArgs) -> list[str]:
-    model = load_model(args.checkpoint_dir, quantize=args.quantize)
+    if args.quantize is None:  # meta device + memory-mapped weights: no second copy in RAM
+        model = load_model(args.checkpoint_dir)
+    else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
+        model = load_model_4bit(args.checkpoint_dir, args.quantize)
     load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
     if args.quantize is None:
         merge_lora(model)  # a 4-bit W0 cannot take B A exactly: on a quantized base LoRA stays unmerged

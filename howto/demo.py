@@ -23,16 +23,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts in finetune/, generate/ and prepare_data/ are imported as modules
 
-from finetune.full import FullArgs, main as full_finetune  # noqa: E402
-from finetune.lora import LoRAArgs, main as lora_finetune  # noqa: E402
-from generate.lora import LoRAGenerateArgs, main as lora_generate  # noqa: E402
+from finetune.full import FullArgs  # noqa: E402
+from finetune.full import main as full_finetune
+from finetune.lora import LoRAArgs  # noqa: E402
+from finetune.lora import main as lora_finetune
+from generate.lora import LoRAGenerateArgs  # noqa: E402
+from generate.lora import main as lora_generate
+from lit_lora.checkpoint import load_model  # noqa: E402
+from lit_lora.cli import cli  # noqa: E402
 from lit_lora.data import IGNORE_INDEX, collate, format_prompt, tokenize_example  # noqa: E402
 from lit_lora.generation import generate  # noqa: E402
-from lit_lora.lora import load_lora, merge_lora  # noqa: E402
+from lit_lora.lora import merge_lora  # noqa: E402
+from lit_lora.method_files import load_lora  # noqa: E402
+from lit_lora.report import format_bytes  # noqa: E402
 from lit_lora.tokenizer import Tokenizer  # noqa: E402
 from lit_lora.train import loss_sum  # noqa: E402
-from lit_lora.utils import cli, format_bytes, load_model  # noqa: E402
-from prepare_data.json_data import JSONArgs, main as prepare_json  # noqa: E402
+from prepare_data.json_data import JSONArgs  # noqa: E402
+from prepare_data.json_data import main as prepare_json
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # Each task: an instruction and what it does to a list of letters. The base model learns the first two;

@@ -30,31 +30,30 @@ caches) or `model.clear_kv_cache()` drops them. Change the adapter's weights onl
 generations, i.e. with no KV cache set; the KV cache is for inference (`torch.no_grad()`).
 """
 
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_lora.model import CausalSelfAttention, LLaMA, repeat_kv
-from lit_lora.quantize import compute_dtype
-from lit_lora.utils import atomic_save, check_base_model, check_tensors
+from lit_lora.model import CausalSelfAttention, ConfigError, LLaMA, repeat_kv
 
 ADAPTER_PARAMETERS = ("adaption_prompt", "gating_factor")  # the names of the tensors LLaMA-Adapter adds
 
 
 @dataclass
 class AdapterConfig:
+    """The hyperparameters of an adapter: what apply_adapter takes and an adapter file records."""
+
     prompt_length: int = 10  # K: prompt vectors per adapted layer
     start_layer: int = 2  # layers start_layer.. get a prompt (the paper: the top 30 of 32)
 
     def __post_init__(self):
-        if self.prompt_length < 1:
-            raise ValueError(f"--adapter_prompt_length {self.prompt_length}: the prompt needs at least 1 vector")
-        if self.start_layer < 0:
-            raise ValueError(f"--adapter_start_layer {self.start_layer}: must not be negative (layers count from 0)")
+        if type(self.prompt_length) is not int or self.prompt_length < 1:
+            raise ConfigError("prompt_length", self.prompt_length, "the prompt needs a whole number of vectors, at least 1")
+        if type(self.start_layer) is not int or self.start_layer < 0:
+            raise ConfigError("start_layer", self.start_layer, "must be a whole number, not negative (layers count from 0)")
 
 
 class AdapterAttention(CausalSelfAttention):
@@ -63,19 +62,18 @@ class AdapterAttention(CausalSelfAttention):
     Built from an existing attention module, sharing its (frozen) q/k/v/o projections: no copies.
     """
 
-    def __init__(self, attention: CausalSelfAttention, prompt_length: int):
+    def __init__(self, attention: CausalSelfAttention, prompt_length: int, dtype: torch.dtype):
         nn.Module.__init__(self)  # not CausalSelfAttention.__init__: that would build new q/k/v/o weights
         self.n_head, self.n_query_groups = attention.n_head, attention.n_query_groups
         self.head_size = attention.head_size
         self.q_proj, self.k_proj = attention.q_proj, attention.k_proj  # shared, not copied
         self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
         self.kv_cache = attention.kv_cache
-        weight = self.q_proj.weight  # new tensors go where the model is: its device (meta included) and dtype
-        n_embd, dtype = self.q_proj.in_features, compute_dtype(weight)  # (a 4-bit weight: the dtype it came from)
+        device, n_embd = self.q_proj.weight.device, self.q_proj.in_features  # where the model is (meta included)
         # N(0, 1), the scale of the normalised hidden states that k_proj and v_proj usually see.
         # Not zero: with both the prompt and the gate at zero neither would ever get a gradient.
-        self.adaption_prompt = nn.Parameter(torch.randn(prompt_length, n_embd, device=weight.device, dtype=dtype))
-        self.gating_factor = nn.Parameter(torch.zeros(1, self.n_head, 1, 1, device=weight.device, dtype=dtype))
+        self.adaption_prompt = nn.Parameter(torch.randn(prompt_length, n_embd, device=device, dtype=dtype))
+        self.gating_factor = nn.Parameter(torch.zeros(1, self.n_head, 1, 1, device=device, dtype=dtype))
 
     def compute_prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """P W_k and P W_v, split into heads: (1, n_query_groups, prompt_length, hs) each. No RoPE: no position."""
@@ -108,10 +106,10 @@ def apply_adapter(model: LLaMA, prompt_length: int = 10, start_layer: int = 2) -
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError(f"The model already has an adapter ({model.adapter_config}); apply it once")
     if start_layer >= model.config.n_layer:
-        raise ValueError(f"--adapter_start_layer {start_layer}: must be below the model's n_layer "
-                         f"({model.config.n_layer})")
+        raise ConfigError("start_layer", start_layer, f"must be below the model's n_layer ({model.config.n_layer})")
+    dtype = model.embed.weight.dtype  # the model's dtype (the embedding's: never stored in 4 bits)
     for block in model.blocks[start_layer:]:
-        block.attn = AdapterAttention(block.attn, prompt_length)
+        block.attn = AdapterAttention(block.attn, prompt_length, dtype)
     model.adapter_config = config
     return model
 
@@ -131,63 +129,3 @@ def mark_only_adapter_as_trainable(model: LLaMA) -> None:
 def adapter_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
     """Only the adapter's tensors (prompts and gates), keyed as in model.state_dict()."""
     return {name: tensor for name, tensor in model.state_dict().items() if is_adapter_parameter(name)}
-
-
-def save_adapter(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] = None) -> None:
-    """Write the adapter (a few MB for 7B), with the hyperparameters and base config needed to load it.
-    The tensors come from the model, or from `state_dict` (the training loop passes the ones it gathered)."""
-    if getattr(model, "adapter_config", None) is None:
-        raise ValueError("The model has no adapter to save: call apply_adapter(model) first")
-    tensors = adapter_state_dict(model) if state_dict is None else {
-        name: tensor.detach().cpu() for name, tensor in state_dict.items() if is_adapter_parameter(name)}
-    atomic_save({"adapter": tensors, "adapter_config": asdict(model.adapter_config),
-                 "base_config": asdict(model.config),
-                 "base_fingerprint": getattr(model, "base_fingerprint", None)}, path)  # which base weights
-
-
-def read_adapter_file(path: Union[str, Path]) -> dict:
-    """The saved dict {"adapter", "adapter_config", "base_config", "base_fingerprint"}, checked to be an adapter file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Adapter file {str(path)!r} does not exist; finetune/adapter.py writes one")
-    try:
-        data = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as an adapter file ({e})") from e
-    required, allowed = {"adapter", "adapter_config", "base_config"}, {"adapter", "adapter_config", "base_config",
-                                                                       "base_fingerprint"}
-    if not isinstance(data, dict) or not required <= set(data) <= allowed:
-        found = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: not an adapter file: expected the keys {sorted(required)}, found {found}")
-    known = {f.name for f in fields(AdapterConfig)}
-    if set(data["adapter_config"]) != known:
-        raise ValueError(f"{path}: adapter_config has the fields {sorted(data['adapter_config'])}, "
-                         f"expected {sorted(known)}")
-    return data
-
-
-def load_adapter(model: LLaMA, path: Union[str, Path]) -> LLaMA:
-    """Load a saved adapter into a model holding its base weights, applying the adapter first if needed.
-
-    Everything is checked before the model is touched: the base model's shape (and, with a warning, its
-    weights' fingerprint), the adapter hyperparameters, the tensor names and shapes. On any error the
-    model is left as it was.
-    """
-    data = read_adapter_file(path)
-    check_base_model(data, model.config, path, getattr(model, "base_fingerprint", None))
-    config = AdapterConfig(**data["adapter_config"])
-    if getattr(model, "adapter_config", None) not in (None, config):
-        raise ValueError(f"{path} holds an adapter with {config}, "
-                         f"but the model already has one with {model.adapter_config}")
-    if model.lm_head.weight.is_meta:
-        raise ValueError("The model is on the meta device: load its base weights before the adapter")
-    with torch.device("meta"):  # a shape-only copy (no memory) says which tensors the file must hold
-        expected = adapter_state_dict(apply_adapter(LLaMA(model.config), **asdict(config)))
-    tensors = data["adapter"]
-    check_tensors(tensors, {name: t.shape for name, t in expected.items()}, path)
-    if getattr(model, "adapter_config", None) is None:
-        apply_adapter(model, **asdict(config))
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            model.get_parameter(name).copy_(tensor)  # into the model's device and dtype
-    return model

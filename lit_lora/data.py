@@ -15,8 +15,9 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
+from lit_lora.atomic import atomic_folder
+from lit_lora.cli import check_flag
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import atomic_folder, check_flag
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
@@ -317,7 +318,7 @@ class PrepareArgs:
     """
 
     data_file: Optional[Path] = None
-    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B")
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")  # what README's download and convert_hf commands create
     destination_path: Path = Path("data/alpaca")
     max_seq_length: int = 256
     test_split_size: Union[int, float] = 0.1

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Union
 
-from lit_lora.utils import atomic_write
+from lit_lora.atomic import atomic_write
 
 
 def load_records(path: Union[str, Path], instruction_key: str = "instruction", input_key: str = "input",

@@ -1,12 +1,12 @@
-"""Devices and strategies for training, through Lightning Fabric: one device; DDP, a whole replica of the model
-per device (LoRA and LLaMA-Adapter, whose frozen weights fit on one GPU); or FSDP, every Block's weights,
+"""Devices, strategies and precision for training, through Lightning Fabric: one device; DDP, a whole replica of
+the model per device (LoRA and LLaMA-Adapter, whose frozen weights fit on one GPU); or FSDP, every Block's weights,
 gradients and optimizer state split over the devices (full finetuning), with torch's `fully_shard`.
 Fabric also starts the other processes and applies the precision (lit_lora/train.py says what each means).
 """
 
 from pathlib import Path
-from typing import Callable
 
+import torch
 import torch.nn as nn
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger
@@ -14,10 +14,24 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from lit_lora.utils import default_precision
+
+def default_precision() -> str:
+    """bf16 weights on a GPU that supports bfloat16, fp32 otherwise (CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-true"
+    return "32-true"
 
 
-def launch_fabric(args, multi_device_strategy: str = "ddp", activation_checkpointing: bool = False) -> Fabric:
+def dtype_from_precision(precision: str) -> torch.dtype:
+    """The dtype of the weights for a Fabric precision string ('bf16-mixed' keeps fp32 weights)."""
+    dtypes = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16,
+              "bf16-mixed": torch.float32, "16-mixed": torch.float32}
+    if precision not in dtypes:
+        raise ValueError(f"Unknown precision {precision!r}; choose one of {', '.join(dtypes)}")
+    return dtypes[precision]
+
+
+def launch_fabric(args, multi_device_strategy: str = "ddp") -> Fabric:
     """Start Fabric (and, for several devices, the other processes) before anything is built.
 
     `--strategy auto` on several devices means `multi_device_strategy`: DDP (a replica per device) for LoRA
@@ -32,7 +46,7 @@ def launch_fabric(args, multi_device_strategy: str = "ddp", activation_checkpoin
     if strategy == "auto" and args.devices * args.num_nodes > 1:
         strategy = multi_device_strategy
     if strategy == "fsdp":
-        strategy = ModelParallelStrategy(shard_by_block(activation_checkpointing), save_distributed_checkpoint=False,
+        strategy = ModelParallelStrategy(shard_by_block, save_distributed_checkpoint=False,
                                          data_parallel_size=args.devices * args.num_nodes, tensor_parallel_size=1)
     fabric = Fabric(devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
                     loggers=make_loggers(args.out_dir))
@@ -41,20 +55,22 @@ def launch_fabric(args, multi_device_strategy: str = "ddp", activation_checkpoin
     return fabric
 
 
-def shard_by_block(activation_checkpointing: bool) -> Callable:
+def shard_by_block(model: nn.Module, device_mesh) -> nn.Module:
     """FSDP (torch's `fully_shard`): each Block's parameters are split over the devices and gathered only while
     that Block computes, forward and backward; gradients are reduce-scattered back into shards."""
+    mesh = device_mesh["data_parallel"]
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the embedding, final norm and lm_head
+    return model
 
-    def shard(model: nn.Module, device_mesh) -> nn.Module:
-        mesh = device_mesh["data_parallel"]
-        for block in model.blocks:
-            if activation_checkpointing:
-                checkpoint(block)  # keep only the Block's input; recompute the rest in the backward pass
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the embedding, final norm and lm_head
-        return model
 
-    return shard
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing: each Block keeps only its input in the forward pass and computes the rest again
+    in the backward pass, so the activations inside the Blocks never stay in memory at once: less memory for one
+    more forward pass of time. Apply it before the model is sharded (fabric.setup_module)."""
+    for block in model.blocks:
+        checkpoint(block)
 
 
 def make_loggers(out_dir: Path) -> list:

@@ -18,18 +18,14 @@ from typing import Callable, Collection, Iterator, Literal, Optional
 
 import torch
 
+from lit_lora.cli import check_flag, config_flags
 from lit_lora.data import PROMPT_STYLES, format_prompt, response_stop_ids
+from lit_lora.devices import default_precision, dtype_from_precision
 from lit_lora.inference import compile_decoding, fuse_for_inference
 from lit_lora.model import LLaMA
 from lit_lora.quantize import check_quantize
+from lit_lora.report import format_bytes, peak_memory_bytes
 from lit_lora.tokenizer import Tokenizer, check_utf8
-from lit_lora.utils import (
-    check_flag,
-    default_precision,
-    dtype_from_precision,
-    format_bytes,
-    peak_memory_bytes,
-)
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_prefix: str = "") -> None:
@@ -196,8 +192,8 @@ def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor],
 
 
 # inference_mode, not only no_grad: without autograd's bookkeeping (version counters, dispatch) each of a decoding
-# step's ~370 small operations is cheaper: 8% more tokens/s for benchmarks/generate_throughput.py's model on a 2-core
-# CPU. generate_stream itself stays no_grad, for the training loop's evaluation under FSDP (see above).
+# step's few hundred small operations is cheaper (howto/generate.md, "Speed", says by how much where it was measured).
+# generate_stream itself stays no_grad, for the training loop's evaluation under FSDP (see above).
 @torch.inference_mode()
 def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100,
                        temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
@@ -292,8 +288,8 @@ class GenerateArgs:
     """Options shared by every generate script (each script adds what its method needs).
 
     Args:
-        prompt: The text to continue (base model) or the instruction to answer (finetuned models).
         checkpoint_dir: Folder with lit_model.pth, model_config.json and the tokenizer (tokenizer.model or tokenizer.json).
+        prompt: The text to continue (base model) or the instruction to answer (finetuned models).
         max_new_tokens: Generate at most this many tokens (fewer if a stop token, such as EOS, comes first).
         temperature: 0 is greedy decoding; higher values sample more freely.
         top_k: Sample only among the k most likely tokens (null: all).
@@ -312,8 +308,8 @@ class GenerateArgs:
             a quarter of the memory of bf16, slower; null: in the precision's dtype. Needs pip install -e '.[quantize]'.
     """
 
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")  # what README's download and convert_hf commands create
     prompt: str = "Hello, my name is"
-    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B")
     max_new_tokens: int = 100
     temperature: float = 0.8
     top_k: Optional[int] = 200
@@ -337,7 +333,8 @@ class GenerateArgs:
                    "must be from 0 to 2**63 - 1, or null for different answers every run")
         check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
                    f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/data.py)")
-        check_quantize(self.quantize)
+        with config_flags():
+            check_quantize(self.quantize)
 
 
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False,
@@ -347,7 +344,6 @@ def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compil
     decoding step compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
-    model.reset_rope_cache()  # cos/sin back in fp32 on the device: positions need more precision than bf16
     if fused:
         fuse_for_inference(model)
     if compile:

@@ -7,14 +7,14 @@ reading the weights from memory. Two things make that reading faster without cha
   three matrix-vector products into one (and two into one). Fewer, larger products: less time launching kernels
   and more time streaming weights.
 - Transposing. nn.Linear stores W as (d_out, d_in) and computes x W^T. torch's CPU matrix-vector product reads
-  a weight stored (d_in, d_out) and computed as x @ W faster: for the bench-8x512 model's lm_head (32000 x 512)
-  about twice as fast on the CPU this was measured on, where it is the largest matrix of a small model.
+  a weight stored (d_in, d_out) and computed as x @ W faster on the CPUs this was measured on, most for a wide
+  matrix such as a small model's lm_head.
 
-With RoPE, RMSNorm and the KV cache write in fewer operations as well (below), and the scripts decoding under
-torch.inference_mode, measured on a 2-core CPU (benchmarks/generate_throughput.py, howto/generate.md "Speed"): the same
-tokens, 74-78 -> 114-120 tokens/s. Training never uses this layout (LoRA and
-the adapter need the modules of model.py), so it is applied only where a model is prepared for generation, after
-LoRA is merged (a merged LoRA layer is a plain x W^T again). compile_decoding, at the end, compiles the decoding step.
+RoPE and RMSNorm take fewer operations as well (below). What all this gains, measured against Hugging Face and
+against the memory-bandwidth bound, is printed by benchmarks/generate_throughput.py (howto/generate.md, "Speed").
+Training never uses this layout (LoRA and the adapter need the modules of model.py), so it is applied only where a
+model is prepared for generation, after LoRA is merged (a merged LoRA layer is a plain x W^T again).
+compile_decoding, at the end, compiles the decoding step.
 """
 
 import time
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_lora.lora import LoRALinear
-from lit_lora.model import MLP, CausalSelfAttention, KVCache, LLaMA, RMSNorm
+from lit_lora.model import MLP, CausalSelfAttention, LLaMA, RMSNorm
 
 
 class FusedAttention(CausalSelfAttention):
@@ -49,26 +49,17 @@ class FusedAttention(CausalSelfAttention):
         q, k = qk.split([self.n_head, self.n_query_groups], dim=1)  # (B, n_head, T, hs), (B, n_groups, T, hs)
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_groups, T, hs)
         if input_pos is not None:
-            k, v = write_cache(self.kv_cache, input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v)
         y = self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
         return y @ self.o_t
-
-
-def write_cache(cache: KVCache, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """KVCache.update in fewer operations for one row: its positions index one dimension of the cache."""
-    if k.size(0) != 1:
-        return cache.update(input_pos, k, v)  # rows at different positions
-    positions = input_pos.view(-1)  # (T,) from input_pos (T,) or (1, T)
-    cache.k.index_copy_(2, positions, k.to(cache.k.dtype))  # k: (1, n_groups, T, hs)
-    cache.v.index_copy_(2, positions, v.to(cache.v.dtype))
-    return cache.k, cache.v
 
 
 def rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """model.py's apply_rope in fewer operations, on heads laid out (B, T, heads, hs): x cos + (-x2, x1) sin is
     x cos + (x2, x1) (-sin, sin), and (x2, x1) is x rolled by half a head. The same products, the same numbers."""
     cos, sin = (cos.transpose(1, 2), sin.transpose(1, 2)) if cos.dim() == 4 else (cos.unsqueeze(1), sin.unsqueeze(1))
-    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * (sin * sign)).to(x.dtype)  # cos, sin: (B or 1, T, 1, hs)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype) * sign.to(x.dtype)  # as apply_rope: in x's dtype
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin  # cos, sin: (B or 1, T, 1, hs)
 
 
 class FusedRMSNorm(RMSNorm):
@@ -140,7 +131,7 @@ def computes_x_wt(module: nn.Module) -> bool:
 
 
 def compile_decoding(model: LLaMA) -> LLaMA:
-    """torch.compile the one-token decoding step, in place; the prefill stays eager (gpt-fast's recipe).
+    """torch.compile the one-token decoding step, in place; the prefill stays eager.
 
     A decoding step has the same shapes at every token (the new token (B, 1), the KV cache), so one compilation
     serves them all; a prompt of a new length would be a new compilation, so the prefill is not compiled. Each new

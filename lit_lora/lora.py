@@ -8,31 +8,28 @@ dW has a low "intrinsic rank": it can be written as B A with B (d_out x r) and A
 
 - Init: A is random (Kaiming-uniform) and B is zero, so B A = 0 and a fresh LoRA model is exactly the
   base model; training starts from the pretrained function, not from noise.
-- Scaling: the update is multiplied by alpha / r. With Adam, the size of B A's change scales with r, so
-  dividing by r lets you change r without retuning the learning rate (the paper sets alpha to the first r
-  it tries and leaves it there).
+- Scaling: the update is multiplied by alpha / r. The paper sets alpha to the first r it tries and leaves it
+  there, and finds that this scaling reduces the need to retune the learning rate when r changes (rsLoRA,
+  Kalajdzievski 2023, argues that alpha / sqrt(r) does so better at large r).
 - Dropout on the LoRA path's input regularises the small update only; W0 x is untouched.
 - Parameters: a d_out x d_in matrix costs r (d_in + d_out) trainable numbers instead of d_in d_out. For
   LLaMA 7B with r = 8 on the query and value projections of its 32 layers: 32 * 2 * 8 * (4096 + 4096) =
   4,194,304 trainable parameters, 0.06% of 6.7B, about 8 MB in bf16.
 - Merging: after training, W = W0 + (alpha / r) B A is an ordinary matrix again. Folding it in once makes
   the finetuned model exactly as fast as the base model: LoRA adds no inference latency.
-- QLoRA: W0 may be stored in 4 bits (lit_lora/quantize.py); the layer computes the same h, with W0
-  dequantized inside its matmul. Such a W0 cannot take the merge: W0 + dW would have to be rounded to 4 bits
-  again, which would lose most of dW, so LoRA stays unmerged on a 4-bit base.
+
+QLoRA, LoRA on a base stored in 4 bits, is lit_lora/quantize.py; saving and loading LoRA files is
+lit_lora/method_files.py. This file is the method alone.
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Iterator, Optional, Union
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
 
-from lit_lora.model import LLaMA
-from lit_lora.quantize import compute_dtype, is_4bit, linear_4bit
-from lit_lora.utils import atomic_save, check_base_model, check_tensors
+from lit_lora.model import ConfigError, LLaMA
 
 # Where each target lives: in every Block (attn.* and mlp.*), or on the model itself (lm_head).
 LORA_TARGETS = {
@@ -43,76 +40,64 @@ LORA_TARGETS = {
 
 
 class LoRALinear(nn.Linear):
-    """A frozen nn.Linear (`weight` is W0, same name so base checkpoints load unchanged) plus a trainable
-    low-rank update: h = W0 x + scaling * B(A(dropout(x)))."""
+    """The linear layer it wraps, whose weight W0 stays frozen (the same tensor, under the same name `weight`, so
+    base checkpoints load unchanged), plus a trainable low-rank update: h = W0 x + scaling * B(A(dropout(x)))."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
-        self.weight.requires_grad = False  # W0 is frozen
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))  # (d_out, r)
+    def __init__(self, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 dtype: Optional[torch.dtype] = None):
+        if linear.bias is not None:
+            raise ValueError("LoRALinear wraps a linear layer without bias (LLaMA has none)")
+        nn.Module.__init__(self)  # not nn.Linear.__init__, which would make a new weight: W0 is linear's
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # W0, shared with `linear`, not copied
+        self.weight.requires_grad = False  # frozen
+        self.register_parameter("bias", None)
+        device, dtype = self.weight.device, dtype or self.weight.dtype  # A and B beside W0, in its dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))  # (d_out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its own weight
+        nn.init.zeros_(self.lora_B)  # B = 0, so B A = 0: the model starts as the base model
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.merged = False
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its own weight
-        nn.init.zeros_(self.lora_B)  # B = 0, so B A = 0: the model starts as the base model
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float) -> "LoRALinear":
-        """Wrap an existing linear layer, sharing its weight tensor (no copy; works on the meta device). A 4-bit
-        layer (lit_lora/quantize.py's Linear4bit) is wrapped the same way: its 4-bit weight becomes W0."""
-        if linear.bias is not None:
-            raise ValueError("LoRALinear expects a linear layer without bias (LLaMA has none)")
-        w = linear.weight
-        lora = cls(linear.in_features, linear.out_features, r, alpha, dropout, device="meta")  # allocates nothing
-        if is_4bit(w):
-            lora.weight = w  # the same 4-bit W0, with its quantization state; frozen
-        else:
-            lora.weight = nn.Parameter(w.data, requires_grad=False)  # the same W0 storage
-        dtype = compute_dtype(w)  # A and B in W0's dtype (for a 4-bit W0: the dtype it was quantized from)
-        lora.lora_A = nn.Parameter(torch.empty_like(lora.lora_A, device=w.device, dtype=dtype))
-        lora.lora_B = nn.Parameter(torch.empty_like(lora.lora_B, device=w.device, dtype=dtype))
-        lora.reset_lora_parameters()
-        return lora.train(linear.training)  # keep the model's train/eval mode (dropout)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling  # (d_out, d_in), rank <= r
+        self.train(linear.training)  # the model's train/eval mode (dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # W0 x (already W0 + dW when merged); QLoRA: W0 is 4-bit, dequantized inside the matmul
-        h = linear_4bit(x, self.weight) if is_4bit(self.weight) else super().forward(x)
+        h = super().forward(x)  # W0 x, the wrapped layer's own product (once merged: W x, with W = W0 + dW)
         if self.merged:
             return h
         # scaling * B(A(dropout(x))): two thin matmuls, never the full d_out x d_in product; the scaling is
         # applied to the r-wide middle, the cheapest place for it
         return h + ((self.lora_dropout(x) @ self.lora_A.T) * self.scaling) @ self.lora_B.T
 
+    def delta_weight(self) -> torch.Tensor:
+        """dW = scaling * B A, (d_out, d_in), rank <= r, in fp32: merging rounds W0 + dW to W0's dtype once."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 <- W0 + scaling * B A, for inference at the base model's speed. Training stays unmerged:
-        merging and unmerging again and again in low precision would slowly drift the frozen W0."""
-        if is_4bit(self.weight):
-            raise ValueError("Cannot merge LoRA into a 4-bit W0 (QLoRA): W0 + dW rounded to 4 bits again would lose "
-                             "most of dW. Keep LoRA unmerged (generate/lora.py --quantize does), or load the "
-                             "unquantized base to merge.")
+        """W0 <- W0 + scaling * B A, for inference at the base model's speed."""
         if not self.merged:
-            self.weight.data += self.delta_weight().to(self.weight.dtype)
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """W <- W - scaling * B A. In 16 bits this gives W0 back only to within rounding: training stays unmerged."""
         if self.merged:
-            self.weight.data -= self.delta_weight().to(self.weight.dtype)
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
             self.merged = False
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        """Training mode unmerges, as loralib's does: merged, A and B are outside the product and get no gradient."""
+        if mode and self.merged:
+            self.unmerge()
+        return super().train(mode)
 
 
 @dataclass
 class LoRAConfig:
-    """The hyperparameters a LoRA file carries, so loading it needs no repeated flags."""
+    """The hyperparameters of a LoRA: what apply_lora takes and a LoRA file records."""
 
     r: int = 8
     alpha: float = 16
@@ -120,20 +105,20 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self):
+        if type(self.r) is not int or self.r < 1:
+            raise ConfigError("r", self.r, "the rank must be a whole number, at least 1")
+        if type(self.alpha) not in (int, float) or not 0 < self.alpha < math.inf:
+            raise ConfigError("alpha", self.alpha, "must be a positive, finite number (the update is scaled by "
+                                                   "alpha / r; alpha 0 would switch LoRA off)")
+        if type(self.dropout) not in (int, float) or not 0 <= self.dropout < 1:
+            raise ConfigError("dropout", self.dropout, "must be at least 0 and below 1")
+        if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets) or not self.targets:
+            raise ConfigError("targets", self.targets, f"must be a list of targets from {', '.join(LORA_TARGETS)}")
         self.targets = tuple(self.targets)
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
-            raise ValueError(f"Unknown LoRA target(s) {unknown}: valid targets are {', '.join(LORA_TARGETS)} "
-                             f"(e.g. --lora_targets [q,v])")
-        if not self.targets:
-            raise ValueError(f"No LoRA targets given: choose from {', '.join(LORA_TARGETS)}")
-        if self.r < 1:
-            raise ValueError(f"--lora_r {self.r}: the LoRA rank r must be at least 1")
-        if self.alpha <= 0:
-            raise ValueError(f"--lora_alpha {self.alpha}: must be positive (the update is scaled by alpha / r; "
-                             "alpha 0 would switch LoRA off)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--lora_dropout {self.dropout}: must be in [0, 1)")
+            raise ConfigError("targets", list(self.targets), f"{unknown} are not targets; valid targets are "
+                                                             f"{', '.join(LORA_TARGETS)}")
 
 
 def target_linears(model: LLaMA, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str]]:
@@ -154,10 +139,15 @@ def apply_lora(model: LLaMA, r: int = 8, alpha: float = 16, dropout: float = 0.0
         raise ValueError(f"This model already has LoRA ({model.lora_config}); apply it once")
     config = LoRAConfig(r, alpha, dropout, targets)
     if "head" in config.targets and model.config.tie_embeddings:
-        raise ValueError("--lora_targets includes head, but this model's lm_head is its embedding matrix "
-                         "(tie_embeddings): merging B A into it would change the embedding too. Leave head out.")
-    for _, parent, name in target_linears(model, config.targets):
-        setattr(parent, name, LoRALinear.from_linear(getattr(parent, name), r, alpha, dropout))
+        raise ConfigError("targets", list(config.targets), "holds head, but this model's lm_head is its embedding "
+                          "matrix (tie_embeddings): merging B A into it would change the embedding too. Leave head out.")
+    linears = [(parent, name, getattr(parent, name)) for _, parent, name in target_linears(model, config.targets)]
+    smallest = min(min(linear.in_features, linear.out_features) for _, _, linear in linears)
+    if r > smallest:  # B A of a d_out x d_in matrix has rank min(d_in, d_out) at most
+        raise ConfigError("r", r, f"must be at most {smallest}, the smallest side of the targeted matrices")
+    for parent, name, linear in linears:
+        lora_class = getattr(linear, "lora_class", LoRALinear)  # a 4-bit linear (quantize.py) names its own
+        setattr(parent, name, lora_class(linear, r, alpha, dropout))
     model.lora_config = config
     return model
 
@@ -172,6 +162,7 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors (every A and B), keyed as in model.state_dict(): what a LoRA file holds."""
     return {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
 
 
@@ -183,52 +174,3 @@ def merge_lora(model: nn.Module) -> None:
 def unmerge_lora(model: nn.Module) -> None:
     for module in lora_modules(model):
         module.unmerge()
-
-
-def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] = None) -> None:
-    """One self-describing file: the LoRA tensors, their hyperparameters, the base model's config and, for
-    QLoRA, the 4-bit format of the base it was trained on (the file loads on the unquantized base too).
-
-    The tensors come from the model, or from `state_dict` (the training loop passes the ones it gathered
-    from all devices)."""
-    tensors = lora_state_dict(model) if state_dict is None else state_dict
-    atomic_save({
-        "lora": {name: tensor.detach().cpu() for name, tensor in tensors.items() if "lora_" in name},
-        "lora_config": asdict(model.lora_config),
-        "base_config": asdict(model.config),
-        "base_fingerprint": getattr(model, "base_fingerprint", None),  # which base weights it was trained on
-        "quantization": getattr(model, "quantization", None),  # None, or the base's 4-bit format (QLoRA)
-    }, path)
-
-
-def read_lora_file(path: Union[str, Path]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No LoRA file at {path}: finetune/lora.py writes <out_dir>/lit_lora_finetuned.pth")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or not {"lora", "lora_config", "base_config"} <= set(checkpoint):
-        raise ValueError(f"{path} is not a LoRA file written by lit-lora (it lacks lora, lora_config, base_config)")
-    return checkpoint
-
-
-def load_lora(model: LLaMA, path: Union[str, Path]) -> LLaMA:
-    """Add LoRA to `model` with the file's hyperparameters and load its tensors; every mismatch is an error."""
-    checkpoint = read_lora_file(path)
-    check_base_model(checkpoint, model.config, path, getattr(model, "base_fingerprint", None))
-    config = LoRAConfig(**{f.name: checkpoint["lora_config"][f.name] for f in fields(LoRAConfig)})
-    if hasattr(model, "lora_config") and model.lora_config != config:
-        raise ValueError(f"{path} holds LoRA {config}, but the model already has {model.lora_config}")
-    if any(module.merged for module in lora_modules(model)):
-        raise ValueError(f"Cannot load {path} into a model whose LoRA is merged: W holds W0 + the old update. "
-                         "Call unmerge_lora(model) first (then load, then merge_lora(model) again).")
-    # Check every tensor before touching the model: a failed load leaves it as it was.
-    expected = {}
-    for prefix, parent, name in target_linears(model, config.targets):
-        linear = getattr(parent, name)
-        expected[f"{prefix}.lora_A"] = (config.r, linear.in_features)
-        expected[f"{prefix}.lora_B"] = (linear.out_features, config.r)
-    check_tensors(checkpoint["lora"], expected, path, "Was it trained with other LoRA targets or another model?")
-    if not hasattr(model, "lora_config"):
-        apply_lora(model, config.r, config.alpha, config.dropout, config.targets)
-    model.load_state_dict(checkpoint["lora"], strict=False)
-    return model

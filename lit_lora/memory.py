@@ -1,4 +1,4 @@
-"""How much memory (and compute) a finetuning step takes, worked out before running it.
+"""How much memory a finetuning step takes, worked out before running it (its compute: lit_lora/flops.py).
 
 A training step holds five kinds of tensors at its peak:
 
@@ -48,10 +48,10 @@ Everything here is arithmetic on a `Config`: nothing is built, so 70B is as quic
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from lit_lora.lora import LORA_TARGETS
+from lit_lora.lora import LORA_TARGETS, LoRAConfig
 from lit_lora.model import Config
 from lit_lora.quantize import BLOCK_SIZE, QUANTIZE_MODES
-from lit_lora.utils import format_bytes
+from lit_lora.report import format_bytes
 
 METHODS = ("lora", "qlora", "adapter", "full")
 # Bytes per 4-bit weight (QLoRA, lit_lora/quantize.py): the 4-bit index, 1/2 byte, plus its share of its block's
@@ -91,10 +91,7 @@ class TrainingSetup:
             raise ValueError(f"Unknown precision {self.precision!r}: choose one of {', '.join(PRECISION_BYTES)}")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"Unknown quantization {self.quantize!r}: choose one of {', '.join(QUANTIZE_MODES)}")
-        unknown = [target for target in self.lora_targets if target not in LORA_TARGETS]
-        if unknown:
-            raise ValueError(f"Unknown LoRA target(s) {unknown}: valid targets are {', '.join(LORA_TARGETS)}")
-        self.lora_targets = tuple(self.lora_targets)
+        self.lora_targets = LoRAConfig(r=self.lora_r, dropout=self.lora_dropout, targets=self.lora_targets).targets
 
     @property
     def uses_lora(self) -> bool:
@@ -372,51 +369,3 @@ def format_estimates(estimates: dict[str, MemoryEstimate]) -> str:
                  for e in estimates.values()]
     lines.insert(0, "| trainable parameters | " + " | ".join(trainable) + " |")
     return header + "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Compute, for the time column
-
-
-def step_flops(config: Config, setup: TrainingSetup) -> dict[str, float]:
-    """Matmul FLOPs of one micro batch: forward, backward to the inputs, backward to the weights.
-
-    A linear layer costs 2 d_in d_out FLOPs per row forward; its backward costs that again for the input's
-    gradient (dx = dy W) and again for the weight's (dW = dy^T x). Full finetuning pays all three (about 3x
-    the forward). LoRA skips only the weight gradient of the frozen W0, but the input gradients still flow
-    through every layer down to the LoRA matrices of the first one (about 2x the forward): about a third less
-    compute, and less in wall-clock time, because the skipped matmuls are only part of a step.
-    LLaMA-Adapter also skips the whole backward pass of the layers below `start_layer`.
-    Attention (q k^T and the weighted sum over v) is counted with causal masking: T/2 keys per query on
-    average; its backward computes dq, dk and dv: twice its forward.
-    """
-    shapes, L = linear_shapes(config), config.n_layer
-    R = setup.micro_batch_size * setup.seq_length
-    N = R * setup.label_fraction
-    # FLOPs of each part's forward, per row (per row and layer for the adapter)
-    block_linear = 2 * block_linear_parameters(config)
-    attention = 2 * 2 * config.n_embd * setup.seq_length / 2  # q k^T and p v, T/2 keys per query
-    head = 2 * shapes["head"][0] * shapes["head"][1]  # per label row
-    lora = ({target: 2 * setup.lora_r * sum(shapes[target]) for target in setup.lora_targets}
-            if setup.uses_lora else {})
-    adapter = 2 * 2 * config.n_embd * setup.adapter_prompt_length if setup.method == "adapter" else 0
-
-    if setup.method == "full":
-        lowest_trainable_layer = 0
-    elif setup.uses_lora:
-        lowest_trainable_layer = 0 if set(setup.lora_targets) - {"head"} else L
-    else:
-        lowest_trainable_layer = setup.adapter_start_layer
-    adapted_layers = L - setup.adapter_start_layer if setup.method == "adapter" else 0
-    lora_in_blocks = sum(flops for target, flops in lora.items() if target != "head")
-    forward = R * (L * (block_linear + attention + lora_in_blocks) + adapted_layers * adapter) \
-        + N * (head + lora.get("head", 0))
-    layers_backward = L - lowest_trainable_layer  # the gradient flows from the loss down to the lowest trainable layer
-    backward_input = N * head + R * layers_backward * (block_linear + 2 * attention) \
-        + R * adapted_layers * 2 * adapter + R * L * lora_in_blocks
-    if setup.method == "full":
-        backward_weight = R * L * block_linear + N * head
-    else:  # only A and B (LoRA), or the prompts (whose gradient is per layer, not per row: negligible)
-        backward_weight = R * L * lora_in_blocks + N * lora.get("head", 0)  # dA and dB
-    return {"forward": forward, "backward_input": backward_input, "backward_weight": backward_weight,
-            "total": forward + backward_input + backward_weight}

@@ -5,20 +5,25 @@ pre-normalisation with RMSNorm, the SwiGLU feed-forward network, and rotary posi
 (RoPE) instead of learned absolute positions. Llama 2 adds grouped-query attention (several query
 heads share one key/value head) to its 70B model.
 
-Names follow the paper and map one-to-one to Hugging Face's `LlamaForCausalLM`
-(`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`), so LoRA targets read
-the same here as in the LoRA paper and in PEFT.
+Names are Hugging Face's (`LlamaForCausalLM`: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+`down_proj`), so a LoRA target reads the same here as in PEFT; the paper calls the projections W_q, W_k, W_v, W_o.
 """
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    """A value a config cannot hold, naming its field, so that a caller can say where it came from (a file, a flag)."""
+
+    def __init__(self, field: str, value, requirement: str):
+        super().__init__(f"{field}={value!r}: {requirement}")
+        self.field, self.value, self.requirement = field, value, requirement
 
 
 @dataclass
@@ -40,18 +45,33 @@ class Config:
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the Hugging Face repo it came from)
 
     def __post_init__(self):
+        for name in ("block_size", "vocab_size", "padding_multiple", "padded_vocab_size", "n_layer", "n_head",
+                     "n_query_groups", "n_embd", "intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ConfigError(name, value, "must be a whole number, at least 1")
+        if type(self.tie_embeddings) is not bool:
+            raise ConfigError("tie_embeddings", self.tie_embeddings, "must be true or false")
+        scaling = self.rope_scaling
+        if scaling is not None and (type(scaling) is not dict or sorted(scaling) != sorted(ROPE_SCALING_FIELDS)):
+            raise ConfigError("rope_scaling", scaling, f"must be null or hold {', '.join(ROPE_SCALING_FIELDS)}")
+        for name, value in {"norm_eps": self.norm_eps, "rope_base": self.rope_base, **(scaling or {})}.items():
+            if type(value) not in (int, float) or not 0 < value < math.inf:  # also refuses NaN
+                raise ConfigError(name, value, "must be a positive, finite number")
+        if scaling is not None and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise ConfigError("high_freq_factor", scaling["high_freq_factor"], "must exceed low_freq_factor")
         if self.padded_vocab_size is None:
             self.padded_vocab_size = math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.intermediate_size is None:  # the paper's SwiGLU size: 2/3 of 4 n_embd, up to a multiple of 256
             self.intermediate_size = math.ceil(int(2 * 4 * self.n_embd / 3) / 256) * 256  # 11008 for 7B
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ConfigError("padded_vocab_size", self.padded_vocab_size, f"must be >= vocab_size ({self.vocab_size})")
+        if self.n_embd % (2 * self.n_head):  # RoPE rotates pairs: each head's size must be even
+            raise ConfigError("n_embd", self.n_embd, f"must be divisible by 2 n_head ({2 * self.n_head})")
         if self.n_head % self.n_query_groups:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_query_groups ({self.n_query_groups})")
-        if self.rope_scaling is not None and set(self.rope_scaling) != set(ROPE_SCALING_FIELDS):
-            raise ValueError(f"rope_scaling has the fields {sorted(self.rope_scaling)}; expected {ROPE_SCALING_FIELDS}")
+            raise ConfigError("n_head", self.n_head, f"must be divisible by n_query_groups ({self.n_query_groups})")
 
     @property
     def head_size(self) -> int:
@@ -62,17 +82,6 @@ class Config:
         if name not in PRESETS:
             raise ValueError(f"Unknown model name {name!r}. Known presets: {', '.join(PRESETS)}")
         return cls(**{"name": name, **PRESETS[name], **overrides})
-
-    @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "Config":
-        values, known = json.loads(Path(path).read_text()), set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown Config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
-
-    def to_file(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
 
 
 ROPE_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_context")
@@ -88,9 +97,7 @@ PRESETS = {
     "65B": dict(n_layer=80, n_head=64, n_embd=8192, norm_eps=1e-6),
     "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096),
     "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120),
-    "Llama-2-70b": dict(
-        block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672
-    ),
+    "Llama-2-70b": dict(block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672),
     "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
     "open_llama_3b": dict(n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
     "open_llama_7b": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
@@ -128,10 +135,8 @@ class RMSNorm(nn.Module):
 
 def build_rope_cache(seq_len: int, head_size: int, base: float = 10000, device=None,
                      scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the angle m * theta_i for position m and frequency theta_i = base^(-2i/d).
-
-    Returns two (seq_len, head_size) tensors; each frequency appears twice, once per half of the head.
-    """
+    """cos and sin of the angle m * theta_i for position m and frequency theta_i = base^(-2i/d): two (seq_len,
+    head_size) tensors, in fp32; each frequency appears twice, once per half of the head."""
     theta = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device).float() / head_size))  # (hs/2,)
     if scaling is not None:
         theta = llama3_scaled_frequencies(theta, **scaling)
@@ -160,18 +165,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     A rotation keeps the vector's norm, and q_m . k_n then depends only on m - n: attention sees
     relative positions. This is the "rotate half" layout of Hugging Face's weights; Meta's original
     weights pair neighbours (x_2i, x_2i+1) instead, which checkpoints/convert_meta.py permutes.
+
+    Precision, as in Hugging Face's: cos and sin are computed in fp32 and rounded to x's dtype here, whether the
+    model kept them in fp32 or cast them with its weights (model.to(bf16)): the same numbers either way.
     """
     half = x.size(-1) // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (-x2, x1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_query_groups = config.n_query_groups
-        self.head_size = config.head_size
+        self.n_head, self.n_query_groups, self.head_size = config.n_head, config.n_query_groups, config.head_size
         kv_size = config.n_query_groups * config.head_size
         self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.k_proj = nn.Linear(config.n_embd, kv_size, bias=False)
@@ -250,9 +256,8 @@ class LLaMA(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """For training from scratch: weights ~ N(0, 0.02), and the two projections that write into the
-        residual stream (o_proj, down_proj) scaled by 1/sqrt(2 n_layer), as in GPT-2, so the residual
-        stream's variance does not grow with depth."""
+        """For training from scratch: weights ~ N(0, 0.02), and the two projections that write into the residual
+        stream (o_proj, down_proj) scaled by 1/sqrt(2 n_layer), as in GPT-2, so its variance stays flat with depth."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             std = 0.02
             if any(module is block.attn.o_proj or module is block.mlp.down_proj for block in self.blocks):
@@ -269,11 +274,10 @@ class LLaMA(nn.Module):
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, padded_vocab_size), the scores of every possible next token.
 
-        Training (and any plain forward) reads the T tokens as positions 0..T-1, each attending to those before
-        it. With logits_at ((B, T) bool), only the logits where it is True are computed, returned as (N, vocab):
-        the vocabulary projection is the largest matmul of a small model, and training needs it only where there
-        is a label, not on the masked prompt. Decoding passes input_pos (see "Decoding with a KV cache" below).
-        """
+        Training (and any plain forward) reads the T tokens as positions 0..T-1, each attending to those before it.
+        With logits_at ((B, T) bool), only the logits where it is True are computed, returned as (N, vocab): the
+        vocabulary projection is the largest matmul of a small model, and training needs it only where there is a
+        label, not on the masked prompt. Decoding passes input_pos (see "Decoding with a KV cache" below)."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
@@ -317,8 +321,7 @@ class LLaMA(nn.Module):
         cos, sin = self.cos[input_pos].unsqueeze(1), self.sin[input_pos].unsqueeze(1)  # (B, 1, T, hs)
         cache_pos = torch.arange(kv_cache.k.size(2), device=input_pos.device)  # (max_seq_length,)
         allowed = cache_pos <= input_pos.unsqueeze(-1)  # (B, T, max_seq_length): key position <= query position
-        # Added to the scores: softmax(q k^T / sqrt(hs) + mask) gives the keys where it is -inf no weight. Built once
-        # per step in the cache's dtype (a True/False mask would be converted to this in every layer).
+        # Added to the scores: -inf gives a key no weight. Built once per step, in the cache's dtype, not per layer.
         mask = torch.zeros(allowed.shape, dtype=kv_cache.k.dtype, device=input_pos.device)
         return cos, sin, mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)  # mask: (B, 1, T, max_seq_length)
 
@@ -333,9 +336,14 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_query_groups, T, hs) at input_pos (B, T), each row at its own positions; return the
-        whole cache (the mask hides what is not written yet)."""
-        rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
-        self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        """Write k, v (B, n_query_groups, T, hs) at input_pos, (T,) or (1, T) for the same positions in every row,
+        (B, T) for each row its own; return the whole cache (the mask hides what is not written yet)."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if input_pos.dim() == 1 or input_pos.size(0) == 1:
+            self.k.index_copy_(2, input_pos.reshape(-1), k)
+            self.v.index_copy_(2, input_pos.reshape(-1), v)
+        else:
+            rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
+            self.k[rows, :, input_pos] = k.transpose(1, 2)
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v

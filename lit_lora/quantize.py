@@ -34,8 +34,11 @@ dx = dy W, for the LoRA matrices of the layers below, and dequantizes W again; W
 (it is frozen, and a 4-bit number could not take a small step anyway). Dequantizing costs time: QLoRA trades
 speed for memory (measured in howto/finetune_qlora.md).
 
-Loading never holds the 16-bit model. `quantize_blocks` replaces each frozen nn.Linear of the Blocks by a
-`Linear4bit`, one at a time, reading its weight from the memory-mapped checkpoint (lit_lora/utils.py's
+LoRA on a 4-bit W0 is `LoRALinear4bit`: lit_lora/lora.py's LoRALinear, whose base product is the 4-bit one and
+which refuses to merge (W0 + dW rounded to 4 bits again would lose most of dW).
+
+Loading never holds the 16-bit model. `load_model_4bit` replaces each frozen nn.Linear of the Blocks by a
+`Linear4bit`, one at a time, reading its weight from the memory-mapped checkpoint (lit_lora/checkpoint.py's
 `load_model`), quantizing it on the device it will compute on, and handing its pages back to the kernel.
 
 bitsandbytes is an optional extra: `pip install -e ".[quantize]"`. It is imported only when a weight is
@@ -51,6 +54,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from lit_lora.checkpoint import load_model
+from lit_lora.lora import LoRALinear
+from lit_lora.model import ConfigError, LLaMA
+
 # --quantize's values: the mode, and whether it uses double quantization
 QUANTIZE_MODES = {"bnb.nf4": False, "bnb.nf4-dq": True}
 BLOCK_SIZE = 64  # weights per absmax scale (the QLoRA paper's, and bitsandbytes' default)
@@ -63,13 +70,13 @@ INSTALL_HINT = "pip install -e '.[quantize]' (or pip install bitsandbytes)"
 
 
 def check_quantize(mode: Optional[str]) -> None:
-    """Refuse a --quantize value that is not a mode, and a mode when bitsandbytes is missing (which extra to install)."""
+    """Refuse a `quantize` value that is not a mode, and a mode when bitsandbytes is missing (which extra to install)."""
     if mode is None:
         return
     if mode not in QUANTIZE_MODES:
-        raise ValueError(f"--quantize {mode}: is not a quantization mode; choose bnb.nf4 (4-bit NormalFloat) or "
-                         "bnb.nf4-dq (with double quantization), or leave it out (see howto/finetune_qlora.md)")
-    require_bitsandbytes(f"--quantize {mode}")
+        raise ConfigError("quantize", mode, "is not a quantization mode; choose bnb.nf4 (4-bit NormalFloat) or "
+                          "bnb.nf4-dq (with double quantization), or none (see howto/finetune_qlora.md)")
+    require_bitsandbytes(f"4-bit quantization ({mode})")
 
 
 def require_bitsandbytes(what: str = "4-bit weights"):
@@ -123,12 +130,6 @@ def is_4bit(weight: torch.Tensor) -> bool:
     return getattr(weight, "quant_state", None) is not None
 
 
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype a weight computes in: its own, or for a 4-bit weight the dtype it was quantized from. New
-    tensors that work beside it (LoRA's A and B, the adapter's prompts) are made in this dtype."""
-    return weight.quant_state.dtype if is_4bit(weight) else weight.dtype
-
-
 def quantize_nf4(weight: torch.Tensor, double_quantization: bool = False, device=None) -> torch.Tensor:
     """`weight` (d_out, d_in) as a bitsandbytes NF4 weight on `device` (default: where it is): the 4-bit
     indices, packed two per byte, ((d_out * d_in + 1) // 2, 1) uint8, and their quantization state."""
@@ -177,52 +178,77 @@ def dequantize_nf4(weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear4bit(nn.Linear):
-    """A frozen linear layer (no bias) whose weight W is stored in NF4: y = x dequantize(W)^T.
+    """A frozen linear layer (no bias) whose weight W (d_out, d_in) is stored in NF4: y = x dequantize(W)^T.
 
-    An nn.Linear for the rest of the code (in_features, out_features, `weight`), so LoRA can wrap it as it
-    wraps any linear layer (LoRALinear.from_linear shares this 4-bit weight). bitsandbytes' own Linear4bit
-    module would do the same matmul; this one keeps only that call, in `linear_4bit`, the one place it is made.
+    An nn.Linear for the rest of the code (in_features, out_features, `weight`), so LoRA wraps it as it wraps any
+    linear layer, with LoRALinear4bit (`lora_class`, which lit_lora/lora.py's apply_lora asks for). bitsandbytes' own
+    Linear4bit module would do the same matmul; this one keeps only that call, in `linear_4bit`.
     """
 
-    def __init__(self, in_features: int, out_features: int, weight: torch.Tensor):
-        super().__init__(in_features, out_features, bias=False, device="meta")  # allocates nothing
-        self.weight = weight  # a Params4bit: frozen (requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, double_quantization: bool = False, device=None) -> "Linear4bit":
-        if linear.bias is not None:
-            raise ValueError("Linear4bit expects a linear layer without bias (LLaMA has none)")
-        weight = quantize_nf4(linear.weight, double_quantization, device)
-        return cls(linear.in_features, linear.out_features, weight).train(linear.training)
+    def __init__(self, weight: torch.Tensor, double_quantization: bool = False, device=None):
+        d_out, d_in = weight.shape
+        super().__init__(d_in, d_out, bias=False, device="meta")  # allocates nothing
+        self.weight = quantize_nf4(weight, double_quantization, device)  # a Params4bit: frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_4bit(x, self.weight)
 
 
-def quantize_blocks(model: nn.Module, mode: str, device=None, free_mapped_pages: bool = False) -> nn.Module:
-    """Replace every frozen nn.Linear of the model's Blocks (q, k, v, o, gate, up, down) by a Linear4bit, in
-    place, one weight at a time: each is quantized on `device` (default: a GPU if there is one) and the 16/32-bit
-    one dropped before the next is read. The embedding, the norms and lm_head are left as they are.
+class LoRALinear4bit(LoRALinear, Linear4bit):
+    """LoRA on a 4-bit W0 (QLoRA): LoRALinear's forward, whose `super().forward` is Linear4bit's 4-bit product, and
+    A and B in the dtype W0 was quantized from. Merging is refused: W0 + dW would have to be rounded to 4 bits
+    again, which would lose most of dW, so LoRA stays unmerged on a 4-bit base."""
 
-    free_mapped_pages: the weights are memory-mapped from a checkpoint file (`load_model`'s) and are never read
-    again: after quantizing one, hand its pages back to the kernel (`release_pages`). Never for weights in
-    ordinary memory, whose contents that would erase.
+    def __init__(self, linear: Linear4bit, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+        super().__init__(linear, r, alpha, dropout, dtype=linear.weight.quant_state.dtype)
+
+    def merge(self) -> None:
+        raise ValueError("Cannot merge LoRA into a 4-bit W0 (QLoRA): W0 + dW rounded to 4 bits again would lose "
+                         "most of dW. Keep LoRA unmerged (generate/lora.py does on a 4-bit base), or load the "
+                         "unquantized base to merge.")
+
+
+Linear4bit.lora_class = LoRALinear4bit  # the layer apply_lora wraps a Linear4bit in
+
+
+def quantize_blocks(model: LLaMA, mode: str, device=None, dtype: Optional[torch.dtype] = None,
+                    free_mapped_pages: bool = False) -> LLaMA:
+    """Replace every frozen nn.Linear of the model's Blocks (q, k, v, o, gate, up, down) by a Linear4bit, in
+    place, one weight at a time: each is converted to `dtype` (if given), quantized on `device` (default: a GPU if
+    there is one), and dropped before the next is read. The embedding, the norms and lm_head are left as they are
+    (in `dtype`, if given).
+
+    free_mapped_pages: the weights are memory-mapped from a checkpoint file and never read again (load_model_4bit):
+    after quantizing one, hand its pages back to the kernel (`release_pages`). Never for weights in ordinary
+    memory, whose contents that would erase.
     """
     check_quantize(mode)
     if hasattr(model, "lora_config"):
-        raise ValueError("Quantize the base model before applying LoRA: LoRALinear wraps the 4-bit linear layers")
+        raise ValueError("Quantize the base model before applying LoRA: LoRA wraps the 4-bit linear layers")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for block in model.blocks:
         for name, linear in list(block.named_modules()):
             if type(linear) is not nn.Linear:  # the seven frozen linears; already 4-bit ones are left alone
                 continue
             parent_name, _, attribute = name.rpartition(".")
-            setattr(block.get_submodule(parent_name), attribute,
-                    Linear4bit.from_linear(linear, QUANTIZE_MODES[mode], device))
+            weight = linear.weight if dtype is None else linear.weight.to(dtype)  # one weight converted at a time
+            quantized = Linear4bit(weight, QUANTIZE_MODES[mode], device).train(linear.training)
+            setattr(block.get_submodule(parent_name), attribute, quantized)
             if free_mapped_pages:
                 release_pages(linear.weight)
-    model.quantization = mode  # recorded in the LoRA file (lit_lora/lora.py's save_lora)
+    if dtype is not None:  # the rest: embedding, norms, lm_head
+        for param in model.parameters():
+            if getattr(param, "quant_state", None) is None:
+                param.data = param.data.to(dtype)
+    model.quantization = mode  # recorded in the LoRA file (lit_lora/method_files.py)
     return model
+
+
+def load_model_4bit(checkpoint_dir, mode: str, device=None, dtype: Optional[torch.dtype] = None) -> LLaMA:
+    """lit_lora/checkpoint.py's load_model with the Blocks' linears in 4 bits, read one weight at a time from the
+    memory-mapped checkpoint (quantize_blocks), so the 16/32-bit model is never in memory at once."""
+    check_quantize(mode)
+    return quantize_blocks(load_model(checkpoint_dir), mode, device, dtype, free_mapped_pages=True)
 
 
 def release_pages(tensor: torch.Tensor) -> None:

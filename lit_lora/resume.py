@@ -30,8 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from lit_lora.atomic import atomic_folder, atomic_save, atomic_write
 from lit_lora.data_files import file_sha256
-from lit_lora.utils import atomic_folder, atomic_save, atomic_write
 
 
 @contextmanager
@@ -47,12 +47,12 @@ def interrupt_held() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-# The flags a resumed run may change: where things are, how the work is split, what is printed and saved.
-# Every other flag (the seed, batch size, schedule, precision, the method's hyperparameters) decides the
+# The flags a resumed run may change: where things are, how the work is split, what is printed and saved, and
+# activation checkpointing (which changes memory and time, not results). Every other flag (the seed, batch size, schedule, precision, the method's hyperparameters) decides the
 # run's result, and resuming with another value is refused.
 RESUME_MAY_CHANGE = {"checkpoint_dir", "data_dir", "out_dir", "devices", "num_nodes", "strategy", "micro_batch_size",
                      "eval_interval", "eval_examples", "eval_instruction", "eval_input", "eval_max_new_tokens",
-                     "save_interval", "log_interval", "resume"}
+                     "save_interval", "log_interval", "resume", "activation_checkpointing"}
 
 
 def run_identity(args, model: nn.Module) -> dict:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional, Union
 import sentencepiece as spm
 import torch
 
-from lit_lora.utils import atomic_write
+from lit_lora.atomic import atomic_write
 
 # The files beside tokenizer.json that say which of its tokens are BOS, EOS and the ends of generation. Those a
 # folder has are part of the tokenizer: a checkpoint folder carries them, and the checksum covers them.
@@ -108,9 +108,9 @@ class Tokenizer:
         folder = path.parent
         self.files = sorted([path] + [folder / name for name in TOKENIZER_JSON_COMPANIONS if (folder / name).is_file()],
                             key=lambda file: file.name)
-        config = read_json(folder / "tokenizer_config.json")
-        special_tokens = read_json(folder / "special_tokens_map.json")
-        generation = read_json(folder / "generation_config.json")
+        config = read_json(folder / "tokenizer_config.json", missing_ok=True)
+        special_tokens = read_json(folder / "special_tokens_map.json", missing_ok=True)
+        generation = read_json(folder / "generation_config.json", missing_ok=True)
 
         def named_token(field: str) -> int:
             """The id of tokenizer_config.json's (else special_tokens_map.json's) `field`, or -1 if neither names one."""
@@ -244,14 +244,17 @@ def import_tokenizers(path: Path) -> Any:
     return JSONTokenizer
 
 
-def read_json(path: Path) -> dict:
-    """The object in a JSON file beside tokenizer.json; {} if there is no such file."""
+def read_json(path: Path, hint: str = "download the model's tokenizer files again", missing_ok: bool = False) -> dict:
+    """The object in a JSON file ({} for a missing file if missing_ok); an error naming the file and `hint`, what
+    to do, for a file that is missing, not JSON, or not an object."""
     if not path.is_file():
-        return {}
+        if missing_ok:
+            return {}
+        raise FileNotFoundError(f"No {path.name} at {path}: {hint}.")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): download the model's tokenizer files again.") from None
+        raise ValueError(f"{path} is not valid JSON ({error}): {hint}.") from None
     if not isinstance(content, dict):
-        raise ValueError(f"{path} holds a JSON {type(content).__name__}, not an object: download it again.")
+        raise ValueError(f"{path} holds a JSON {type(content).__name__}, not an object: {hint}.")
     return content

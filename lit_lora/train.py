@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 
+from lit_lora.cli import check_flag, config_flags
 from lit_lora.data import (
     IGNORE_INDEX,
     collate,
@@ -39,9 +40,15 @@ from lit_lora.data import (
     prepared_prompt_style,
     response_stop_ids,
 )
-from lit_lora.devices import is_sharded, reshard
+from lit_lora.devices import (
+    checkpoint_activations,
+    dtype_from_precision,
+    is_sharded,
+    reshard,
+)
 from lit_lora.generation import generate
 from lit_lora.quantize import check_quantize
+from lit_lora.report import Progress
 from lit_lora.resume import (
     interrupt_held,
     run_identity,
@@ -50,13 +57,6 @@ from lit_lora.resume import (
     start_or_resume,
 )
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import (
-    check_flag,
-    dtype_from_precision,
-    format_bytes,
-    num_parameters,
-    peak_memory_bytes,
-)
 
 
 @dataclass
@@ -93,12 +93,14 @@ class TrainArgs:
         save_interval: Save step files and the resumable state every this many optimizer steps (0: only at the end).
         log_interval: Print a progress line every this many optimizer steps.
         resume: Continue from a resumable state: a path to a state.pth, or auto (out_dir/state.pth if present).
+        activation_checkpointing: Keep only each Block's input in the forward pass and compute its activations again
+            in the backward pass: less memory, about one more forward pass of time. May change on resume.
         quantize: Store the frozen weights of the Blocks in 4 bits (QLoRA, see howto/finetune_qlora.md): bnb.nf4
             (4-bit NormalFloat), or bnb.nf4-dq (its scales quantized too); null: in the precision's dtype. Needs
             bitsandbytes: pip install -e '.[quantize]'.
     """
 
-    checkpoint_dir: Path = Path("checkpoints/lit-llama/7B")
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")  # what README's download and convert_hf commands create
     data_dir: Path = Path("data/alpaca")
     out_dir: Path = Path("out/lora/alpaca")
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None
@@ -125,6 +127,7 @@ class TrainArgs:
     save_interval: int = 1000
     log_interval: int = 1
     resume: Union[bool, Literal["auto"], Path] = False
+    activation_checkpointing: bool = False
     quantize: Optional[str] = None
 
     def __post_init__(self):
@@ -146,7 +149,8 @@ class TrainArgs:
         check_flag(self, "global_batch_size", self.global_batch_size % (self.micro_batch_size * processes) == 0,
                    f"must be divisible by --micro_batch_size ({self.micro_batch_size}) x devices ({processes}): "
                    "each optimizer step is a whole number of micro batches on every device")
-        check_quantize(self.quantize)  # a known mode, and bitsandbytes installed
+        with config_flags():
+            check_quantize(self.quantize)  # a known mode, and bitsandbytes installed
         check_flag(self, "quantize", self.quantize is None or self.strategy != "fsdp",
                    "not with --strategy fsdp, which would shard the packed 4-bit weights apart from their scales; "
                    "use one device or --strategy ddp")
@@ -169,6 +173,8 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
     train_data, test_data, max_seq_length = load_training_data(fabric, args, tokenizer, model.config.block_size)
     max_steps, warmup_steps = plan_steps(fabric, args, len(train_data))
     model = model.to(dtype_from_precision(args.precision))  # fp32 master weights unless *-true (module docstring)
+    if args.activation_checkpointing:
+        checkpoint_activations(model)
     run = run_identity(args, model)  # what a resumed run must share with the saved one
     model = fabric.setup_module(model)  # to the device; wrapped for DDP, or sharded for FSDP
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(
@@ -353,53 +359,3 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     (seed, rank, step), so each device draws its own dropout masks, and a resumed run draws exactly the masks
     of an uninterrupted one with no random state to save."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:8], "little") >> 1
-
-
-class Progress:
-    """What a run reports: every step's figures in the CSV log, a progress line every `log_interval` steps, and
-    the summary at the end (time, tokens/s, peak memory, parameters, the size of the weights written)."""
-
-    def __init__(self, fabric: Fabric, model: nn.Module, max_steps: int, log_interval: int):
-        self.fabric, self.max_steps, self.log_interval = fabric, max_steps, log_interval
-        self.trainable, self.total = num_parameters(model, trainable=True), num_parameters(model)
-        fabric.print(f"Trainable parameters: {self.trainable:,} of {self.total:,} "
-                     f"({100 * self.trainable / self.total:.3f}%)")
-
-    def begin(self, start_step: int) -> None:
-        """The loop starts (after start_step steps of an earlier run): times and tokens count from here."""
-        self.start_step, self.tokens_seen, self.start_time = start_step, 0, time.perf_counter()
-
-    def log(self, completed: int, loss: float, lr: float, step_time: float, step_tokens: int) -> None:
-        self.tokens_seen += step_tokens
-        elapsed = time.perf_counter() - self.start_time
-        self.fabric.log_dict({"loss": loss, "lr": lr, "step_time_s": step_time, "step_tokens": step_tokens,
-                              "tokens_per_sec": self.tokens_seen / elapsed}, step=completed)
-        if completed % self.log_interval == 0 or completed == self.max_steps:
-            eta = elapsed / (completed - self.start_step) * (self.max_steps - completed)
-            self.fabric.print(f"step {completed}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                              f"{self.tokens_seen / elapsed:,.0f} tokens/s | ETA {format_duration(eta)}")
-
-    def summary(self, final_loss: Optional[float], val_loss: Optional[float], out_dir: Path) -> dict:
-        elapsed, steps = time.perf_counter() - self.start_time, self.max_steps - self.start_step
-        summary = {
-            "steps": steps, "time_s": elapsed, "tokens_per_sec": self.tokens_seen / elapsed,
-            "time_per_step_s": elapsed / max(1, steps), "peak_memory_bytes": peak_memory_bytes(self.fabric.device),
-            "trainable_parameters": self.trainable, "total_parameters": self.total, "final_loss": final_loss,
-            "val_loss": val_loss, "weights_bytes": weights_size(out_dir),
-        }
-        self.fabric.print(
-            f"Done: {steps} steps in {format_duration(elapsed)}, {summary['tokens_per_sec']:,.0f} tokens/s, peak "
-            f"memory {format_bytes(summary['peak_memory_bytes'])}, trainable {self.trainable:,} of {self.total:,} "
-            f"parameters, weights {format_bytes(summary['weights_bytes'])} in {out_dir}")
-        return summary
-
-
-def weights_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and f.suffix == ".pth"
-               and f.name != "state.pth")
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"

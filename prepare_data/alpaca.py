@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-
+from lit_lora.cli import cli
 from lit_lora.data import PrepareArgs, prepare_records
 from lit_lora.data_files import check_sha256, download, load_records
-from lit_lora.utils import cli
 
 # A fixed commit of tloen/alpaca-lora, not the head of a branch that can move: every download is the same file.
 COMMIT = "8bb8579e403dc78e37fe81ffbb253c413007323f"

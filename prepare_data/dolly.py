@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-
+from lit_lora.cli import cli
 from lit_lora.data import PrepareArgs, prepare_records
 from lit_lora.data_files import check_sha256, download, load_records
-from lit_lora.utils import cli
 
 # A fixed revision (commit) of the dataset repository, not the head of its main branch, which can move.
 REVISION = "bdd27f4d94b9c1f951818a7da7fd7aeea5dbff1a"

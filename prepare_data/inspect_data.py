@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-
+from lit_lora.cli import cli
 from lit_lora.data import IGNORE_INDEX, load_prepared
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import cli
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:

@@ -9,9 +9,9 @@ Each record has an instruction, an optional input and an output; if your fields 
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_lora.cli import cli
 from lit_lora.data import PrepareArgs, prepare_records
 from lit_lora.data_files import file_sha256, load_records
-from lit_lora.utils import cli
 
 
 @dataclass

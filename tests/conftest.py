@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: a tokenizer trained here, Hugging Face tokenizer.json folders built here, and tiny
 checkpoint folders. No network, no downloads."""
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -8,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_lora.checkpoint import save_checkpoint_dir
+from lit_lora.data import prepare
+from lit_lora.method_files import read_lora_file
 from lit_lora.model import Config, LLaMA
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import save_checkpoint_dir
+from lit_lora.train import loss_sum
 
 
 def make_corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -126,3 +130,99 @@ def llama3_tokenizer_dir(tmp_path_factory) -> Path:
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """A SmolLM2-Instruct-style tokenizer.json folder (make_tokenizer_json_dir)."""
     return make_tokenizer_json_dir(tmp_path_factory.mktemp("smollm2-tokenizer"), "smollm2")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training runs: a micro base model, a small prepared dataset, the flags of a short LoRA run, and what they log
+
+WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish", "moon", "rain"]
+
+
+@pytest.fixture
+def setup(tmp_path, tokenizer_path, tokenizer):
+    """A micro base model with a 256-token context and a small prepared instruction dataset."""
+    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_path, block_size=256)
+    records = [{"instruction": "Repeat the word twice.", "input": w, "output": f"{w} {w}"} for w in WORDS]
+    records += [{"instruction": "Say the word.", "input": "", "output": w} for w in WORDS]
+    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=4, seed=0)
+    return checkpoint_dir, tmp_path / "data", tmp_path
+
+
+def lora_args(checkpoint_dir, data_dir, out_dir, **overrides):
+    from finetune.lora import LoRAArgs
+
+    values = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, precision="32-true",
+                  learning_rate=2e-2, global_batch_size=8, micro_batch_size=4, max_steps=6, warmup_steps=1,
+                  eval_interval=3, eval_examples=4, eval_max_new_tokens=4, save_interval=3, lora_r=4,
+                  lora_targets=("q", "v", "head"))
+    values.update(overrides)
+    return LoRAArgs(**values)
+
+
+def logged(out_dir, column):
+    (log_file,) = (Path(out_dir) / "logs").glob("version_*/metrics.csv")
+    with open(log_file) as f:
+        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
+
+
+def weights(out_dir):
+    return read_lora_file(Path(out_dir) / "lit_lora_finetuned.pth")["lora"]
+
+
+def interrupt_at(monkeypatch, module, name, call):
+    """Replace module.name by a wrapper that raises KeyboardInterrupt (a Ctrl-C) at its `call`-th call."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
+    return real
+
+
+# Where a Ctrl-C lands in a run of 4 steps of 2 micro batches, evaluating and saving after step 2: each time the
+# optimizer has completed 2 steps, and the state must say so (the step in progress, if any, is redone).
+# loss_sum's calls: 1-4 for steps 1 and 2, 5 for the validation loss after step 2, 6 and 7 for step 3.
+INTERRUPTS = {
+    "in the forward pass": ("lit_lora.train", "loss_sum", 6),  # the first micro batch of step 3
+    "between micro batches": ("lit_lora.train", "loss_sum", 7),  # the second micro batch of step 3
+    "in evaluation": ("lit_lora.train", "evaluate", 1),  # after step 2
+    "in saving": ("finetune.lora", "save_lora", 1),  # writing step-000002
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What autograd saves, for the memory model (lit_lora/memory.py)
+
+
+def saved_by_autograd(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd saves in the training forward, parameters and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_sum(model, input_ids, labels)
+    return sum(storages.values())
+
+
+# model.py's preset families, scaled down until autograd runs them in milliseconds, keeping the ratios that shape
+# what is saved: query heads per key/value head, and the MLP width against n_embd.
+FAMILIES = {
+    # LLaMA 7B: multi-head (32 heads, 32 key/value heads); intermediate_size derived from n_embd (11008 = 2.69 x
+    # 4096 for 7B, 256 = 2.67 x 96 here)
+    "7B": dict(n_head=4, n_embd=96),
+    # Llama-2-70b (and TinyLlama): grouped-query, 8 query heads per key/value head (64 and 8); intermediate_size
+    # given, 3.5 x n_embd (28672 = 3.5 x 8192)
+    "Llama-2-70b": dict(n_head=16, n_query_groups=2, n_embd=64, intermediate_size=224),
+    # OpenLLaMA 3B: multi-head; intermediate_size given, not derived from n_embd (8640 = 2.7 x 3200; derived: 8704)
+    "open_llama_3b": dict(n_head=4, n_embd=80, intermediate_size=216),
+}

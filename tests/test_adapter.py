@@ -8,13 +8,13 @@ from lit_lora.adapter import (
     AdapterConfig,
     adapter_state_dict,
     apply_adapter,
-    load_adapter,
     mark_only_adapter_as_trainable,
-    read_adapter_file,
-    save_adapter,
 )
+from lit_lora.atomic import atomic_save
+from lit_lora.checkpoint import load_model
+from lit_lora.method_files import load_adapter, read_adapter_file, save_adapter
 from lit_lora.model import Config, LLaMA
-from lit_lora.utils import atomic_save, load_model, num_parameters
+from lit_lora.report import num_parameters
 
 
 def micro_model(seed=0, **overrides):  # micro has grouped-query attention: 4 query heads, 2 key/value heads
@@ -238,7 +238,7 @@ def test_misuse_is_explained():
     model = micro_model()
     with pytest.raises(ValueError, match="apply_adapter"):
         mark_only_adapter_as_trainable(model)
-    with pytest.raises(ValueError, match="--adapter_start_layer 2: must be below the model's n_layer \\(2\\)"):
+    with pytest.raises(ValueError, match=r"^start_layer=2: must be below the model's n_layer \(2\)"):  # the parameter
         apply_adapter(model)  # micro has 2 layers: the default start_layer leaves nothing to adapt
     apply_adapter(model, start_layer=1)
     with pytest.raises(ValueError, match="already has an adapter"):

@@ -9,12 +9,17 @@ import torch
 
 from lit_lora.adapter import apply_adapter, mark_only_adapter_as_trainable
 from lit_lora.data import prepare
+from lit_lora.flops import step_flops
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
-from lit_lora.memory import TrainingSetup, count_parameters, estimate_memory, saved_tensors, step_flops
+from lit_lora.memory import (
+    TrainingSetup,
+    count_parameters,
+    estimate_memory,
+    saved_tensors,
+)
 from lit_lora.model import PRESETS, Config, LLaMA
-from lit_lora.train import loss_sum
-from lit_lora.utils import num_parameters
-from tests.conftest import make_checkpoint
+from lit_lora.report import num_parameters
+from tests.conftest import FAMILIES, WORDS, make_checkpoint, saved_by_autograd
 
 
 def build(config: Config, setup: TrainingSetup, dtype=torch.float32) -> LLaMA:
@@ -89,34 +94,6 @@ def test_activations_by_the_documented_formula():
     assert e.total == e.weights + e.gradients + e.optimizer + max(e.activations + e.logits, e.optimizer_scratch)
 
 
-def saved_by_autograd(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd saves in the training forward, parameters and buffers excluded."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss_sum(model, input_ids, labels)
-    return sum(storages.values())
-
-
-# model.py's preset families, scaled down until autograd runs them in milliseconds, keeping the ratios that shape
-# what is saved: query heads per key/value head, and the MLP width against n_embd.
-FAMILIES = {
-    # LLaMA 7B: multi-head (32 heads, 32 key/value heads); intermediate_size derived from n_embd (11008 = 2.69 x
-    # 4096 for 7B, 256 = 2.67 x 96 here)
-    "7B": dict(n_head=4, n_embd=96),
-    # Llama-2-70b (and TinyLlama): grouped-query, 8 query heads per key/value head (64 and 8); intermediate_size
-    # given, 3.5 x n_embd (28672 = 3.5 x 8192)
-    "Llama-2-70b": dict(n_head=16, n_query_groups=2, n_embd=64, intermediate_size=224),
-    # OpenLLaMA 3B: multi-head; intermediate_size given, not derived from n_embd (8640 = 2.7 x 3200; derived: 8704)
-    "open_llama_3b": dict(n_head=4, n_embd=80, intermediate_size=216),
-}
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
 METHODS = {
     "full": dict(method="full"),
@@ -228,9 +205,6 @@ def test_an_estimate_without_precision_is_for_the_precision_of_a_gpu_run(capsys)
     result = main(CompareArgs(estimate_only=True, model_name="Llama-2-70b", data_dir="no/such/dir"))
     assert {e.setup.precision for e in result["estimates"].values()} == {"bf16-true"}
     assert "(Llama-2-70b, bf16-true, micro batch 4 x 256 tokens, cuda" in capsys.readouterr().out
-
-
-WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish", "moon", "rain"]
 
 
 def test_compare_end_to_end(tmp_path, tokenizer_path, tokenizer, capsys):

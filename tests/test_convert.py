@@ -20,22 +20,32 @@ import sentencepiece as spm
 import tokenizers
 import torch
 import torch.nn as nn
-from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
+from huggingface_hub.utils import (
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RevisionNotFoundError,
+)
 from jsonargparse import CLI
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lit_lora.convert_common import DTYPES, DtypeName
-from lit_lora.convert_hf import config_from_hf, convert_hf_checkpoint, export_hf_checkpoint, hf_files_to_download
-from lit_lora.convert_meta import convert_meta_checkpoint, permute_meta_qk
-from lit_lora.convert_peft import export_peft_adapter, import_peft_adapter
+from lit_lora.checkpoint import load_model, read_config, save_checkpoint_dir
+from lit_lora.convert.common import DTYPES, DtypeName
+from lit_lora.convert.hf import (
+    config_from_hf,
+    convert_hf_checkpoint,
+    export_hf_checkpoint,
+    hf_files_to_download,
+)
+from lit_lora.convert.meta import convert_meta_checkpoint, permute_meta_qk
+from lit_lora.convert.peft import export_peft_adapter, import_peft_adapter
 from lit_lora.generation import generate
-from lit_lora.lora import apply_lora, load_lora, read_lora_file, save_lora
-from lit_lora.model import LLaMA, Config, apply_rope, build_rope_cache
+from lit_lora.lora import apply_lora
+from lit_lora.method_files import load_lora, read_lora_file, save_lora
+from lit_lora.model import Config, LLaMA, apply_rope, build_rope_cache
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import load_model, save_checkpoint_dir
 from tests.conftest import make_checkpoint, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +168,7 @@ def test_model_name_preset_names_the_model_and_must_agree(tmp_path, tokenizer_pa
     hf = hf_model(tokenizer.vocab_size, n_kv_heads=2, hidden=32, intermediate=64, rope_theta=10000.0)
     hf_dir = make_hf_dir(tmp_path / "hf", hf, tokenizer_path)
     out = convert_hf_checkpoint(hf_dir, tmp_path / "lit", model_name="micro")
-    config = Config.from_file(out / "model_config.json")
+    config = read_config(out / "model_config.json")
     assert (config.name, config.block_size, config.vocab_size) == ("micro", 64, tokenizer.vocab_size)  # not 128
     assert same_logits(hf, load_model(out), tokenizer.vocab_size) < 1e-4
     with pytest.raises(ValueError, match="'tiny' does not match config.json: its n_layer is 4, config.json says 2"):
@@ -228,7 +238,7 @@ def test_meta_checkpoint_in_two_shards_converts_to_the_same_weights(tmp_path, to
     assert converted.keys() == expected.keys()
     for name in expected:
         assert torch.equal(converted[name], expected[name]), name
-    config = Config.from_file(tmp_path / "lit" / "model_config.json")
+    config = read_config(tmp_path / "lit" / "model_config.json")
     assert (config.name, config.vocab_size, config.intermediate_size, config.n_query_groups) == ("micro", vocab, 64, 2)
 
 
@@ -792,15 +802,15 @@ SCRIPTS = sorted(path.stem for path in (ROOT / "checkpoints").glob("*.py"))
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_answers_help_through_cli(name, monkeypatch):
     """Each checkpoints/*.py runs `cli(main)` (one-line errors, exit codes) and --help lists every flag of main."""
-    import lit_lora.utils
+    import lit_lora.cli
 
-    real_cli, entry_points = lit_lora.utils.cli, []
+    real_cli, entry_points = lit_lora.cli.cli, []
 
     def recording_cli(main, flags=None):
         entry_points.append((main, flags))
         return real_cli(main, flags)
 
-    monkeypatch.setattr(lit_lora.utils, "cli", recording_cli)
+    monkeypatch.setattr(lit_lora.cli, "cli", recording_cli)
     code, out, err = run_command_line(name, "--help")
     assert (code, err) == (0, "")
     [(main, flags)] = entry_points

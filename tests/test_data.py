@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import lit_lora.utils
-from lit_lora.data import IGNORE_INDEX, PrepareArgs, collate, format_prompt, load_prepared, prepare, tokenize_example
+import lit_lora.atomic
+from lit_lora.data import (
+    IGNORE_INDEX,
+    PrepareArgs,
+    collate,
+    format_prompt,
+    load_prepared,
+    prepare,
+    tokenize_example,
+)
 from lit_lora.data_files import download, load_records
 from lit_lora.tokenizer import Tokenizer
 
@@ -259,7 +267,7 @@ def test_a_failure_at_any_rename_leaves_a_complete_dataset_and_no_temporary_fold
 
     # how many renames replacing a dataset takes (2 today: the old one aside, the new one in)
     prepare(RECORDS, tokenizer, tmp_path / "count" / "data", max_seq_length=256, test_split_size=2)
-    monkeypatch.setattr(lit_lora.utils.os, "replace", replace_failing_at(0))
+    monkeypatch.setattr(lit_lora.atomic.os, "replace", replace_failing_at(0))
     prepare(RECORDS, tokenizer, tmp_path / "count" / "data", max_seq_length=256, test_split_size=3)
     monkeypatch.undo()
     assert renames
@@ -268,7 +276,7 @@ def test_a_failure_at_any_rename_leaves_a_complete_dataset_and_no_temporary_fold
         folder = tmp_path / f"fail_at_{n}"
         prepare(RECORDS, tokenizer, folder / "data", max_seq_length=256, test_split_size=2)  # the old dataset
         renames.clear()
-        monkeypatch.setattr(lit_lora.utils.os, "replace", replace_failing_at(n))
+        monkeypatch.setattr(lit_lora.atomic.os, "replace", replace_failing_at(n))
         with pytest.raises(OSError, match=f"injected failure at rename {n}"):
             prepare(RECORDS, tokenizer, folder / "data", max_seq_length=256, test_split_size=3)
         monkeypatch.undo()
@@ -281,7 +289,7 @@ def test_a_failure_at_any_rename_leaves_a_complete_dataset_and_no_temporary_fold
 
     # a first preparation that fails at its one rename (the new folder in) leaves nothing at all
     renames.clear()
-    monkeypatch.setattr(lit_lora.utils.os, "replace", replace_failing_at(1))
+    monkeypatch.setattr(lit_lora.atomic.os, "replace", replace_failing_at(1))
     with pytest.raises(OSError, match="injected"):
         prepare(RECORDS, tokenizer, tmp_path / "new" / "data", max_seq_length=256, test_split_size=3)
     monkeypatch.undo()
@@ -294,7 +302,7 @@ def test_a_failure_at_the_first_rename_leaves_no_empty_folder_aside(tmp_path, to
     def fail(source, target):
         raise OSError("injected failure at rename 1")
 
-    monkeypatch.setattr(lit_lora.utils.os, "replace", fail)
+    monkeypatch.setattr(lit_lora.atomic.os, "replace", fail)
     with pytest.raises(OSError, match="injected"):
         prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=3)
     monkeypatch.undo()

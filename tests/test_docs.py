@@ -6,7 +6,8 @@
    `__main__` and stops it at the start of `parse_args`, so each flag is parsed exactly as on the command line.
 2. Every relative link in those files points at a file that exists (and, for `#L12` anchors, a line it has).
 3. howto/lora_explained.md cites lit_lora/lora.py by names that lora.py defines and by quotes of its code
-   that lora.py holds word for word (LORA_QUOTES below), never by line number.
+   that lora.py holds word for word, whole lines or starts of lines marked "..." (LORA_QUOTES below), never by
+   line number.
 """
 
 import functools
@@ -159,27 +160,32 @@ def test_relative_links_point_at_files_and_lines():
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
-# The code that howto/lora_explained.md quotes from lit_lora/lora.py (in backticks; a quote may be the start of
-# a line, followed by "..." in the guide). Each must be in lora.py word for word, and every quote of code in the
-# guide (a backticked span with "self.") must be listed here, so the guide cannot drift from the code.
+# The code that howto/lora_explained.md quotes from lit_lora/lora.py (in backticks). Each must be a whole line of
+# lora.py (its code, without a trailing comment), or the start of one followed by "..." in the guide: nothing of a
+# line is left out unmarked. Every quote of code in the guide (a backticked span with "self.") must be listed
+# here, so the guide cannot drift from the code.
 LORA_QUOTES = [
+    "self.weight = linear.weight",
     "self.weight.requires_grad = False",
-    "self.lora_A = nn.Parameter(torch.empty(r, in_features",
-    "self.lora_B = nn.Parameter(torch.empty(out_features, r",
-    "lora.weight = nn.Parameter(w.data, requires_grad=False)",
-    "((self.lora_dropout(x) @ self.lora_A.T) * self.scaling) @ self.lora_B.T",
-    "setattr(parent, name, LoRALinear.from_linear(",
+    "self.lora_A = nn.Parameter(torch.empty(r, self.in_features",
+    "self.lora_B = nn.Parameter(torch.empty(self.out_features, r",
+    "return h + ((self.lora_dropout(x) @ self.lora_A.T) * self.scaling) @ self.lora_B.T",
+    "setattr(parent, name, lora_class(linear, r, alpha, dropout))",
     "nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))",
     "nn.init.zeros_(self.lora_B)",
     "self.r, self.alpha, self.scaling = r, alpha, alpha / r",
-    "nn.Dropout(dropout)",
+    "self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()",
     'param.requires_grad = "lora_" in name',
-    "return (self.lora_B @ self.lora_A) * self.scaling",
-    "self.weight.data += self.delta_weight()",
-    "self.weight.data -= self.delta_weight()",
-    '"lora_config": asdict(model.lora_config)',
+    "return (self.lora_B.float() @ self.lora_A.float()) * self.scaling",
+    "self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))",
+    "self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))",
     "h = W0 x + (alpha / r) * B A x",
 ]
+
+
+def code_lines(code: str) -> list[str]:
+    """Each line of `code`, stripped of its indentation and of a trailing comment."""
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in code.splitlines()]
 
 
 def test_lora_explained_cites_lora_py_by_name_and_quotes_it_word_for_word():
@@ -197,9 +203,23 @@ def test_lora_explained_cites_lora_py_by_name_and_quotes_it_word_for_word():
             body = code[code.index(f"class {owner}("):]
             assert re.search(rf"^    def {member}\b", body, re.M), f"{owner} has no method {member}"
     spans = re.findall(r"`([^`\n]+)`", doc)
-    missing_in_code = [q for q in LORA_QUOTES if q not in code]
+    lines = code_lines(code)
+    whole = [q for q in LORA_QUOTES if q in lines]
+    started = [q for q in LORA_QUOTES if f"`{q}`..." in doc and any(line.startswith(q) for line in lines)]
+    missing_in_code = [q for q in LORA_QUOTES if q not in whole and q not in started]
     missing_in_doc = [q for q in LORA_QUOTES if q not in spans and "    " + q not in doc]
     unlisted = [span for span in spans if "self." in span and span not in LORA_QUOTES]
-    assert not missing_in_code, f"lit_lora/lora.py changed; update these quotes in howto/lora_explained.md: {missing_in_code}"
+    assert not missing_in_code, ("each quote must be a whole line of lit_lora/lora.py, or the start of one followed "
+                                 f"by ... in howto/lora_explained.md; update these: {missing_in_code}")
     assert not missing_in_doc, f"quotes the guide no longer shows: {missing_in_doc}"
     assert not unlisted, f"code quoted in the guide but not checked (add it to LORA_QUOTES): {unlisted}"
+
+
+def test_the_readmes_reading_order_gives_the_files_true_line_counts():
+    """README's course table names each file with its length: they must be today's, so a reader can plan."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| \d \| \[`(lit_lora/[\w/]+\.py)`\]\([^)]*\) \| (\d+) \|", readme, re.M)
+    assert [path for path, _ in rows] == ["lit_lora/model.py", "lit_lora/lora.py", "lit_lora/train.py",
+                                          "lit_lora/generation.py"]
+    for path, lines in rows:
+        assert int(lines) == len((ROOT / path).read_text().splitlines()), f"README.md's line count of {path}"

@@ -15,7 +15,6 @@ from lit_lora.inference import (
     compile_decoding,
     fuse_for_inference,
     rope_rolled,
-    write_cache,
 )
 from lit_lora.lora import LoRALinear, apply_lora, merge_lora
 from lit_lora.model import Config, KVCache, LLaMA, RMSNorm, apply_rope, build_rope_cache
@@ -79,8 +78,8 @@ def test_what_is_not_model_py_s_own_is_left_unfused_and_still_decodes_the_same()
 
 
 def test_generate_scripts_decode_the_same_text_fused_compiled_or_not(checkpoint_dir, capsys):
+    from lit_lora.checkpoint import load_model
     from lit_lora.generation import GenerateArgs, run_generation
-    from lit_lora.utils import load_model
 
     texts = {(fused, compile): run_generation(load_model(checkpoint_dir), GenerateArgs(
         checkpoint_dir=checkpoint_dir, prompt="The model", max_new_tokens=20, temperature=0.0, precision="32-true",
@@ -127,18 +126,19 @@ def test_the_shorter_rope_and_rmsnorm_give_model_py_s_numbers_bit_for_bit(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_writing_the_cache_in_fewer_operations_writes_what_kv_cache_update_writes(dtype):
-    """write_cache (one row: index_copy_ along the positions) fills the cache exactly as KVCache.update does, for a
-    prefill ((T,) positions), a decoding step ((1, 1)) and a batch (rows at their own positions: update itself)."""
+def test_the_cache_writes_each_row_at_its_positions_in_either_form_of_input_pos(dtype):
+    """KVCache.update writes positions shared by every row ((T,) or (1, T): one copy along the sequence) exactly
+    where it writes them given row by row ((B, T)): for a prefill, a decoding step and a batch."""
     torch.manual_seed(0)
-    for B, input_pos in ((1, torch.arange(5)), (1, torch.tensor([[7]])), (2, torch.tensor([[3], [9]]))):
-        expected, actual = (KVCache(B, 2, 12, 8, dtype=dtype) for _ in range(2))
-        k, v = torch.randn(2, B, 2, input_pos.size(-1), 8)  # fp32 written into a cache of `dtype`
-        expected_k, expected_v = expected.update(input_pos, k, v)
-        actual_k, actual_v = write_cache(actual, input_pos, k, v)
-        assert actual_k is actual.k and actual_v is actual.v and actual.k.dtype == dtype
-        assert torch.equal(actual_k, expected_k) and torch.equal(actual_v, expected_v)
-        assert actual.k.abs().sum() > 0  # something was written
+    for B, positions in ((1, [0, 1, 2, 3, 4]), (1, [7]), (3, [2, 3])):
+        shared, per_row = (KVCache(B, 2, 12, 8, dtype=dtype) for _ in range(2))
+        k, v = torch.randn(2, B, 2, len(positions), 8)  # fp32 written into a cache of `dtype`
+        for input_pos in (torch.tensor(positions), torch.tensor([positions])):
+            shared_k, shared_v = shared.update(input_pos, k, v)
+        per_row_k, per_row_v = per_row.update(torch.tensor([positions] * B), k, v)
+        assert shared_k is shared.k and shared.k.dtype == dtype
+        assert torch.equal(shared_k, per_row_k) and torch.equal(shared_v, per_row_v)
+        assert torch.equal(shared_k[:, :, positions], k.to(dtype)) and shared.k.abs().sum() > 0
 
 
 def test_a_compiled_decoding_step_decodes_the_same_tokens_and_reports_its_compilation():

@@ -1,11 +1,22 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_lora.lora import (LORA_TARGETS, LoRALinear, apply_lora, load_lora, lora_state_dict, mark_only_lora_as_trainable,
-                           merge_lora, read_lora_file, save_lora, unmerge_lora)
+from lit_lora.lora import (
+    LORA_TARGETS,
+    LoRALinear,
+    apply_lora,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    unmerge_lora,
+)
+from lit_lora.method_files import load_lora, read_lora_file, save_lora
 from lit_lora.model import Config, LLaMA
-from lit_lora.utils import num_parameters
+from lit_lora.report import num_parameters
 
 
 def base_model(name="micro", seed=0, **overrides):
@@ -36,8 +47,8 @@ def test_fresh_lora_model_equals_base_exactly(train_mode):
 def test_layer_computes_w0_x_plus_scaled_b_a_x():
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 5, bias=False)
-    lora = LoRALinear.from_linear(linear, r=2, alpha=6, dropout=0.0)
-    assert lora.weight.data_ptr() == linear.weight.data_ptr()  # W0 is shared, not copied
+    lora = LoRALinear(linear, r=2, alpha=6, dropout=0.0)
+    assert lora.weight is linear.weight and not lora.weight.requires_grad  # W0 is shared, not copied, and frozen
     torch.nn.init.normal_(lora.lora_B)
     x = torch.randn(3, 6)
     expected = x @ linear.weight.T + 3.0 * (x @ lora.lora_A.T @ lora.lora_B.T)  # scaling = alpha / r = 3
@@ -109,7 +120,6 @@ def test_7b_with_r8_on_q_and_v_trains_4_2_million_parameters():
     mark_only_lora_as_trainable(model)
     assert num_parameters(model, trainable=True) == 4_194_304  # 32 layers * 2 * 8 * (4096 + 4096)
     assert num_parameters(model, trainable=False) == 6_738_415_616
-    assert 4_194_304 * 2 / 1e6 == pytest.approx(8.39, abs=0.01)  # MB in bf16
 
 
 def test_bad_targets_and_double_application():
@@ -118,6 +128,54 @@ def test_bad_targets_and_double_application():
     model = apply_lora(base_model())
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(r=0), r"^r=0: the rank must be a whole number, at least 1$"),
+    (dict(r=2.5), r"^r=2.5: "),
+    (dict(alpha=0), r"^alpha=0: must be a positive, finite number"),
+    (dict(alpha=float("nan")), r"^alpha=nan: "),
+    (dict(dropout=1.0), r"^dropout=1.0: must be at least 0 and below 1$"),
+    (dict(targets="qv"), r"^targets='qv': must be a list"),
+    (dict(r=17), r"^r=17: must be at most 16, the smallest side of the targeted matrices"),  # micro: v is 32 -> 16
+])
+def test_bad_hyperparameters_name_the_python_parameter(kwargs, message):
+    """From Python, an error names the parameter as it was passed (the scripts name their flags instead)."""
+    model = base_model()
+    with pytest.raises(ValueError, match=message):
+        apply_lora(model, **kwargs)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing applied
+
+
+def test_merge_rounds_once_to_the_weight_dtype():
+    """W = round(W0 + scaling B A) in one rounding: the update is computed in fp32 and added to W0 in fp32. Casting
+    the update to bf16 first and adding in bf16 rounds twice, and lands elsewhere for a few % of the entries."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 1024, bias=False).to(torch.bfloat16)
+    lora = LoRALinear(linear, r=8, alpha=16)
+    torch.nn.init.normal_(lora.lora_B, std=0.02)
+    w0 = linear.weight.detach().clone()
+    once = (w0.float() + (lora.lora_B.float() @ lora.lora_A.float()) * 2.0).to(torch.bfloat16)
+    lora.merge()
+    assert torch.equal(lora.weight, once)
+
+
+def test_training_mode_unmerges_so_a_and_b_get_their_gradient():
+    """A merged layer computes W x with A and B outside the product: model.train() unmerges (as loralib does), so a
+    training step after generating with a merged model trains A and B, and computes what the unmerged model does."""
+    model = apply_lora(base_model(), r=4, dropout=0.0, targets=("q", "v"))  # no dropout: train() = eval()
+    randomize_lora(model)
+    mark_only_lora_as_trainable(model)
+    idx = torch.randint(0, 256, (2, 12))
+    expected = model.eval()(idx)
+    merge_lora(model)
+    model.train()
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+    logits = model(idx)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    logits.sum().backward()
+    grads = [m.lora_A.grad for m in model.modules() if isinstance(m, LoRALinear)]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_save_load_round_trip_needs_no_repeated_flags(tmp_path):
@@ -184,3 +242,51 @@ def test_loading_into_a_merged_model_is_refused_and_switching_goes_through_unmer
     assert torch.allclose(model.eval()(idx), reference(idx), atol=1e-5)
     unmerge_lora(model)
     assert all(torch.allclose(model.state_dict()[name], w, atol=1e-6) for name, w in w0.items())
+
+
+def edited_lora_file(tmp_path, edit) -> "Path":
+    """A LoRA file as save_lora writes it, then changed by `edit(dict)` and saved again."""
+    save_lora(apply_lora(base_model(), r=4), tmp_path / "lora.pth")
+    data = torch.load(tmp_path / "lora.pth", weights_only=True)
+    edit(data)
+    torch.save(data, tmp_path / "edited.pth")
+    return tmp_path / "edited.pth"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["lora_config"].pop("r"), r"lora_config holds \['alpha', 'dropout', 'targets'\], expected the fields"),
+    (lambda d: d["lora_config"].update(alpha="16"), r"lora_config's alpha is '16': must be a positive, finite number"),
+    (lambda d: d["lora_config"].update(dropout=5.0), r"lora_config's dropout is 5.0: must be at least 0 and below 1"),
+    (lambda d: d.update(lora_config=[4, 16]), r"lora_config holds a list, expected the fields"),
+    (lambda d: d.update(base_config=3), r"base_config is not a model config"),
+    (lambda d: d["base_config"].update(n_layer=2.5), r"base_config is not a model config \(n_layer=2.5"),
+    (lambda d: d.update(quantization="bnb.int3"), r"quantization is 'bnb.int3', not one of bnb.nf4, bnb.nf4-dq"),
+    (lambda d: d["lora"]["blocks.0.attn.q_proj.lora_B"].fill_(float("nan")),
+     r"the tensor blocks.0.attn.q_proj.lora_B holds NaN or infinite values"),
+    (lambda d: d["lora"].update({"blocks.0.attn.q_proj.lora_A": torch.zeros(4, 32, dtype=torch.int32)}),
+     r"the tensor blocks.0.attn.q_proj.lora_A holds torch.int32, not floats"),
+])
+def test_a_lora_file_is_checked_field_by_field(tmp_path, edit, message):
+    """A LoRA file is checked as an adapter file is: each problem is one error naming the file and the field (never
+    a flag the user did not pass, nor a bare KeyError), and the model is left untouched."""
+    path = edited_lora_file(tmp_path, edit)
+    model = base_model()
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: {message}.*finetune/lora.py"):
+        load_lora(model, path)
+    assert not hasattr(model, "lora_config")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", "pickle"])
+def test_an_empty_truncated_or_code_running_lora_file_is_one_error(tmp_path, content):
+    path = tmp_path / "lora.pth"
+    if content == "pickle":
+        torch.save({"lora": RunsCode()}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} cannot be read as a LoRA file .*damaged"):
+        load_lora(base_model(), path)

@@ -1,8 +1,11 @@
+import re
+
 import pytest
 import torch
 
+from lit_lora.checkpoint import load_model, read_config, write_config
 from lit_lora.model import Config, LLaMA, apply_rope, build_rope_cache
-from lit_lora.utils import load_model, num_parameters
+from lit_lora.report import num_parameters
 
 
 def tiny_model(seed=0, **overrides):
@@ -116,11 +119,34 @@ def test_presets_and_shapes():
 
 def test_config_file_round_trip(tmp_path):
     c = Config.from_name("TinyLlama-1.1B", block_size=1024)
-    c.to_file(tmp_path / "model_config.json")
-    assert Config.from_file(tmp_path / "model_config.json") == c
+    write_config(c, tmp_path / "model_config.json")
+    assert read_config(tmp_path / "model_config.json") == c
     (tmp_path / "bad.json").write_text('{"n_layer": 2, "n_layers": 3}')
     with pytest.raises(ValueError, match="n_layers"):
-        Config.from_file(tmp_path / "bad.json")
+        read_config(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"n_layer": 2.5}', "n_layer is 2.5: must be a whole number, at least 1"),
+    ('{"n_head": "4"}', "n_head is '4': must be a whole number"),
+    ('{"n_layer": true}', "n_layer is True: must be a whole number"),
+    ('{"norm_eps": NaN}', "norm_eps is nan: must be a positive, finite number"),
+    ('{"rope_base": -1}', "rope_base is -1: must be a positive, finite number"),
+    ('{"rope_scaling": "llama3"}', "rope_scaling is 'llama3': must be null or hold factor, low_freq_factor, "),
+    ('{"rope_scaling": {"factor": -8, "low_freq_factor": 1, "high_freq_factor": 4, "original_context": 8192}}',
+     "factor is -8: must be a positive, finite number"),
+    ('{"n_embd": 36, "n_head": 4}', r"n_embd is 36: must be divisible by 2 n_head \(8\)"),
+    ('{"tie_embeddings": "yes"}', "tie_embeddings is 'yes': must be true or false"),
+    ('{"n_layer": 2,}', "is not valid JSON"),
+    ('[1, 2]', "holds a JSON list, not an object"),
+])
+def test_a_config_file_with_a_value_it_cannot_hold_is_named(tmp_path, text, message):
+    """Every field of model_config.json is checked when it is read: a wrong type, NaN or an impossible value is one
+    error naming the file and the field, never a model that computes garbage."""
+    path = tmp_path / "model_config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}.*{message}"):
+        read_config(path)
 
 
 def test_init_for_training_from_scratch():
@@ -209,3 +235,17 @@ def test_llama3_rope_scaling_matches_transformers():
     ours = llama3_scaled_frequencies(theta, **config.rope_scaling)
     assert torch.allclose(ours, hf_inv_freq.float(), rtol=1e-6, atol=0)
     assert torch.equal(ours[:10], theta[:10]) and torch.equal(ours[-10:], theta[-10:] / 8)  # kept; slowed down
+
+
+def test_rope_computes_in_the_activations_dtype_whether_cos_and_sin_were_cast_or_kept_in_fp32():
+    """One rule, Hugging Face's: cos and sin are computed in fp32 and rounded to the activations' dtype where they
+    are applied. A bf16 model gives the same logits with the cache cast by model.to(bf16) (as in training) and with
+    the cache rebuilt in fp32 (as loading does), so training and generation compute alike."""
+    model = tiny_model(block_size=512).to(torch.bfloat16).eval()
+    idx = torch.randint(0, 256, (2, 300))
+    with torch.no_grad():
+        cast = model(idx)
+        model.reset_rope_cache()  # back to fp32
+        assert model.cos.dtype == torch.float32
+        rebuilt = model(idx)
+    assert torch.equal(cast, rebuilt)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lit_lora.data import prepare
-from lit_lora.lora import read_lora_file
+from lit_lora.method_files import read_lora_file
 from tests.conftest import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_lora_on_two_processes_ends_with_the_weights_of_one(setup, one_device_lo
 def test_full_finetuning_sharded_on_two_processes_ends_with_the_weights_of_one(setup):
     """Full finetuning on several devices shards with FSDP (fully_shard per Block), on CPU processes as on GPUs;
     rank 0 writes one ordinary checkpoint folder from the gathered weights, which loads on one device."""
-    from lit_lora.utils import load_model
+    from lit_lora.checkpoint import load_model
 
     checkpoint_dir, data_dir, tmp_path = setup
     flags = ["--max_steps", "2", "--learning_rate", "1e-3"]

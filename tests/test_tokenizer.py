@@ -148,7 +148,11 @@ def test_bad_tokenizer_json_files_are_named(llama3_tokenizer_dir, tmp_path, monk
 
 
 def test_a_checkpoint_folder_carries_the_tokenizer_json_files(llama3_tokenizer_dir, tmp_path):
-    from lit_lora.utils import check_checkpoint_dir, load_model, save_checkpoint_dir
+    from lit_lora.checkpoint import (
+        check_checkpoint_dir,
+        load_model,
+        save_checkpoint_dir,
+    )
     from tests.conftest import make_checkpoint
 
     folder = make_checkpoint(tmp_path / "checkpoint", llama3_tokenizer_dir)

@@ -1,4 +1,3 @@
-import csv
 import math
 import re
 from pathlib import Path
@@ -7,40 +6,18 @@ import pytest
 import torch
 
 import lit_lora.train as train_module
-from lit_lora.data import prepare
-from lit_lora.lora import read_lora_file
-from lit_lora.data import global_batch_indices
+from lit_lora.data import global_batch_indices, prepare
+from lit_lora.method_files import read_lora_file
 from lit_lora.train import learning_rate_at
-from tests.conftest import make_checkpoint
-
-WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish", "moon", "rain"]
-
-
-@pytest.fixture
-def setup(tmp_path, tokenizer_path, tokenizer):
-    """A micro base model with a 256-token context and a small prepared instruction dataset."""
-    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_path, block_size=256)
-    records = [{"instruction": "Repeat the word twice.", "input": w, "output": f"{w} {w}"} for w in WORDS]
-    records += [{"instruction": "Say the word.", "input": "", "output": w} for w in WORDS]
-    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=4, seed=0)
-    return checkpoint_dir, tmp_path / "data", tmp_path
-
-
-def lora_args(checkpoint_dir, data_dir, out_dir, **overrides):
-    from finetune.lora import LoRAArgs
-
-    values = dict(checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, precision="32-true",
-                  learning_rate=2e-2, global_batch_size=8, micro_batch_size=4, max_steps=6, warmup_steps=1,
-                  eval_interval=3, eval_examples=4, eval_max_new_tokens=4, save_interval=3, lora_r=4,
-                  lora_targets=("q", "v", "head"))
-    values.update(overrides)
-    return LoRAArgs(**values)
-
-
-def logged(out_dir, column):
-    (log_file,) = (Path(out_dir) / "logs").glob("version_*/metrics.csv")
-    with open(log_file) as f:
-        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
+from tests.conftest import (
+    INTERRUPTS,
+    WORDS,
+    interrupt_at,
+    logged,
+    lora_args,
+    make_checkpoint,
+    weights,
+)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
@@ -75,7 +52,8 @@ def test_each_epoch_sees_every_example_once():
 
 def test_lora_end_to_end(setup, capsys):
     from finetune.lora import main
-    from generate.lora import LoRAGenerateArgs, main as generate
+    from generate.lora import LoRAGenerateArgs
+    from generate.lora import main as generate
 
     checkpoint_dir, data_dir, tmp_path = setup
     out_dir = tmp_path / "out"
@@ -95,35 +73,6 @@ def test_lora_end_to_end(setup, capsys):
     texts = generate(LoRAGenerateArgs(checkpoint_dir=checkpoint_dir, lora_path=out_dir / "lit_lora_finetuned.pth",
                                       prompt="Say the word.", max_new_tokens=5, temperature=0.0))
     assert len(texts) == 1 and isinstance(texts[0], str)
-
-
-def weights(out_dir):
-    return read_lora_file(Path(out_dir) / "lit_lora_finetuned.pth")["lora"]
-
-
-def interrupt_at(monkeypatch, module, name, call):
-    """Replace module.name by a wrapper that raises KeyboardInterrupt (a Ctrl-C) at its `call`-th call."""
-    real, calls = getattr(module, name), {"n": 0}
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, interrupting)
-    return real
-
-
-# Where a Ctrl-C lands in a run of 4 steps of 2 micro batches, evaluating and saving after step 2: each time the
-# optimizer has completed 2 steps, and the state must say so (the step in progress, if any, is redone).
-# loss_sum's calls: 1-4 for steps 1 and 2, 5 for the validation loss after step 2, 6 and 7 for step 3.
-INTERRUPTS = {
-    "in the forward pass": ("lit_lora.train", "loss_sum", 6),  # the first micro batch of step 3
-    "between micro batches": ("lit_lora.train", "loss_sum", 7),  # the second micro batch of step 3
-    "in evaluation": ("lit_lora.train", "evaluate", 1),  # after step 2
-    "in saving": ("finetune.lora", "save_lora", 1),  # writing step-000002
-}
 
 
 @pytest.mark.parametrize("where", INTERRUPTS)
@@ -180,8 +129,9 @@ def test_resuming_with_other_flags_is_refused(setup, flag, value, words):
     main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", **run))
     with pytest.raises(ValueError, match=re.escape(words)):
         main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto", **{**run, flag: value}))
-    # what only changes how the work is done may change
-    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto", **{**run, "micro_batch_size": 2}))
+    # what only changes how the work is done (and its memory) may change
+    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto",
+                   **{**run, "micro_batch_size": 2, "activation_checkpointing": True}))
 
 
 def test_resuming_on_other_data_or_base_weights_is_refused(setup, tokenizer, tokenizer_path):
@@ -240,7 +190,7 @@ def test_clear_errors(setup, tmp_path_factory):
         main(lora_args(tmp_path / "missing", data_dir, tmp_path / "o1"))
     with pytest.raises(FileNotFoundError, match="No prepared data in .*nodata.*prepare_data/alpaca.py"):
         main(lora_args(checkpoint_dir, tmp_path / "nodata", tmp_path / "o2"))
-    with pytest.raises(ValueError, match="Unknown LoRA target.*'query'.*valid targets are q, k, v, o"):
+    with pytest.raises(ValueError, match=r"--lora_targets \['q', 'query'\]: \['query'\] are not targets; valid targets are q, k, v, o"):
         main(lora_args(checkpoint_dir, data_dir, tmp_path / "o3", lora_targets=("q", "query")))
     other_tokenizer = tmp_path_factory.mktemp("other")
     make_checkpoint(other_tokenizer / "ckpt", _other_tokenizer(other_tokenizer), block_size=256)
@@ -260,10 +210,11 @@ def _other_tokenizer(folder):
 def test_full_finetuning_from_scratch_writes_a_checkpoint_folder(setup, tokenizer_path, capsys):
     from finetune.full import FullArgs, main
     from generate.base import main as generate_base
-    from generate.full import FullGenerateArgs, main as generate_full
+    from generate.full import FullGenerateArgs
+    from generate.full import main as generate_full
+    from lit_lora.checkpoint import load_model
     from lit_lora.generation import GenerateArgs
     from lit_lora.tokenizer import Tokenizer
-    from lit_lora.utils import load_model
 
     checkpoint_dir, data_dir, tmp_path = setup
     tokenizer_only = tmp_path / "tokenizer_only"
@@ -288,8 +239,9 @@ def test_full_finetuning_from_scratch_writes_a_checkpoint_folder(setup, tokenize
 
 def test_adapter_end_to_end_and_resume(setup, monkeypatch):
     from finetune.adapter import AdapterArgs, main
-    from generate.adapter import AdapterGenerateArgs, main as generate
-    from lit_lora.adapter import read_adapter_file
+    from generate.adapter import AdapterGenerateArgs
+    from generate.adapter import main as generate
+    from lit_lora.method_files import read_adapter_file
 
     checkpoint_dir, data_dir, tmp_path = setup
 
@@ -392,11 +344,11 @@ def test_precision_decides_the_dtype_of_what_trains(setup, tokenizer_path, monke
 
 
 def crash_at_rename(monkeypatch, call):
-    """Make the `call`-th os.replace of lit_lora.utils (every atomic write and folder swap) raise, as a crash
+    """Make the `call`-th os.replace of lit_lora.atomic (every atomic write and folder swap) raise, as a crash
     in the middle of saving would; returns a counter of the renames seen."""
-    import lit_lora.utils as utils
+    import lit_lora.atomic as atomic
 
-    real, seen = utils.os.replace, {"n": 0}
+    real, seen = atomic.os.replace, {"n": 0}
 
     def replace(src, dst):
         seen["n"] += 1
@@ -404,7 +356,7 @@ def crash_at_rename(monkeypatch, call):
             raise RuntimeError(f"injected crash at rename {call}")
         return real(src, dst)
 
-    monkeypatch.setattr(utils.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     return seen
 
 
@@ -414,7 +366,7 @@ def test_a_crash_at_any_rename_leaves_nothing_broken_and_resumes_exactly(setup, 
     after the resumed run, and the resumed run ends with the weights of an uninterrupted one."""
     import finetune.full
     import finetune.lora
-    from lit_lora.utils import load_model
+    from lit_lora.checkpoint import load_model
 
     checkpoint_dir, data_dir, tmp_path = setup
 
@@ -540,13 +492,13 @@ BAD_TRAIN_FLAGS = [
     ("save_interval", -1, "--save_interval -1: must not be negative"),
     ("eval_max_new_tokens", -5, "--eval_max_new_tokens -5: must not be negative"),
     ("seed", -1, "--seed -1: must not be negative"),
-    ("lora_r", 0, "--lora_r 0: the LoRA rank r must be at least 1"),
-    ("lora_alpha", 0, "--lora_alpha 0: must be positive"),
-    ("lora_dropout", -0.1, "--lora_dropout -0.1: must be in [0, 1)"),
-    ("lora_dropout", 1.0, "--lora_dropout 1.0: must be in [0, 1)"),
-    ("lora_targets", (), "No LoRA targets given"),
-    ("adapter_prompt_length", 0, "--adapter_prompt_length 0: the prompt needs at least 1 vector"),
-    ("adapter_start_layer", -1, "--adapter_start_layer -1: must not be negative"),
+    ("lora_r", 0, "--lora_r 0: the rank must be a whole number, at least 1"),
+    ("lora_alpha", 0, "--lora_alpha 0: must be a positive, finite number"),
+    ("lora_dropout", -0.1, "--lora_dropout -0.1: must be at least 0 and below 1"),
+    ("lora_dropout", 1.0, "--lora_dropout 1.0: must be at least 0 and below 1"),
+    ("lora_targets", (), "--lora_targets (): must be a list of targets from q, k, v, o, gate, up, down, head"),
+    ("adapter_prompt_length", 0, "--adapter_prompt_length 0: the prompt needs a whole number of vectors, at least 1"),
+    ("adapter_start_layer", -1, "--adapter_start_layer -1: must be a whole number, not negative"),
     ("model_name", "7b", "--model_name 7b: is not a preset"),
     ("from_scratch", True, "--from_scratch true needs --model_name"),
     ("quantize", "bnb.fp4", "--quantize bnb.fp4: is not a quantization mode; choose bnb.nf4"),
@@ -585,7 +537,7 @@ def test_ctrl_c_before_training_ends_with_one_line_and_exit_code_130(capsys, mon
     """Ctrl-C while a script starts (say, inside torch.load of a 13 GB checkpoint): no traceback."""
     from dataclasses import dataclass
 
-    from lit_lora.utils import cli
+    from lit_lora.cli import cli
 
     @dataclass
     class NoFlags:
@@ -639,7 +591,7 @@ def test_out_dir_that_is_a_file_is_refused(setup):
 
 @pytest.mark.parametrize("content", [b"", b"random bytes, not a checkpoint \x00\x01\x02", "old", "list"])
 def test_a_damaged_or_foreign_weights_file_is_named(tmp_path, tokenizer_path, content):
-    from lit_lora.utils import load_model
+    from lit_lora.checkpoint import load_model
 
     folder = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
     state_dict = torch.load(folder / "lit_model.pth", weights_only=True)
@@ -654,7 +606,7 @@ def test_a_damaged_or_foreign_weights_file_is_named(tmp_path, tokenizer_path, co
 
 
 def test_a_weights_file_of_another_shape_is_named(tmp_path, tokenizer_path):
-    from lit_lora.utils import load_model
+    from lit_lora.checkpoint import load_model
 
     folder = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
     state_dict = torch.load(folder / "lit_model.pth", weights_only=True)
@@ -666,8 +618,8 @@ def test_a_weights_file_of_another_shape_is_named(tmp_path, tokenizer_path):
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, tokenizer_path, tokenizer):
+    from lit_lora.checkpoint import load_model, save_checkpoint_dir
     from lit_lora.model import Config, LLaMA
-    from lit_lora.utils import load_model, save_checkpoint_dir
 
     model = LLaMA(Config.from_name("micro", vocab_size=tokenizer.vocab_size - 10))  # the tokenizer of another model
     folder = save_checkpoint_dir(tmp_path / "ckpt", model.state_dict(), model.config, [tokenizer_path])
@@ -677,9 +629,10 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, tok
 
 
 def test_a_method_file_on_other_base_weights_of_the_same_shape_loads_with_a_warning(tmp_path, tokenizer_path, capsys):
-    from lit_lora.adapter import apply_adapter, load_adapter, save_adapter
-    from lit_lora.lora import apply_lora, load_lora, save_lora
-    from lit_lora.utils import load_model
+    from lit_lora.adapter import apply_adapter
+    from lit_lora.checkpoint import load_model
+    from lit_lora.lora import apply_lora
+    from lit_lora.method_files import load_adapter, load_lora, save_adapter, save_lora
 
     base = make_checkpoint(tmp_path / "base", tokenizer_path, seed=0)
     other = make_checkpoint(tmp_path / "other", tokenizer_path, seed=1)
@@ -738,3 +691,39 @@ def test_evaluation_prompts_in_the_prepared_datas_style_and_stops_at_its_end(tmp
     eot, end_of_text = (tokenizer.json_tokenizer.token_to_id(t) for t in ("<|eot_id|>", "<|end_of_text|>"))
     assert calls == [(tokenizer.encode(format_prompt("Say the word.", "cat", "llama3"), bos=True).tolist(),
                       (end_of_text, eot))]
+
+
+def test_activation_checkpointing_saves_activations_and_trains_the_same_without_fsdp(setup):
+    """--activation_checkpointing works with any method on one device: each Block keeps only its input for the
+    backward pass (autograd saves less), and the run computes the same (dropout masks included) as without it."""
+    from finetune.lora import main
+    from lit_lora.devices import checkpoint_activations
+    from lit_lora.lora import apply_lora, mark_only_lora_as_trainable
+    from lit_lora.model import Config, LLaMA
+    from tests.conftest import saved_by_autograd
+
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("micro", n_layer=3))
+    apply_lora(model, r=4)
+    mark_only_lora_as_trainable(model)
+    input_ids = torch.randint(0, 256, (2, 24))
+    before = saved_by_autograd(model.train(), input_ids, input_ids)
+    checkpoint_activations(model)
+    assert saved_by_autograd(model, input_ids, input_ids) < before / 2
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    run = dict(max_steps=3, lora_dropout=0.1, eval_interval=0, save_interval=0, eval_max_new_tokens=0)
+    plain = main(lora_args(checkpoint_dir, data_dir, tmp_path / "plain", **run))
+    checkpointed = main(lora_args(checkpoint_dir, data_dir, tmp_path / "ckpt", activation_checkpointing=True, **run))
+    assert checkpointed["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-6)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
+    assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
+
+
+def test_a_lora_rank_larger_than_the_layers_is_refused_before_allocating(setup):
+    """--lora_r 1000000000 would ask for gigabytes per layer: it is checked against the targeted layers' sides."""
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    with pytest.raises(ValueError, match=r"^--lora_r 1000000000: must be at most 16, the smallest side"):
+        main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", lora_r=10**9))

@@ -7,7 +7,7 @@ A PEFT adapter folder holds:
 PEFT stores one (lora_A, lora_B) pair per adapted nn.Linear, under the module's name inside
 PeftModel -> LlamaForCausalLM: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight. Its lora_A (r, d_in),
 lora_B (d_out, r) and scaling lora_alpha / r are ours (lit_lora/lora.py), so the tensors copy as they are; only
-their names change, through Hugging Face's names for the base weights (lit_lora/convert_hf.py). An adapter that
+their names change, through Hugging Face's names for the base weights (lit_lora/convert/hf.py). An adapter that
 computes something else (DoRA, rsLoRA, a rank per layer, ...) is refused, naming the field of adapter_config.json.
 """
 
@@ -21,11 +21,13 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import load_file
 
-from lit_lora.convert_common import save_safetensors
-from lit_lora.convert_hf import hf_to_lit_name, lit_to_hf_name
-from lit_lora.lora import LORA_TARGETS, apply_lora, lora_state_dict, read_lora_file, save_lora
-from lit_lora.model import LLaMA, Config
-from lit_lora.utils import atomic_folder, check_base_model, check_tensors
+from lit_lora.atomic import atomic_folder
+from lit_lora.checkpoint import check_base_model, check_tensors, read_config
+from lit_lora.convert.common import save_safetensors
+from lit_lora.convert.hf import hf_to_lit_name, lit_to_hf_name
+from lit_lora.lora import LORA_TARGETS, apply_lora, lora_state_dict
+from lit_lora.method_files import read_lora_file, save_lora
+from lit_lora.model import LLaMA
 
 PEFT_PREFIX = "base_model.model."
 # adapter_config.json fields whose other values change what the adapter computes, with the value we support.
@@ -89,7 +91,7 @@ def export_peft_adapter(lora_path: Union[str, Path], output_dir: Union[str, Path
     lora_file = read_lora_file(lora_path)
     base_config, lora_config = lora_file["base_config"], lora_file["lora_config"]
     if checkpoint_dir is not None:  # the LoRA must fit the base model it will be loaded onto
-        config = Config.from_file(checkpoint_dir / "model_config.json")
+        config = read_config(checkpoint_dir / "model_config.json")
         check_base_model(lora_file, config, lora_path, base=str(checkpoint_dir))
         base_config = asdict(config)
     adapter_config = {
@@ -153,7 +155,7 @@ def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, P
         raise ValueError(f"{source}: target_modules = {json.dumps(modules)} is not supported: give a list of "
                          f"{', '.join(target_of_module)}")
 
-    config = Config.from_file(checkpoint_dir / "model_config.json")
+    config = read_config(checkpoint_dir / "model_config.json")
     with torch.device("meta"):  # shapes only: the base weights are not needed
         model = LLaMA(config)
     apply_lora(model, r=adapter_config["r"], alpha=adapter_config["lora_alpha"],

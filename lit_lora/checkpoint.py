@@ -1,4 +1,4 @@
-"""Checkpoint I/O and the figures every script reports (parameters, memory).
+"""Checkpoint I/O: the base model's folder, and the files a finetuning method writes beside it.
 
 A checkpoint folder is the unit every script reads and full finetuning writes:
     lit_model.pth       the model's state dict
@@ -6,23 +6,28 @@ A checkpoint folder is the unit every script reads and full finetuning writes:
     the tokenizer       either tokenizer.model (SentencePiece: LLaMA 1 and 2), or tokenizer.json (Hugging Face
                         `tokenizers`: Llama 3, SmolLM2) with whichever of tokenizer_config.json,
                         generation_config.json and special_tokens_map.json came with it (`Tokenizer.files`)
+
+A method file (a LoRA file, an adapter file) is self-describing: its tensors, the config to rebuild its modules,
+the base model's config and a fingerprint of its weights (`save_method_file`, `read_method_file`). What the
+tensors are and how they enter a model is the method's own business (lit_lora/method_files.py).
+
+Everything read from a file is checked before it is used, and every problem is one error naming the file, the
+field or tensor, and what to do.
 """
 
 import hashlib
-import os
-import resource
+import json
 import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn as nn
 
-from lit_lora.model import Config, LLaMA
-from lit_lora.quantize import is_4bit, quantize_blocks
+from lit_lora.atomic import atomic_folder, atomic_save
+from lit_lora.model import Config, ConfigError, LLaMA
+from lit_lora.tokenizer import Tokenizer, read_json
 
 # What a checkpoint folder must hold: each entry is a file, or a tuple of files of which it must hold one
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.json", ("tokenizer.model", "tokenizer.json"))
@@ -50,21 +55,29 @@ def check_checkpoint_dir(checkpoint_dir: Union[str, Path]) -> Path:
     return checkpoint_dir
 
 
-def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
-               device: Optional[torch.device] = None) -> LLaMA:
+def read_config(path: Union[str, Path]) -> Config:
+    """A model_config.json, every field checked: a value it cannot hold is an error naming the file and field."""
+    values, known = read_json(Path(path), "convert the checkpoint again"), {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown Config field(s) {unknown}; known fields: {sorted(known)}")
+    try:
+        return Config(**values)
+    except ConfigError as error:
+        raise ValueError(f"{path}: {error.field} is {error.value!r}: {error.requirement}") from None
+
+
+def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = None) -> LLaMA:
     """Build the model on the meta device (no memory) and point its parameters at the checkpoint's
     tensors, memory-mapped from disk: loading 7B never needs two copies in RAM.
 
     The tensors stay on the CPU, in the checkpoint's dtype unless `dtype` is given; moving the model to a
     GPU (e.g. by `fabric.setup`) then reads them from disk once. The model remembers a fingerprint of these
     weights (`model.base_fingerprint`), which LoRA and adapter files record to recognise their base model.
-
-    quantize: "bnb.nf4" or "bnb.nf4-dq" (QLoRA, lit_lora/quantize.py): the Blocks' linear weights are read from
-    the file one at a time and stored in 4 bits on `device` (default: a GPU if there is one), so the 16-bit
-    model is never in memory at once; the rest stays as above.
+    (lit_lora/quantize.py's load_model_4bit stores the Blocks' weights in 4 bits instead.)
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    config = Config.from_file(checkpoint_dir / "model_config.json")
+    config = read_config(checkpoint_dir / "model_config.json")
     check_vocabulary(config, checkpoint_dir)
     with torch.device("meta"):
         model = LLaMA(config)
@@ -72,16 +85,13 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     if config.tie_embeddings and "embed.weight" in state_dict:  # one matrix, saved under one name or both
         state_dict.setdefault("lm_head.weight", state_dict["embed.weight"])
     check_tensors(state_dict, {name: t.shape for name, t in model.state_dict().items()}, checkpoint_dir / "lit_model.pth")
+    model.base_fingerprint = weights_fingerprint(state_dict)  # of the weights as stored, before any conversion
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     if config.tie_embeddings:  # assign=True gave each name its own parameter: make them one again
         model.lm_head.weight = model.embed.weight
     model.reset_rope_cache()  # cos/sin are not in the checkpoint: build them on the weights' device
-    model.base_fingerprint = weights_fingerprint(state_dict)  # of the weights as stored: the same when quantized
-    if quantize is not None:  # QLoRA: the Blocks' linears in 4 bits
-        # without `dtype` the weights are the file's own memory-mapped tensors, not copies in ordinary memory
-        quantize_blocks(model, quantize, device, free_mapped_pages=dtype is None)
     return model
 
 
@@ -100,17 +110,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], source: Union[str, Path],
                   hint: str = "") -> None:
-    """Every expected tensor, no other, each with its expected shape: else an error naming the first few
-    missing, unexpected or misshapen tensors of `source`, and `hint` (what to do)."""
+    """Every expected tensor, no other, each a floating-point tensor of its expected shape: else an error naming
+    the first few missing, unexpected, misshapen or non-float tensors of `source`, and `hint` (what to do)."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source} does not fit: missing tensors: {missing[:3]}; unexpected: {unexpected[:3]} "
                          f"({len(missing)} missing, {len(unexpected)} unexpected). {hint}".strip())
     wrong = [f"{name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}" for name, t in tensors.items()
              if tuple(t.shape) != tuple(expected[name])]
+    wrong += [f"{name} holds {t.dtype}, not floating-point weights" for name, t in tensors.items()
+              if not t.is_floating_point()]
     if wrong:
-        raise ValueError(f"{source} does not fit: {'; '.join(wrong[:3])} ({len(wrong)} of another shape). "
-                         f"{hint}".strip())
+        raise ValueError(f"{source} does not fit: {'; '.join(wrong[:3])} ({len(wrong)} such). {hint}".strip())
 
 
 # The config fields that decide every tensor's shape: a LoRA or adapter file fits a base model only if they agree.
@@ -139,8 +150,6 @@ def check_base_model(method_file: dict, config: Config, path: Union[str, Path],
 def check_vocabulary(config: Config, tokenizer_path: Union[str, Path]) -> None:
     """A tokenizer with more pieces than the model has embeddings would produce ids the model cannot embed.
     `tokenizer_path`: a tokenizer file, or a folder with one (as `Tokenizer` takes it)."""
-    from lit_lora.tokenizer import Tokenizer
-
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{tokenizer.model_path} has {tokenizer.vocab_size:,} tokens, more than the model's vocabulary "
@@ -164,11 +173,6 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 256)
     return digest.hexdigest()[:16]
 
 
-def atomic_save(obj: Any, path: Union[str, Path]) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
-
-
 def save_checkpoint_dir(checkpoint_dir: Union[str, Path], state_dict: dict, config: Config,
                         tokenizer_files: list[Union[str, Path]]) -> Path:
     """Write a whole checkpoint folder (see the module docstring) that `load_model` and every script read.
@@ -187,161 +191,73 @@ def save_checkpoint_dir(checkpoint_dir: Union[str, Path], state_dict: dict, conf
                          "one of which every checkpoint folder needs: pass Tokenizer(path).files")
     with atomic_folder(checkpoint_dir) as tmp:
         torch.save(state_dict, tmp / "lit_model.pth")
-        config.to_file(tmp / "model_config.json")
+        write_config(config, tmp / "model_config.json")
         for file, name in names.items():
             shutil.copyfile(file, tmp / name)
     return Path(checkpoint_dir)
 
 
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Call write(temporary path) for a file beside `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files only their owner can read; use the usual mode
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_folder(path: Union[str, Path], replace: bool = False) -> Iterator[Path]:
-    """Yield a new temporary folder beside `path` to write files into; when the block succeeds, put them in place.
-
-    A new `path` is the temporary folder renamed, in one step. An existing `path` either gets the new files
-    moved in one by one (each file appears whole; other files stay), or with `replace=True` is swapped for the
-    new folder: the old one is renamed aside, the new one renamed in, then the old one deleted, so a complete
-    folder exists at every moment (after a crash between the two renames, under the hidden name
-    `.NAME.old-*/NAME`). An error leaves `path` as it was and removes the temporary folder.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes folders only their owner can read; use the usual mode
-    try:
-        yield tmp
-        if not path.exists():
-            os.replace(tmp, path)
-        elif replace:
-            aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            try:
-                os.replace(path, aside / path.name)
-                try:
-                    os.replace(tmp, path)
-                except BaseException:
-                    os.replace(aside / path.name, path)  # an error, not a crash: the old folder goes back
-                    raise
-            finally:
-                if path.exists():  # the new folder or the old one is in place: what is aside is not needed
-                    shutil.rmtree(aside, ignore_errors=True)
-        else:
-            for file in sorted(tmp.iterdir()):
-                os.replace(file, path / file.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def num_parameters(module: nn.Module, trainable: Optional[bool] = None) -> int:
-    """Parameters of `module`: all of them, or only the (non-)trainable ones. Works on the meta device.
-    A 4-bit weight (QLoRA) counts the weights it holds, not its bytes (two weights per byte)."""
-    def count(p: torch.Tensor) -> int:  # a 4-bit weight: the shape it was quantized from
-        return p.quant_state.shape.numel() if is_4bit(p) else p.numel()
-
-    return sum(count(p) for p in module.parameters() if trainable is None or p.requires_grad == trainable)
-
-
-def peak_memory_bytes(device: Optional[torch.device] = None) -> int:
-    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size (RSS).
-
-    On Linux the RSS peak is VmHWM of /proc/self/status: getrusage's ru_maxrss would count the RSS of the
-    process that started this one too (Linux carries it over fork and exec), so a run started by a big process
-    (finetune/compare.py) would report that process's memory."""
-    if device is not None and torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    if sys.platform == "linux":
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))  # kB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, the BSDs kilobytes
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def default_precision() -> str:
-    """bf16 weights on a GPU that supports bfloat16, fp32 otherwise (CPU)."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-true"
-    return "32-true"
-
-
-def dtype_from_precision(precision: str) -> torch.dtype:
-    """The dtype of the weights for a Fabric precision string ('bf16-mixed' keeps fp32 weights)."""
-    dtypes = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16,
-              "bf16-mixed": torch.float32, "16-mixed": torch.float32}
-    if precision not in dtypes:
-        raise ValueError(f"Unknown precision {precision!r}; choose one of {', '.join(dtypes)}")
-    return dtypes[precision]
+def write_config(config: Config, path: Union[str, Path]) -> None:
+    Path(path).write_text(json.dumps(asdict(config), indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scripts: flags and errors
+# Method files: what LoRA and LLaMA-Adapter write ({kind}: the tensors, {kind}_config: the method's config)
 
 
-def check_flag(args: Any, name: str, ok: bool, requirement: str) -> None:
-    """Refuse the value of flag `name` unless `ok`, with a message naming the flag, its value and `requirement`.
-
-    Each script's dataclass of flags calls this in `__post_init__`, so a bad value stops the script while its
-    arguments are parsed, before anything is read or written."""
-    if not ok:
-        raise ValueError(f"--{name} {getattr(args, name)}: {requirement}")
-
-
-# What a user can fix: a bad flag, a missing, damaged or mismatched file, a missing optional package.
-USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+def save_method_file(path: Union[str, Path], kind: str, tensors: dict[str, torch.Tensor], config,
+                     model: LLaMA, **extra) -> None:
+    """One self-describing file, written whole: the method's tensors and config (a dataclass), the base model's
+    config and fingerprint, and `extra` (e.g. the quantization the base was trained in)."""
+    atomic_save({kind: {name: tensor.detach().cpu() for name, tensor in tensors.items()},
+                 f"{kind}_config": asdict(config),
+                 "base_config": asdict(model.config),
+                 "base_fingerprint": getattr(model, "base_fingerprint", None),  # which base weights it was trained on
+                 **extra}, path)
 
 
-def cli(main: Callable, flags: Optional[type] = None) -> Any:
-    """What every script runs under `if __name__ == "__main__"`: parse the command line with jsonargparse
-    (`--help` lists each flag with its default) and call `main`, with the parsed dataclass `flags`, or, without
-    `flags`, with main's own arguments as the flags.
-
-    Errors a user can fix end in one line on stderr, `error: ...`, not in a traceback: exit code 2 for a flag
-    value refused while parsing, 1 for a problem found later (a missing or damaged file, a mismatch). Ctrl-C
-    ends with exit code 130. Set LIT_LORA_TRACEBACK=1 to see the traceback of any of them.
-    """
-    from jsonargparse import CLI  # here, so that importing lit_lora.utils stays light
-
-    def fail(error: BaseException, code: int):
-        if os.environ.get("LIT_LORA_TRACEBACK"):
-            raise error
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(code)
-
+def read_method_file(path: Union[str, Path], kind: str, config_class: type, name: str, writer: str,
+                     optional: tuple[str, ...] = ()) -> dict:
+    """The dict of a method file `kind` ("lora", "adapter"), everything checked: its config builds a
+    `config_class`, its base_config a Config, its tensors are finite floats; else one error naming the file, the
+    field or tensor and what to do. `name`: what the file is called in messages ("a LoRA file"); `writer`: the
+    script that writes such files; `optional`: keys besides the base ones that the file may hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {writer} writes {name}")
     try:
-        if flags is None:
-            return CLI(main, as_positional=False)
-        try:
-            args = CLI(flags, as_positional=False)
-        except ValueError as error:  # refused by the dataclass's __post_init__ (check_flag)
-            fail(error, 2)
-        return main(args)
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        sys.exit(130)
-    except USER_ERRORS as error:
-        fail(error, 1)
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, not a torch file, or a pickle that would run code
+        raise ValueError(f"{path} cannot be read as {name} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}). It may be incomplete or damaged: "
+                         f"write it again with {writer}.") from None
+    required = {kind, f"{kind}_config", "base_config"}
+    allowed = required | {"base_fingerprint", *optional}
+    if not isinstance(data, dict) or not required <= set(data) <= allowed:
+        found = sorted(map(str, data)) if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise ValueError(f"{path} is not {name} written by lit-lora: expected the keys {sorted(required)}, "
+                         f"found {found}. {writer} writes one.")
+    config_values, known = data[f"{kind}_config"], {f.name for f in fields(config_class)}
+    if not isinstance(config_values, dict) or set(config_values) != known:
+        found = sorted(config_values) if isinstance(config_values, dict) else f"a {type(config_values).__name__}"
+        raise ValueError(f"{path}: {kind}_config holds {found}, expected the fields {sorted(known)}. "
+                         f"Write the file again with {writer}.")
+    try:
+        config_class(**config_values)
+    except ConfigError as error:
+        raise ValueError(f"{path}: {kind}_config's {error.field} is {error.value!r}: {error.requirement}. "
+                         f"Write the file again with {writer}.") from None
+    try:
+        Config(**data["base_config"])
+    except (ConfigError, TypeError) as error:  # TypeError: not a dict, or unknown fields
+        raise ValueError(f"{path}: base_config is not a model config ({error}). Write the file again with "
+                         f"{writer}.") from None
+    tensors = data[kind]
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{path}: {kind} holds no state dict of tensors. Write the file again with {writer}.")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            what = "NaN or infinite values" if tensor.is_floating_point() else f"{tensor.dtype}, not floats"
+            raise ValueError(f"{path}: the tensor {name} holds {what}: training diverged, or the file is damaged "
+                             f"or was edited. Write it again with {writer}.")
+    return data

@@ -13,7 +13,7 @@ pairs of coordinates of each query/key head. Meta pairs neighbours (x0, x1), (x2
 
 Memory. The shards are memory-mapped (read from disk as needed, not copied into RAM) and the converted tensors
 are saved once: one copy of the weights. What is shared with the other formats (NameTable, --dtype, checking and
-writing the folder) is in lit_lora/convert_common.py.
+writing the folder) is in lit_lora/convert/common.py.
 """
 
 import json
@@ -22,7 +22,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from lit_lora.convert_common import (
+from lit_lora.checkpoint import check_vocabulary
+from lit_lora.convert.common import (
     NameTable,
     apply_preset,
     check_converted_tensors,
@@ -33,7 +34,6 @@ from lit_lora.convert_common import (
 )
 from lit_lora.model import Config
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.utils import check_vocabulary
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names, shards and the RoPE layout

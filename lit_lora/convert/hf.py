@@ -6,14 +6,14 @@ A Hugging Face LLaMA folder (Llama 2 `-hf` repos, TinyLlama, OpenLLaMA) holds:
                                 is split by tensor into shards (model-00001-of-00002.safetensors, ...) that an
                                 index file (model.safetensors.index.json) lists
     tokenizer.model             the SentencePiece tokenizer, the one lit-lora reads. The export writes transformers'
-                                tokenizer.json and tokenizer_config.json beside it (lit_lora/hf_tokenizer.py)
+                                tokenizer.json and tokenizer_config.json beside it (lit_lora/convert/hf_tokenizer.py)
 
 The matrices are ours under other names (HF_NAMES), not reordered: Hugging Face's rotary embedding pairs the two
-halves of each head, as `apply_rope` does (Meta's pairs neighbours: see lit_lora/convert_meta.py).
+halves of each head, as `apply_rope` does (Meta's pairs neighbours: see lit_lora/convert/meta.py).
 
 Memory. Converting holds one copy of the weights: a safetensors file is read one tensor at a time, a .bin file is
 memory-mapped, and the converted tensors are saved once. What is shared with the other formats (NameTable,
---dtype, checking and writing folders) is in lit_lora/convert_common.py.
+--dtype, checking and writing folders) is in lit_lora/convert/common.py.
 """
 
 import json
@@ -25,7 +25,9 @@ from typing import Iterator, Optional, Union
 import torch
 from safetensors import safe_open
 
-from lit_lora.convert_common import (
+from lit_lora.atomic import atomic_folder
+from lit_lora.checkpoint import check_vocabulary, load_model
+from lit_lora.convert.common import (
     NameTable,
     apply_preset,
     check_converted_tensors,
@@ -35,17 +37,12 @@ from lit_lora.convert_common import (
     to_dtype,
     write_checkpoint,
 )
-from lit_lora.hf_tokenizer import hf_tokenizer_files
-from lit_lora.lora import load_lora, merge_lora
+from lit_lora.convert.hf_tokenizer import hf_tokenizer_files
+from lit_lora.lora import merge_lora
+from lit_lora.method_files import load_lora
 from lit_lora.model import Config
+from lit_lora.report import format_bytes, peak_memory_bytes
 from lit_lora.tokenizer import TOKENIZER_JSON_COMPANIONS, Tokenizer
-from lit_lora.utils import (
-    atomic_folder,
-    check_vocabulary,
-    format_bytes,
-    load_model,
-    peak_memory_bytes,
-)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names

@@ -1,5 +1,5 @@
 """LLaMA's SentencePiece tokenizer as Hugging Face tokenizer files: tokenizer.json, tokenizer_config.json and
-special_tokens_map.json, written by the export to Hugging Face (lit_lora/convert_hf.py).
+special_tokens_map.json, written by the export to Hugging Face (lit_lora/convert/hf.py).
 
 transformers builds a tokenizer from tokenizer.json (the `tokenizers` library's format) and tokenizer_config.json.
 Given only tokenizer.model it needs protobuf to convert it, and without tokenizer_config.json it does not know that

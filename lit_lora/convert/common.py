@@ -3,10 +3,10 @@
 LLaMA is published in two formats, and both hold the same matrices as `lit_lora/model.py` under other names:
 
 - Meta's original release (LLaMA, Llama 2): `consolidated.NN.pth` shards and `params.json`; read by
-  `lit_lora/convert_meta.py`.
+  `lit_lora/convert/meta.py`.
 - Hugging Face's `LlamaForCausalLM` (Llama 2 `-hf` repos, TinyLlama, OpenLLaMA): `config.json` and
-  `model.safetensors` or `pytorch_model.bin`; read and written by `lit_lora/convert_hf.py` (its tokenizer files
-  by `lit_lora/hf_tokenizer.py`). LoRA files travel to and from Hugging Face's PEFT in `lit_lora/convert_peft.py`.
+  `model.safetensors` or `pytorch_model.bin`; read and written by `lit_lora/convert/hf.py` (its tokenizer files
+  by `lit_lora/convert/hf_tokenizer.py`). LoRA files travel to and from Hugging Face's PEFT in `lit_lora/convert/peft.py`.
 
 Each of those files reads alone; this one holds what they all use, in one place:
 
@@ -18,7 +18,7 @@ Each of those files reads alone; this one holds what they all use, in one place:
 Memory. Converting holds one copy of the weights, never two: the converters read them lazily (one tensor at a
 time, or memory-mapped: read from disk as needed, not copied into RAM), and the converted tensors are collected
 into one state dict that is saved once. For 7B in bfloat16 that is about 13.5 GB. Every folder is written into
-a temporary folder first and moved into place at the end (`lit_lora.utils.atomic_folder`), so an interrupted
+a temporary folder first and moved into place at the end (`lit_lora.atomic.atomic_folder`), so an interrupted
 conversion leaves no half-written folder.
 """
 
@@ -31,14 +31,10 @@ from typing import Literal, Optional, Union
 import torch
 from safetensors.torch import save_file
 
+from lit_lora.atomic import current_umask
+from lit_lora.checkpoint import check_tensors, save_checkpoint_dir
 from lit_lora.model import Config, LLaMA
-from lit_lora.utils import (
-    check_tensors,
-    current_umask,
-    format_bytes,
-    peak_memory_bytes,
-    save_checkpoint_dir,
-)
+from lit_lora.report import format_bytes, peak_memory_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names
@@ -146,7 +142,7 @@ def check_converted_tensors(state_dict: dict[str, torch.Tensor], config: Config,
 
 
 def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokenizer_files: list[Path]) -> Path:
-    """The folder that `lit_lora.utils.load_model` reads (lit_model.pth, model_config.json and the tokenizer's
+    """The folder that `lit_lora.checkpoint.load_model` reads (lit_model.pth, model_config.json and the tokenizer's
     files, `Tokenizer.files`), written whole, with what it took."""
     save_checkpoint_dir(output_dir, state_dict, config, tokenizer_files)
     size = (output_dir / "lit_model.pth").stat().st_size

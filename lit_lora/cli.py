@@ -1,0 +1,68 @@
+"""What every script runs under `if __name__ == "__main__"`: its flags parsed, its errors said in one line.
+
+The library's errors name Python parameters (`r=0: must be at least 1`); a script knows which flag a value came
+from and says that instead (`--lora_r 0: must be at least 1`), with `check_flag` for its own flags and
+`config_flags` for the library's configs it builds from flags.
+"""
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+from lit_lora.model import ConfigError
+
+
+def check_flag(args: Any, name: str, ok: bool, requirement: str) -> None:
+    """Refuse the value of flag `name` unless `ok`, with a message naming the flag, its value and `requirement`.
+
+    Each script's dataclass of flags calls this in `__post_init__`, so a bad value stops the script while its
+    arguments are parsed, before anything is read or written."""
+    if not ok:
+        raise ValueError(f"--{name} {getattr(args, name)}: {requirement}")
+
+
+@contextmanager
+def config_flags(**flag_of_field: str) -> Iterator[None]:
+    """Around building a library config from flags: its ConfigError, which names a field, names the flag instead
+    (config_flags(r="lora_r"): `r=0: ...` becomes `--lora_r 0: ...`)."""
+    try:
+        yield
+    except ConfigError as error:
+        flag = flag_of_field.get(error.field, error.field)
+        raise ValueError(f"--{flag} {error.value}: {error.requirement}") from None
+
+
+# What a user can fix: a bad flag, a missing, damaged or mismatched file, a missing optional package.
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
+
+def cli(main: Callable, flags: Optional[type] = None) -> Any:
+    """Parse the command line with jsonargparse (`--help` lists each flag with its default) and call `main`, with
+    the parsed dataclass `flags`, or, without `flags`, with main's own arguments as the flags.
+
+    Errors a user can fix end in one line on stderr, `error: ...`, not in a traceback: exit code 2 for a flag
+    value refused while parsing, 1 for a problem found later (a missing or damaged file, a mismatch). Ctrl-C
+    ends with exit code 130. Set LIT_LORA_TRACEBACK=1 to see the traceback of any of them.
+    """
+    from jsonargparse import CLI  # here, so that importing lit_lora.cli stays light
+
+    def fail(error: BaseException, code: int):
+        if os.environ.get("LIT_LORA_TRACEBACK"):
+            raise error
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(code)
+
+    try:
+        if flags is None:
+            return CLI(main, as_positional=False)
+        try:
+            args = CLI(flags, as_positional=False)
+        except ValueError as error:  # refused by the dataclass's __post_init__ (check_flag)
+            fail(error, 2)
+        return main(args)
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as error:
+        fail(error, 1)
