@@ -37,7 +37,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_config import bench_config  # noqa: E402
+from benchmarks.bench_config import bench_config, machine_load, spread_warning  # noqa: E402
 from lit_lora.cli import cli  # noqa: E402
 from lit_lora.generation import generate, generate_stream, time_tokens  # noqa: E402
 from lit_lora.inference import compile_decoding, fuse_for_inference  # noqa: E402
@@ -57,17 +57,24 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
     return matrix.numel() * 4 / best
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
+WARNINGS: list[str] = []  # repeats that disagreed, said again at the end
+
+
+def best_time(fn, repeats: int, name: str = "a measurement") -> tuple[float, object]:
     """The shortest of `repeats` runs of fn (after one run to warm up), and fn's result. Under inference_mode, as
-    the generate scripts decode (and as HF's generate does)."""
+    the generate scripts decode (and as HF's generate does). Repeats that disagree are noted in WARNINGS."""
     with torch.inference_mode():
         result = fn()
-        best = float("inf")
+        times = []
         for _ in range(repeats):
             start = time.perf_counter()
             result = fn()
-            best = min(best, time.perf_counter() - start)
-    return best, result
+            times.append(time.perf_counter() - start)
+    warning = spread_warning(name, times)
+    if warning:
+        print(f"  {warning}")
+        WARNINGS.append(warning)
+    return min(times), result
 
 
 def decode_rate(model: LLaMA, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
@@ -154,14 +161,14 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
     prompt = torch.randint(0, config.vocab_size, (prompt_length,))
     figures = {}
     print(f"Decoding, bench-8x512 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters), fp32, "
-          f"{torch.get_num_threads()} threads, best of {repeats}.")
+          f"{torch.get_num_threads()} threads, best of {repeats}; {machine_load()}")
 
     # 1. batch 1
     print(f"\n1. Batch 1: a {prompt_length}-token prompt, {new_tokens} new tokens")
     runs = {}
     for name, decoder in (("plain", model), ("fused", fused), ("lora_merged", lora_merged),
                           ("lora_unmerged", lora_unmerged)):
-        runs[name] = best_time(lambda: generate(decoder, [prompt], max_new_tokens=new_tokens), repeats)
+        runs[name] = best_time(lambda: generate(decoder, [prompt], max_new_tokens=new_tokens), repeats, name)
         figures[f"{name}_tokens_per_s"] = new_tokens / runs[name][0]
     tokens = runs["fused"][1]
     assert same(runs["plain"][1], tokens), "the fused layout must decode the same tokens"
@@ -175,7 +182,7 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
           f"unfused: {100 * (unmerged_cost - 1):.0f}% more time per token than merged)")
     hf = hugging_face_model(model)
     if hf is not None:
-        hf_s, hf_tokens = best_time(lambda: hf_generate(hf, [prompt], new_tokens), repeats)
+        hf_s, hf_tokens = best_time(lambda: hf_generate(hf, [prompt], new_tokens), repeats, "Hugging Face")
         figures.update(hf_tokens_per_s=new_tokens / hf_s, ratio=lit / (new_tokens / hf_s))
         print(f"  Hugging Face       {figures['hf_tokens_per_s']:7.1f} tokens/s   (same tokens: {same(hf_tokens, tokens)})")
         print(f"  lit-lora / Hugging Face: {figures['ratio']:.2f}x (target >= 1.3x)")
@@ -184,7 +191,8 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
     n_params = sum(p.numel() for p in model.parameters())
     kv_bytes = config.n_layer * 2 * (prompt_length + new_tokens / 2) * config.n_query_groups * config.head_size * 4
     bytes_per_token = (n_params - model.embed.weight.numel() + config.n_embd) * 4 + kv_bytes
-    products_s, _ = best_time(lambda: [matrix_products_of_a_step(fused) for _ in range(new_tokens)], repeats)
+    products_s, _ = best_time(lambda: [matrix_products_of_a_step(fused) for _ in range(new_tokens)], repeats,
+                               "the weight products")
     product_bytes = sum(p.numel() for n, p in fused.named_parameters() if n.endswith("_t")) * 4  # the 33 weights
     mv_bandwidth, products_bandwidth = read_bandwidth(), product_bytes * new_tokens / products_s
     bandwidth = max(mv_bandwidth, products_bandwidth)  # the faster of the two: the stricter bound
@@ -207,7 +215,8 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
         with torch.inference_mode():
             first = generate(compiled, [prompt], max_new_tokens=new_tokens)
         first_call_s = time.perf_counter() - start
-        compiled_s, compiled_tokens = best_time(lambda: generate(compiled, [prompt], max_new_tokens=new_tokens), repeats)
+        compiled_s, compiled_tokens = best_time(lambda: generate(compiled, [prompt], max_new_tokens=new_tokens), repeats,
+                                                "the compiled step")
         rate = new_tokens / compiled_s
         compiled_decoding = decode_rate(compiled, prompt, new_tokens, repeats)
         figures.update(compile_s=compiled.compile_seconds, compiled_tokens_per_s=rate,
@@ -224,13 +233,13 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
     # 4. batched
     lengths = torch.linspace(prompt_length // 2, prompt_length * 3 // 2, batch_size).long().tolist()
     prompts = [torch.randint(0, config.vocab_size, (n,)) for n in lengths]
-    lit_s, lit_batch = best_time(lambda: generate(fused, prompts, max_new_tokens=new_tokens), repeats)
+    lit_s, lit_batch = best_time(lambda: generate(fused, prompts, max_new_tokens=new_tokens), repeats, "batch")
     figures["batched_tokens_per_s"] = batch_size * new_tokens / lit_s
     print(f"\n4. Batch {batch_size}: prompts of {lengths[0]} to {lengths[-1]} tokens, {new_tokens} new tokens each")
     print(f"  lit-lora           {figures['batched_tokens_per_s']:7.1f} tokens/s   (right padding, each row at its own "
           f"positions; every row as alone: {same(lit_batch, [generate(fused, [p], new_tokens)[0] for p in prompts])})")
     if hf is not None:
-        hf_s, hf_batch = best_time(lambda: hf_generate(hf, prompts, new_tokens), repeats)
+        hf_s, hf_batch = best_time(lambda: hf_generate(hf, prompts, new_tokens), repeats, "HF's batch")
         figures.update(hf_batched_tokens_per_s=batch_size * new_tokens / hf_s, batched_ratio=hf_s / lit_s)
         rows_same = sum(torch.equal(a, b) for a, b in zip(lit_batch, hf_batch))
         print(f"  Hugging Face       {figures['hf_batched_tokens_per_s']:7.1f} tokens/s   (left padding; rows with the "
@@ -239,15 +248,18 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
 
     # 5. prefill
     long_prompt = torch.randint(0, config.vocab_size, (prefill_length,))
-    lit_s, lit_first = best_time(lambda: generate(fused, [long_prompt], max_new_tokens=1), repeats)
+    lit_s, lit_first = best_time(lambda: generate(fused, [long_prompt], max_new_tokens=1), repeats, "prefill")
     figures["prefill_ms"] = 1000 * lit_s
     print(f"\n5. Prefill: time to the first token of a {prefill_length}-token prompt")
     print(f"  lit-lora           {1000 * lit_s:7.1f} ms")
     if hf is not None:
-        hf_s, hf_first = best_time(lambda: hf_generate(hf, [long_prompt], 1), repeats)
+        hf_s, hf_first = best_time(lambda: hf_generate(hf, [long_prompt], 1), repeats, "HF's prefill")
         figures.update(hf_prefill_ms=1000 * hf_s, prefill_ratio=hf_s / lit_s)
         print(f"  Hugging Face       {1000 * hf_s:7.1f} ms   (same token: {same(hf_first, lit_first)}); "
               f"lit-lora is {figures['prefill_ratio']:.2f}x as fast")
+    for warning in WARNINGS:
+        print(warning)
+    figures["warnings"] = list(WARNINGS)
     return figures
 
 

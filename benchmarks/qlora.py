@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_config import bench_config  # noqa: E402
+from benchmarks.bench_config import bench_config, machine_load  # noqa: E402
 from lit_lora.checkpoint import load_model, save_checkpoint_dir  # noqa: E402
 from lit_lora.cli import cli  # noqa: E402
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
@@ -124,6 +124,7 @@ def main(part: Optional[Literal["load", "train"]] = None, quantize: Optional[str
     require_bitsandbytes("benchmarks/qlora.py")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks go back to the system (finetune/compare.py)
     results = {}
+    print(machine_load(), flush=True)
     for part_ in ("load", "train"):
         for round_ in range(rounds):
             for mode in MODES:

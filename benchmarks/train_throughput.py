@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_config import bench_config  # noqa: E402
+from benchmarks.bench_config import bench_config, machine_load, spread_warning  # noqa: E402
 from lit_lora.cli import cli  # noqa: E402
 from lit_lora.lora import apply_lora, mark_only_lora_as_trainable  # noqa: E402
 from lit_lora.model import Config, LLaMA  # noqa: E402
@@ -137,6 +137,7 @@ def main(impl: Optional[Literal["lit", "hf"]] = None, rounds: int = 3, steps: in
         print("transformers and peft are not installed (pip install -e '.[test]'): measuring lit-lora only")
         impls = ("lit",)
     runs = {name: [] for name in impls}
+    print(machine_load(), flush=True)
     for round_ in range(rounds):
         for name in impls:
             out = subprocess.run([sys.executable, __file__, "--impl", name, "--steps", str(steps), "--warmup", str(warmup)],
@@ -149,6 +150,10 @@ def main(impl: Optional[Literal["lit", "hf"]] = None, rounds: int = 3, steps: in
     peak = {name: min(r["peak_mb"] for r in results) for name, results in runs.items()}
     print(f"\nLoRA training, bench-8x512, micro batch {MICRO_BATCH} x {SEQ_LEN} tokens, fp32, "
           f"{torch.get_num_threads()} threads (best of {rounds}):")
+    for name, results in runs.items():
+        warning = spread_warning(f"{name}'s tokens/s", [1 / r["tokens_per_s"] for r in results])
+        if warning:
+            print(warning)
     for name in impls:
         print(f"  {'lit-lora' if name == 'lit' else 'HF + peft':10s} {best[name]['tokens_per_s']:8.0f} tokens/s   "
               f"peak memory during the steps +{peak[name]:.0f} MB")

@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))  # the finetune/ scripts are imported as modules
 from finetune.adapter import AdapterArgs  # noqa: E402
 from finetune.full import FullArgs  # noqa: E402
 from finetune.lora import LoRAArgs  # noqa: E402
-from lit_lora.atomic import atomic_write  # noqa: E402
 from lit_lora.checkpoint import check_checkpoint_dir, read_config  # noqa: E402
 from lit_lora.cli import cli  # noqa: E402
 from lit_lora.data import load_prepared  # noqa: E402
 from lit_lora.devices import default_precision  # noqa: E402
+from lit_lora.files import atomic_write  # noqa: E402
 from lit_lora.flops import step_flops  # noqa: E402
 from lit_lora.memory import (  # noqa: E402
     MemoryEstimate,

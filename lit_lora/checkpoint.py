@@ -25,9 +25,16 @@ from typing import Optional, Union
 
 import torch
 
-from lit_lora.atomic import atomic_folder, atomic_save
+from lit_lora.files import (
+    atomic_folder,
+    atomic_save,
+    check_links,
+    file_sha256,
+    load_torch_file,
+    read_json,
+)
 from lit_lora.model import Config, ConfigError, LLaMA
-from lit_lora.tokenizer import Tokenizer, read_json
+from lit_lora.tokenizer import Tokenizer
 
 # What a checkpoint folder must hold: each entry is a file, or a tuple of files of which it must hold one
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.json", ("tokenizer.model", "tokenizer.json"))
@@ -52,6 +59,7 @@ def check_checkpoint_dir(checkpoint_dir: Union[str, Path]) -> Path:
         raise FileNotFoundError(
             f"Checkpoint folder {str(checkpoint_dir)!r} lacks {', '.join(missing)}. {HOW_TO_GET_A_CHECKPOINT}"
         )
+    check_links(checkpoint_dir)
     return checkpoint_dir
 
 
@@ -67,7 +75,8 @@ def read_config(path: Union[str, Path]) -> Config:
         raise ValueError(f"{path}: {error.field} is {error.value!r}: {error.requirement}") from None
 
 
-def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = None) -> LLaMA:
+def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = None,
+               verify: Optional[bool] = None) -> LLaMA:
     """Build the model on the meta device (no memory) and point its parameters at the checkpoint's
     tensors, memory-mapped from disk: loading 7B never needs two copies in RAM.
 
@@ -75,16 +84,22 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     GPU (e.g. by `fabric.setup`) then reads them from disk once. The model remembers a fingerprint of these
     weights (`model.base_fingerprint`), which LoRA and adapter files record to recognise their base model.
     (lit_lora/quantize.py's load_model_4bit stores the Blocks' weights in 4 bits instead.)
+
+    verify: check lit_model.pth against the sha256 recorded when it was written, and its weights for NaN (see
+    `verify_weights`); None: where that is cheap, for files up to VERIFY_UP_TO bytes.
     """
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     config = read_config(checkpoint_dir / "model_config.json")
     check_vocabulary(config, checkpoint_dir)
     with torch.device("meta"):
         model = LLaMA(config)
-    state_dict = load_tensors(checkpoint_dir / "lit_model.pth")
+    weights_file = checkpoint_dir / "lit_model.pth"
+    state_dict = load_tensors(weights_file)
     if config.tie_embeddings and "embed.weight" in state_dict:  # one matrix, saved under one name or both
         state_dict.setdefault("lm_head.weight", state_dict["embed.weight"])
-    check_tensors(state_dict, {name: t.shape for name, t in model.state_dict().items()}, checkpoint_dir / "lit_model.pth")
+    check_tensors(state_dict, {name: t.shape for name, t in model.state_dict().items()}, weights_file)
+    if verify or (verify is None and weights_file.stat().st_size <= VERIFY_UP_TO):
+        verify_weights(weights_file, state_dict)
     model.base_fingerprint = weights_fingerprint(state_dict)  # of the weights as stored, before any conversion
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
@@ -97,12 +112,8 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A state dict saved with torch.save, memory-mapped; a clear error for a file that is not one."""
-    try:
-        state_dict = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:  # empty, truncated, random, an old (pre-zip) torch format, or a pickle with code
-        raise ValueError(f"{path} cannot be read as a state dict saved by torch.save ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}). It may be incomplete or damaged: "
-                         f"convert or download it again. {HOW_TO_GET_A_CHECKPOINT}") from None
+    state_dict = load_torch_file(path, "a state dict saved by torch.save", f"convert or download it again. "
+                                 f"{HOW_TO_GET_A_CHECKPOINT}", mmap=True)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors. {HOW_TO_GET_A_CHECKPOINT}")
     return state_dict
@@ -191,10 +202,39 @@ def save_checkpoint_dir(checkpoint_dir: Union[str, Path], state_dict: dict, conf
                          "one of which every checkpoint folder needs: pass Tokenizer(path).files")
     with atomic_folder(checkpoint_dir) as tmp:
         torch.save(state_dict, tmp / "lit_model.pth")
+        (tmp / CHECKSUMS).write_text(json.dumps({"lit_model.pth": file_sha256(tmp / "lit_model.pth")}, indent=2))
         write_config(config, tmp / "model_config.json")
         for file, name in names.items():
             shutil.copyfile(file, tmp / name)
     return Path(checkpoint_dir)
+
+
+# Checking the weights against what was written. Hashing reads the whole file (about a second per GB); for larger
+# files load_model leaves it to `verify=True` (export_hf.py verifies what it exports).
+CHECKSUMS = "checksums.json"  # {"lit_model.pth": its sha256}, written with every checkpoint folder
+VERIFY_UP_TO = 2_000_000_000  # bytes
+
+
+def verify_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """`path` (lit_model.pth) holds what was written (the sha256 in checksums.json beside it, where there is one),
+    and finite weights: a flipped bit, a damaged copy or an edit is one error, never garbage."""
+    recorded = read_json(path.parent / CHECKSUMS, "convert or copy the checkpoint again", missing_ok=True).get(path.name)
+    if recorded is not None and file_sha256(path) != recorded:
+        raise ValueError(f"{path} is not the file that was written: its sha256 differs from the one recorded in "
+                         f"{path.parent / CHECKSUMS} (a damaged or incomplete copy, a flipped bit, an edit). Convert "
+                         "or copy the checkpoint again.")
+    for name, tensor in state_dict.items():
+        if not all_finite(tensor):
+            raise ValueError(f"{path}: the tensor {name} holds NaN or infinite values. Convert or copy the "
+                             "checkpoint again.")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in `tensor`, in one reduction rather than an elementwise test: a sum is NaN or infinite
+    exactly when a value is (weights never sum past their dtype's range; fp16's is small, so it is summed in fp32)."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32) if tensor.dtype == torch.float16 else tensor.sum()))
 
 
 def write_config(config: Config, path: Union[str, Path]) -> None:
@@ -225,12 +265,7 @@ def read_method_file(path: Union[str, Path], kind: str, config_class: type, name
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {writer} writes {name}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # empty, truncated, not a torch file, or a pickle that would run code
-        raise ValueError(f"{path} cannot be read as {name} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}). It may be incomplete or damaged: "
-                         f"write it again with {writer}.") from None
+    data = load_torch_file(path, name, f"write it again with {writer}")
     required = {kind, f"{kind}_config", "base_config"}
     allowed = required | {"base_fingerprint", *optional}
     if not isinstance(data, dict) or not required <= set(data) <= allowed:
@@ -256,7 +291,7 @@ def read_method_file(path: Union[str, Path], kind: str, config_class: type, name
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{path}: {kind} holds no state dict of tensors. Write the file again with {writer}.")
     for name, tensor in tensors.items():
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point() or not all_finite(tensor):
             what = "NaN or infinite values" if tensor.is_floating_point() else f"{tensor.dtype}, not floats"
             raise ValueError(f"{path}: the tensor {name} holds {what}: training diverged, or the file is damaged "
                              f"or was edited. Write it again with {writer}.")

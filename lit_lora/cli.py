@@ -6,6 +6,8 @@ from and says that instead (`--lora_r 0: must be at least 1`), with `check_flag`
 """
 
 import os
+import re
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -43,9 +45,13 @@ def cli(main: Callable, flags: Optional[type] = None) -> Any:
 
     Errors a user can fix end in one line on stderr, `error: ...`, not in a traceback: exit code 2 for a flag
     value refused while parsing, 1 for a problem found later (a missing or damaged file, a mismatch). Ctrl-C
-    ends with exit code 130. Set LIT_LORA_TRACEBACK=1 to see the traceback of any of them.
+    ends with exit code 130; after `main` has returned it is ignored. Set LIT_LORA_TRACEBACK=1 to see the traceback of
+    any of them.
     """
-    from jsonargparse import CLI  # here, so that importing lit_lora.cli stays light
+    from jsonargparse import (
+        CLI,  # here, so that importing lit_lora.cli stays light
+        ArgumentError,
+    )
 
     def fail(error: BaseException, code: int):
         if os.environ.get("LIT_LORA_TRACEBACK"):
@@ -55,14 +61,38 @@ def cli(main: Callable, flags: Optional[type] = None) -> Any:
 
     try:
         if flags is None:
-            return CLI(main, as_positional=False)
-        try:
-            args = CLI(flags, as_positional=False)
-        except ValueError as error:  # refused by the dataclass's __post_init__ (check_flag)
-            fail(error, 2)
-        return main(args)
+            result = CLI(main, as_positional=False, exit_on_error=False)
+        else:
+            try:
+                args = CLI(flags, as_positional=False, exit_on_error=False)
+            except ValueError as error:  # refused by the dataclass's __post_init__ (check_flag)
+                fail(error, 2)
+            result = main(args)
+        # Done, and every file written whole: a Ctrl-C while Python shuts down (joining threads) changes nothing, and
+        # would only end in a traceback or in death by the signal. Ignored from here; the exit code stays 0.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return result
+    except ArgumentError as error:  # a flag the parser refused: unknown, missing its value, of the wrong type
+        fail(ValueError(f"{parse_error_line(str(error))} (--help lists every flag)"), 2)
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as error:
         fail(error, 1)
+
+
+# How jsonargparse names the types it expected, said as a user would
+TYPE_WORDS = {"<class 'int'>": "a whole number", "<class 'float'>": "a number", "<class 'bool'>": "true or false",
+              "<class 'NoneType'>": "null", "<class 'str'>": "text", "<class 'pathlib.Path'>": "a path"}
+
+
+def parse_error_line(message: str) -> str:
+    """jsonargparse's error about a flag's value (several lines: the key, the types it tried, the value) as one
+    line: `--max_seq_length abc: expected a whole number or null`. Other errors: their lines joined."""
+    key, value = re.search(r'Parser key "([\w.]+)"', message), re.search(r"Given value: (.*)", message)
+    expected = re.findall(r"Expected an? (.*)", message)
+    if not (key and value and expected):
+        return " ".join(line.strip() for line in message.splitlines() if line.strip())
+    words = [TYPE_WORDS.get(kind.strip(), kind.strip()) for kind in expected]
+    words = ["one of " + ", ".join(re.findall(r"'([^']*)'", w)) if w.startswith("typing.Literal") else w for w in words]
+    return f"--{key.group(1)} {value.group(1).strip()}: expected {' or '.join(dict.fromkeys(words))}"

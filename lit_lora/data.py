@@ -1,7 +1,7 @@
-"""Instruction data: the prompt styles, preparing datasets, and batching them for training.
+"""Instruction data: preparing datasets, checking them when they are loaded, and batching them for training.
 
 The data path: JSON/JSONL records {instruction, input, output} (read by lit_lora/data_files.py) -> a prompt
-style (the Alpaca-LoRA template by default) -> tokens, with the prompt's labels masked to -100 so the loss is on
+style (lit_lora/prompts.py; the Alpaca-LoRA template by default) -> tokens, with the prompt's labels masked to -100 so the loss is on
 the response only -> data/<name>/{train,test}.pt -> every optimizer step's examples, a function of (seed, step)
 -> right-padded micro batches in the training loop.
 """
@@ -11,115 +11,20 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 
-from lit_lora.atomic import atomic_folder
 from lit_lora.cli import check_flag
+from lit_lora.files import atomic_folder, load_torch_file, read_json
+from lit_lora.prompts import PROMPT_STYLES, format_prompt, prompt_style, single_token_id
 from lit_lora.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
-# ---------------------------------------------------------------------------------------------------------
-# Prompt styles: how an instruction (and its optional input) becomes the text the model reads
-#
-# Training, evaluation and every generate script use `format_prompt`, so a model never sees a prompt at inference
-# that it was not trained on: prepare_data/ records the style in prepare_config.json, finetuning evaluates in it,
-# and the generate scripts take it as --prompt_style.
-
-# The prompt template of Alpaca-LoRA (tloen/alpaca-lora, templates/alpaca.json): Stanford Alpaca's template
-# (Taori et al., 2023, tatsu-lab/stanford_alpaca) with a newline after "### Response:", so that the response
-# starts on a line of its own; Stanford's prompt ends at the colon. The response ends with the tokenizer's EOS.
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-
-# Llama 3 Instruct's chat format: the chat template of Meta-Llama-3-8B-Instruct applied to one user message with
-# add_generation_prompt=True, less the leading <|begin_of_text|> (which `encode(bos=True)` adds). The template
-# trims the message; the assistant's answer ends with <|eot_id|>. The templates of Llama 3.1 and 3.2 Instruct also
-# put a system turn first ("Cutting Knowledge Date: December 2023", and for 3.2 today's date): left out here, so that
-# a prompt, and data prepared with it, does not change with the day.
-LLAMA3_PROMPT = ("<|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
-
-# ChatML as SmolLM2-Instruct's chat template writes one user message with add_generation_prompt=True: with its
-# default system message first, which the template adds to every conversation that has none. The answer ends with
-# <|im_end|>.
-CHATML_PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                 "<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
-
-
-def alpaca_prompt(instruction: str, input: str) -> str:
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-def chat_message(instruction: str, input: str) -> str:
-    """The user's message in a chat format, which has no field for an input: the instruction, then a blank line
-    and the input."""
-    return f"{instruction}\n\n{input}" if input else instruction
-
-
-def llama3_prompt(instruction: str, input: str) -> str:
-    return LLAMA3_PROMPT.format(message=chat_message(instruction, input).strip())
-
-
-def chatml_prompt(instruction: str, input: str) -> str:
-    return CHATML_PROMPT.format(message=chat_message(instruction, input))
-
-
-class PromptStyle(NamedTuple):
-    prompt: Callable[[str, str], str]  # (instruction, input) -> the prompt, after which the response follows
-    response_end: Optional[str]  # the text that ends a response; None: the tokenizer's EOS
-
-
-PROMPT_STYLES = {
-    "alpaca": PromptStyle(alpaca_prompt, response_end=None),  # any model, base or finetuned: the default
-    "llama3": PromptStyle(llama3_prompt, response_end="<|eot_id|>"),  # Llama 3.x Instruct
-    "chatml": PromptStyle(chatml_prompt, response_end="<|im_end|>"),  # SmolLM2-Instruct
-}
-
-
-def prompt_style(name: str) -> PromptStyle:
-    if name not in PROMPT_STYLES:
-        raise ValueError(f"Unknown prompt style {name!r}: choose one of {', '.join(PROMPT_STYLES)} (lit_lora/data.py)")
-    return PROMPT_STYLES[name]
-
-
-def format_prompt(instruction: str, input: str = "", style: str = "alpaca") -> str:
-    """The prompt for an instruction and its optional input, in a style of PROMPT_STYLES."""
-    return prompt_style(style).prompt(instruction, input)
-
-
-def single_token_id(tokenizer: Tokenizer, text: str) -> Optional[int]:
-    """The id of `text` if the tokenizer reads it as one token (a special token such as <|eot_id|> of a Llama 3
-    tokenizer.json), else None (the same text with a SentencePiece model: several ordinary pieces)."""
-    ids = tokenizer.encode(text, bos=False).tolist()
-    return ids[0] if len(ids) == 1 else None
-
-
-def response_stop_ids(tokenizer: Tokenizer, style: str = "alpaca") -> tuple[int, ...]:
-    """The ids that end an answer in `style`: the tokenizer's stop ids, and the style's end of response where it is
-    one token (Llama 3 base's tokenizer does not stop at <|eot_id|>, a model finetuned in the llama3 style must)."""
-    end = prompt_style(style).response_end
-    end_id = None if end is None else single_token_id(tokenizer, end)
-    return tuple(tokenizer.stop_ids) + ((end_id,) if end_id is not None and end_id not in tokenizer.stop_ids else ())
-
-
 def prepared_prompt_style(data_dir: Union[str, Path]) -> str:
     """The prompt style a prepared dataset was made in (alpaca for data prepared before there were styles)."""
-    return json.loads((Path(data_dir) / "prepare_config.json").read_text()).get("prompt_style", "alpaca")
+    return read_prepare_config(data_dir).get("prompt_style", "alpaca")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,7 +174,8 @@ def write_prepared(destination: Path, prepared: dict, summary: dict) -> None:
 
 
 def load_prepared(data_dir: Union[str, Path], tokenizer: Optional[Tokenizer] = None) -> tuple[list, list, dict]:
-    """train, test and the preparation settings; refuses data tokenized by another tokenizer."""
+    """train, test and the preparation settings, every record checked when the data are loaded (not when an example
+    is sampled, hours later): refuses data tokenized by another tokenizer, and records a run could not use."""
     data_dir = Path(data_dir)
     files = [data_dir / name for name in PREPARED_FILES]
     missing = [f.name for f in files if not f.is_file()]
@@ -278,18 +184,51 @@ def load_prepared(data_dir: Union[str, Path], tokenizer: Optional[Tokenizer] = N
             f"No prepared data in {data_dir} (missing {', '.join(missing)}). Prepare it first, e.g. "
             f"`python prepare_data/alpaca.py --destination_path {data_dir}` (see howto/prepare_dataset.md)."
         )
-    config = json.loads(files[2].read_text())
-    if config.get("prompt_style", "alpaca") not in PROMPT_STYLES:
-        raise ValueError(f"{files[2]}: prompt_style {config['prompt_style']!r} is not one of "
-                         f"{', '.join(PROMPT_STYLES)}. Prepare the data again.")
+    config = read_prepare_config(data_dir)
     if tokenizer is not None and config["tokenizer_checksum"] != tokenizer.checksum():
         raise ValueError(
             f"{data_dir} was prepared with another tokenizer ({config.get('checkpoint_dir') or 'unknown'}), not "
             f"{tokenizer.model_path}. Prepare it again with --checkpoint_dir set to the model you finetune."
         )
-    train = torch.load(files[0], weights_only=True)
-    test = torch.load(files[1], weights_only=True)
+    vocab_size = tokenizer.vocab_size if tokenizer is not None else None
+    hint = "prepare the data again (see howto/prepare_dataset.md)"
+    train, test = (check_records(load_torch_file(path, "prepared examples", hint), path, vocab_size, hint)
+                   for path in files[:2])
+    if not train:
+        raise ValueError(f"{files[0]} holds no examples: {hint}")
     return train, test, config
+
+
+def read_prepare_config(data_dir: Union[str, Path]) -> dict:
+    """prepare_config.json, with the fields finetuning reads checked."""
+    path, hint = Path(data_dir) / "prepare_config.json", "prepare the data again (see howto/prepare_dataset.md)"
+    config = read_json(path, hint)
+    for field, kind in (("tokenizer_checksum", str), ("max_seq_length", int)):
+        if not isinstance(config.get(field), kind):
+            raise ValueError(f"{path}: {field} is {config.get(field)!r}, not a {kind.__name__}: {hint}")
+    if config.get("prompt_style", "alpaca") not in PROMPT_STYLES:  # alpaca: data prepared before there were styles
+        raise ValueError(f"{path}: prompt_style {config['prompt_style']!r} is not one of {', '.join(PROMPT_STYLES)}: "
+                         f"{hint}")
+    return config
+
+
+def check_records(records: object, path: Path, vocab_size: Optional[int], hint: str) -> list:
+    """Every record of a train.pt or test.pt: input_ids and labels, 1-D integer tensors of one length, ids within
+    the vocabulary (labels: the same ids, or IGNORE_INDEX where no loss is taken)."""
+    if not isinstance(records, list):
+        raise ValueError(f"{path} holds a {type(records).__name__}, not a list of examples: {hint}")
+    for i, record in enumerate(records):
+        ids, labels = (record.get(key) if isinstance(record, dict) else None for key in ("input_ids", "labels"))
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.long for t in (ids, labels)):
+            raise ValueError(f"{path}, record {i}: expected input_ids and labels, 1-D integer tensors: {hint}")
+        top = vocab_size if vocab_size is not None else torch.iinfo(torch.long).max
+        labelled = labels[labels != IGNORE_INDEX]
+        problem = ("input_ids and labels differ in length" if len(ids) != len(labels) else "it is empty" if not len(ids)
+                   else "a token id is outside the vocabulary" if ids.min() < 0 or ids.max() >= top
+                   or (len(labelled) and (labelled.min() < 0 or labelled.max() >= top)) else None)
+        if problem:
+            raise ValueError(f"{path}, record {i}: {problem} (vocabulary: {vocab_size or 'unknown'} tokens): {hint}")
+    return records
 
 
 # The smallest --max_seq_length accepted. An example is BOS + the template's own text (140 characters around
@@ -336,15 +275,15 @@ class PrepareArgs:
             check_flag(self, "test_split_size", self.test_split_size >= 0, "a count of examples must be 0 or more")
         check_flag(self, "seed", self.seed >= 0, "must be 0 or more")
         check_flag(self, "prompt_style", self.prompt_style in PROMPT_STYLES,
-                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/data.py)")
+                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
 
 
-def prepare_records(records: list[dict], args: PrepareArgs, source: Union[str, Path],
+def prepare_records(records: list[dict], args: PrepareArgs, tokenizer: Tokenizer, source: Union[str, Path],
                     source_sha256: Optional[str] = None) -> dict:
-    """What every prepare_data/ script ends with: tokenize with the checkpoint's tokenizer and write."""
-    return prepare(records, Tokenizer(args.checkpoint_dir), args.destination_path, args.max_seq_length,
-                   args.test_split_size, args.seed, args.mask_inputs, source, args.checkpoint_dir, source_sha256,
-                   args.prompt_style)
+    """What every prepare_data/ script ends with: tokenize with the checkpoint's tokenizer (which the script
+    reads first, before any download) and write."""
+    return prepare(records, tokenizer, args.destination_path, args.max_seq_length, args.test_split_size, args.seed,
+                   args.mask_inputs, source, args.checkpoint_dir, source_sha256, args.prompt_style)
 
 
 # ---------------------------------------------------------------------------------------------------------

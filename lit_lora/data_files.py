@@ -4,7 +4,6 @@ format, tokenize and split.
 """
 
 import codecs
-import hashlib
 import json
 import shutil
 import urllib.error
@@ -12,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Union
 
-from lit_lora.atomic import atomic_write
+from lit_lora.files import atomic_write, file_sha256, json_loads
 
 
 def load_records(path: Union[str, Path], instruction_key: str = "instruction", input_key: str = "input",
@@ -100,7 +99,7 @@ def parse_json_records(path: Path, text: str) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                raw.append((f"record {len(raw)} (line {line_number})", json.loads(line)))
+                raw.append((f"record {len(raw)} (line {line_number})", json_loads(line, f"{path}, line {line_number}")))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}). "
                                  "A JSONL file holds one JSON object per line.") from None
@@ -109,7 +108,7 @@ def parse_json_records(path: Path, text: str) -> list[tuple[str, object]]:
             raise ValueError(one_object_message(path, raw[0][1], n_lines=1))
         return raw
     try:
-        data = json.loads(text)
+        data = json_loads(text, path)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict):  # e.g. a pretty-printed object spanning lines: not JSONL, and not a list
@@ -123,7 +122,7 @@ def is_json(text: str) -> bool:
     try:
         json.loads(text)
         return True
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to tell
         return False
 
 
@@ -145,16 +144,8 @@ def one_object_message(path: Path, data: dict, n_lines: int) -> str:
     return message
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):  # 1 MiB at a time: any size in little memory
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_sha256(path: Path, expected: Optional[str], allow_mismatch: bool = False) -> str:
-    """The sha256 of a public dataset's file (downloaded, or given with --data_file), checked against the one
+def check_sha256(path: Path, expected: Optional[str], allow_mismatch: bool = False, given: bool = False) -> str:
+    """The sha256 of a public dataset's file (downloaded, or `given` with --data_file), checked against the one
     recorded for it; returned, to be recorded in prepare_config.json.
 
     The pinned URL fixes which file is asked for; the checksum tells that the file at hand is that one, not a
@@ -167,9 +158,12 @@ def check_sha256(path: Path, expected: Optional[str], allow_mismatch: bool = Fal
     elif found != expected:
         mismatch = f"{path} is not the expected file: sha256 expected {expected}, found {found}"
         if not allow_mismatch:
-            raise ValueError(f"{mismatch}. It may be damaged, another release or another dataset: delete it and run "
-                             "again without --data_file to download the recorded one, or, to prepare this copy anyway "
-                             "(your own cleaned version, say), pass --allow_checksum_mismatch true")
+            if given:  # the user's own copy: maybe on purpose
+                todo = ("if it is your own version (cleaned, say), prepare it with --allow_checksum_mismatch true; to "
+                        "prepare the published release instead, leave --data_file out and it is downloaded")
+            else:
+                todo = f"the download is damaged or the release changed: delete {path} and run again to download it again"
+            raise ValueError(f"{mismatch}. {todo[0].upper() + todo[1:]}")
         print(f"Warning: {mismatch}; preparing it anyway (--allow_checksum_mismatch true)")
     return found
 

@@ -4,6 +4,7 @@ gradients and optimizer state split over the devices (full finetuning), with tor
 Fabric also starts the other processes and applies the precision (lit_lora/train.py says what each means).
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -51,8 +52,23 @@ def launch_fabric(args, multi_device_strategy: str = "ddp") -> Fabric:
     fabric = Fabric(devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
                     loggers=make_loggers(args.out_dir))
     fabric.launch()
+    if fabric.device.type == "cpu":
+        fabric.print(busy_machine_warning() or "", end="")
     fabric.seed_everything(args.seed)  # the same initialisation (LoRA's A, the adapter's prompts) on every process
     return fabric
+
+
+def busy_machine_warning() -> str:
+    """On a CPU, torch's threads share the cores with whatever else runs: with the load at or above the number of
+    cores, a run can take many times as long as on a quiet machine. A warning saying so and what to do, or ""."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < cores:
+        return ""
+    return (f"Warning: this machine is busy (load average {load:.1f} on {cores} cores): this run may take many times as "
+            "long as on a quiet machine. Let the other work finish first, or give torch one thread, which loses less "
+            "on a busy machine: OMP_NUM_THREADS=1 python ...\n")
 
 
 def shard_by_block(model: nn.Module, device_mesh) -> nn.Module:

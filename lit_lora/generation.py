@@ -19,10 +19,10 @@ from typing import Callable, Collection, Iterator, Literal, Optional
 import torch
 
 from lit_lora.cli import check_flag, config_flags
-from lit_lora.data import PROMPT_STYLES, format_prompt, response_stop_ids
 from lit_lora.devices import default_precision, dtype_from_precision
 from lit_lora.inference import compile_decoding, fuse_for_inference
 from lit_lora.model import LLaMA
+from lit_lora.prompts import PROMPT_STYLES, format_prompt, response_stop_ids
 from lit_lora.quantize import check_quantize
 from lit_lora.report import format_bytes, peak_memory_bytes
 from lit_lora.tokenizer import Tokenizer, check_utf8
@@ -55,7 +55,11 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small that logits / temperature overflows: the same
+        # distribution, computed from the largest logit down (which stays 0, the others go to -inf), in float64
+        scaled = (logits.double() - logits.double().amax(dim=-1, keepdim=True)) / temperature
+    logits = scaled
     if top_k is not None and top_k < logits.size(-1):
         # Keep exactly the k best. torch.topk picks k indices even among equal logits, where a comparison
         # with the k-th best value (`logits < kth`) would keep every token tied with it.
@@ -302,7 +306,7 @@ class GenerateArgs:
         fused: Decode with q/k/v and gate/up fused and weights transposed (lit_lora/inference.py): the same
             tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
         interactive: Read prompts from the terminal in a loop instead of using --prompt.
-        prompt_style: Put the prompt in an instruction format (lit_lora/data.py): alpaca, llama3 (Llama 3.x
+        prompt_style: Put the prompt in an instruction format (lit_lora/prompts.py): alpaca, llama3 (Llama 3.x
             Instruct) or chatml (SmolLM2-Instruct), and stop also at that format's end of answer; null: no format.
         quantize: Store the Blocks' weights in 4 bits (bnb.nf4, or bnb.nf4-dq: see howto/finetune_qlora.md): about
             a quarter of the memory of bf16, slower; null: in the precision's dtype. Needs pip install -e '.[quantize]'.
@@ -332,7 +336,7 @@ class GenerateArgs:
         check_flag(self, "seed", self.seed is None or 0 <= self.seed < 2**63,
                    "must be from 0 to 2**63 - 1, or null for different answers every run")
         check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
-                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/data.py)")
+                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
         with config_flags():
             check_quantize(self.quantize)
 

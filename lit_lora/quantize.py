@@ -47,6 +47,7 @@ quantized or multiplied, so lit-lora without it runs everything else.
 
 import copy
 import ctypes
+import logging
 import mmap
 import sys
 from typing import Optional
@@ -81,6 +82,10 @@ def check_quantize(mode: Optional[str]) -> None:
 
 def require_bitsandbytes(what: str = "4-bit weights"):
     """The bitsandbytes module, or an ImportError saying how to install it."""
+    # bitsandbytes, on a CPU with AVX512-BF16, tries to fetch a faster kernel from the Hugging Face Hub when it is
+    # imported, and warns "Failed to load CPU gemm_4bit_forward from kernels-community" when it cannot (offline, or
+    # without the `kernels` package). It then uses its own kernel, which tests/test_quantize.py checks: harmless here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:

@@ -63,13 +63,17 @@ class Progress:
     def begin(self, start_step: int) -> None:
         """The loop starts (after start_step steps of an earlier run): times and tokens count from here."""
         self.start_step, self.tokens_seen, self.start_time = start_step, 0, time.perf_counter()
+        self.last_line = self.start_time
 
     def log(self, completed: int, loss: float, lr: float, step_time: float, step_tokens: int) -> None:
         self.tokens_seen += step_tokens
         elapsed = time.perf_counter() - self.start_time
         self.fabric.log_dict({"loss": loss, "lr": lr, "step_time_s": step_time, "step_tokens": step_tokens,
                               "tokens_per_sec": self.tokens_seen / elapsed}, step=completed)
-        if completed % self.log_interval == 0 or completed == self.max_steps:
+        # every log_interval steps, and also after the first step and at least every 30 s: progress within seconds
+        if completed % self.log_interval == 0 or completed in (self.start_step + 1, self.max_steps) \
+                or time.perf_counter() - self.last_line > 30:
+            self.last_line = time.perf_counter()
             eta = elapsed / (completed - self.start_step) * (self.max_steps - completed)
             self.fabric.print(f"step {completed}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                               f"{self.tokens_seen / elapsed:,.0f} tokens/s | ETA {format_duration(eta)}")

@@ -12,6 +12,7 @@ resumed run redo a few steps and write the file again.
 """
 
 import json
+import os
 import shutil
 import signal
 from contextlib import contextmanager
@@ -30,8 +31,19 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from lit_lora.atomic import atomic_folder, atomic_save, atomic_write
-from lit_lora.data_files import file_sha256
+from lit_lora.files import (
+    atomic_folder,
+    atomic_save,
+    atomic_write,
+    current_umask,
+    file_sha256,
+    load_torch_file,
+)
+
+try:
+    import fcntl  # flock: the out_dir lock (Linux, macOS)
+except ImportError:
+    fcntl = None
 
 
 @contextmanager
@@ -59,6 +71,7 @@ def run_identity(args, model: nn.Module) -> dict:
     """What decides a run's result: every flag but RESUME_MAY_CHANGE, the training data's sha256 and the
     base weights' fingerprint (paths may move; contents may not)."""
     identity = {name: value for name, value in asdict(args).items() if name not in RESUME_MAY_CHANGE}
+    identity["method"] = type(args).__name__.removesuffix("Args").lower()  # LoRAArgs -> lora: which script
     identity["data"] = file_sha256(Path(args.data_dir) / "train.pt")
     identity["base_weights"] = getattr(model, "base_fingerprint", None)
     return json.loads(json.dumps(identity, default=str))  # plain JSON values: tuples as lists, paths as strings
@@ -125,6 +138,7 @@ def start_or_resume(fabric: Fabric, args, module: nn.Module, optimizer: torch.op
         fabric.print(f"Resumed from {path} after step {completed}")
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock_out_dir(out_dir)  # before anything in out_dir is touched
         remove_leftovers(out_dir)
         atomic_write(out_dir / "hyperparameters.json",
                      lambda tmp: Path(tmp).write_text(json.dumps(asdict(args), indent=2, default=str)))
@@ -146,13 +160,17 @@ def find_resume_path(resume: Union[bool, str, Path], out_dir: Path) -> Optional[
 def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, run: dict, sharded: bool) -> int:
     """Restore the trainable weights and the optimizer from `path`, after checking that the saved run is this
     run; return the number of completed steps."""
-    try:
-        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise ValueError(f"--resume {path}: not a resumable state written by lit-lora ({e})") from None
-    if not isinstance(state, dict) or "run" not in state:
+    state = load_torch_file(path, "a resumable state written by lit-lora", "start afresh, or resume from another "
+                            "state (a run's out_dir/state.pth)", mmap=True)
+    if not isinstance(state, dict) or not {"run", "model", "optimizer", "step"} <= set(state) \
+            or not isinstance(state["run"], dict):
         raise ValueError(f"--resume {path}: not a resumable state written by this version of lit-lora; start afresh")
-    for name in sorted(set(run) | set(state["run"])):
+    saved_method = state["run"].get("method")
+    if saved_method != run["method"] and saved_method is not None:
+        raise ValueError(f"--resume {path}: the state was written by finetune/{saved_method}.py, not by "
+                         f"finetune/{run['method']}.py: resume it with the script that wrote it, or start a new run "
+                         "in another --out_dir.")
+    for name in sorted((set(run) | set(state["run"])) - {"method"}):  # the method: checked above
         saved, now = state["run"].get(name), run.get(name)
         if saved != now:
             what = {"data": "the training data (train.pt)", "base_weights": "the base model's weights"}.get(name,
@@ -168,6 +186,30 @@ def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, 
     set_model_state_dict(module, state["model"], options=options)
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
     return state["step"]
+
+
+HELD_LOCKS: dict[Path, int] = {}  # out_dir -> the open .lock file this process holds (until it exits)
+
+
+def lock_out_dir(out_dir: Path) -> None:
+    """One run at a time writes `out_dir`: a second run would delete the first's temporary files at its start, and
+    both would write the same files. The lock is an flock on out_dir/.lock, which holds the pid of the run that has
+    it; the operating system releases it when that process ends, however it ends, so a run killed with -9 leaves no
+    stale lock behind. Only Linux and macOS have flock; elsewhere no lock is taken."""
+    out_dir = out_dir.resolve()
+    if fcntl is None or out_dir in HELD_LOCKS:  # no flock here, or this process holds it already (a second run)
+        return
+    fd = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ValueError(f"{out_dir} is in use by another run (pid {holder}, which holds {out_dir / '.lock'}): wait "
+                         "for it to end, stop it, or choose another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    HELD_LOCKS[out_dir] = fd
 
 
 def remove_leftovers(out_dir: Path) -> None:

@@ -14,7 +14,6 @@ way the same API: encode, decode, vocab_size, bos_id, eos_id, stop_ids, files, c
 
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -22,7 +21,7 @@ from typing import Any, Iterable, Optional, Union
 import sentencepiece as spm
 import torch
 
-from lit_lora.atomic import atomic_write
+from lit_lora.files import atomic_write, read_json
 
 # The files beside tokenizer.json that say which of its tokens are BOS, EOS and the ends of generation. Those a
 # folder has are part of the tokenizer: a checkpoint folder carries them, and the checksum covers them.
@@ -89,7 +88,11 @@ class Tokenizer:
         if path.suffix == ".json":
             self._read_tokenizer_json(path)
         else:
-            self.processor = spm.SentencePieceProcessor(model_file=str(path))
+            try:
+                self.processor = spm.SentencePieceProcessor(model_file=str(path))
+            except Exception as error:  # truncated, damaged, or not a SentencePiece model (sentencepiece's words)
+                raise ValueError(f"{path} cannot be read as a SentencePiece tokenizer.model ({str(error).strip()[:200]}). "
+                                 "It may be incomplete or damaged: download or convert it again.") from None
             self.files = [path]
             self.bos_id = self.processor.bos_id()
             self.eos_id = self.processor.eos_id()
@@ -108,9 +111,10 @@ class Tokenizer:
         folder = path.parent
         self.files = sorted([path] + [folder / name for name in TOKENIZER_JSON_COMPANIONS if (folder / name).is_file()],
                             key=lambda file: file.name)
-        config = read_json(folder / "tokenizer_config.json", missing_ok=True)
-        special_tokens = read_json(folder / "special_tokens_map.json", missing_ok=True)
-        generation = read_json(folder / "generation_config.json", missing_ok=True)
+        hint = "download the model's tokenizer files again"
+        config = read_json(folder / "tokenizer_config.json", hint, missing_ok=True)
+        special_tokens = read_json(folder / "special_tokens_map.json", hint, missing_ok=True)
+        generation = read_json(folder / "generation_config.json", hint, missing_ok=True)
 
         def named_token(field: str) -> int:
             """The id of tokenizer_config.json's (else special_tokens_map.json's) `field`, or -1 if neither names one."""
@@ -242,19 +246,3 @@ def import_tokenizers(path: Path) -> Any:
         raise ImportError(f"{path} is a Hugging Face tokenizer.json: reading it needs the `tokenizers` library. "
                           'Install it with `pip install -e ".[tokenizers]"`.') from None
     return JSONTokenizer
-
-
-def read_json(path: Path, hint: str = "download the model's tokenizer files again", missing_ok: bool = False) -> dict:
-    """The object in a JSON file ({} for a missing file if missing_ok); an error naming the file and `hint`, what
-    to do, for a file that is missing, not JSON, or not an object."""
-    if not path.is_file():
-        if missing_ok:
-            return {}
-        raise FileNotFoundError(f"No {path.name} at {path}: {hint}.")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): {hint}.") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} holds a JSON {type(content).__name__}, not an object: {hint}.")
-    return content

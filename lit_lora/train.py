@@ -34,11 +34,9 @@ from lit_lora.cli import check_flag, config_flags
 from lit_lora.data import (
     IGNORE_INDEX,
     collate,
-    format_prompt,
     global_batch_indices,
     load_prepared,
     prepared_prompt_style,
-    response_stop_ids,
 )
 from lit_lora.devices import (
     checkpoint_activations,
@@ -47,6 +45,7 @@ from lit_lora.devices import (
     reshard,
 )
 from lit_lora.generation import generate
+from lit_lora.prompts import format_prompt, response_stop_ids
 from lit_lora.quantize import check_quantize
 from lit_lora.report import Progress
 from lit_lora.resume import (
@@ -219,11 +218,11 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
             if args.save_interval and completed % args.save_interval == 0 and completed < max_steps:
                 save(completed, out_dir / f"step-{completed:06d}")
                 fabric.print(f"Saved step {completed} to {out_dir / f'step-{completed:06d}'} and the resumable state")
-    except KeyboardInterrupt:
+        val_loss = evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, max_steps)
+    except KeyboardInterrupt:  # the last completed step is saved, even if it was the run's last
         save_on_interrupt(fabric, model.module, optimizer.optimizer, completed, run, out_dir, sharded)
-
-    val_loss = evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, max_steps)
-    save(max_steps, out_dir)
+    with interrupt_held():  # the final files are written whole; a Ctrl-C meanwhile waits for them
+        save(max_steps, out_dir)
     return progress.summary(final_loss=loss, val_loss=val_loss, out_dir=out_dir)
 
 
@@ -310,7 +309,11 @@ def load_training_data(fabric: Fabric, args: TrainArgs, tokenizer: Tokenizer, bl
 
     kept_train, kept_test = [e for e in train_data if has_labels(e)], [e for e in test_data if has_labels(e)]
     if not kept_train:
-        prompt = min(int((e["labels"] == IGNORE_INDEX).sum()) for e in train_data)
+        if not any((e["labels"][1:] != IGNORE_INDEX).any() for e in train_data):
+            raise ValueError(f"No training example of {args.data_dir} has a label token: every label is {IGNORE_INDEX} "
+                             "(masked), so nothing would be learned. Prepare the data again, with responses.")
+        prompt = min(int((e["labels"] != IGNORE_INDEX).nonzero()[0]) for e in train_data
+                     if (e["labels"] != IGNORE_INDEX).any())
         raise ValueError(f"No training example of {args.data_dir} has a response token within --max_seq_length "
                          f"{max_seq_length} (the shortest prompt is {prompt} tokens): nothing would be learned. "
                          "Raise --max_seq_length, or prepare the data again with a larger one.")

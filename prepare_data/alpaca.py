@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Union
 
 from lit_lora.cli import cli
-from lit_lora.data import PrepareArgs, prepare_records
+from lit_lora.data import PrepareArgs, check_destination, prepare_records
 from lit_lora.data_files import check_sha256, download, load_records
+from lit_lora.tokenizer import Tokenizer
 
 # A fixed commit of tloen/alpaca-lora, not the head of a branch that can move: every download is the same file.
 COMMIT = "8bb8579e403dc78e37fe81ffbb253c413007323f"
@@ -38,9 +39,11 @@ class AlpacaArgs(PrepareArgs):
 
 
 def main(args: AlpacaArgs) -> dict:
+    tokenizer = Tokenizer(args.checkpoint_dir)  # first: a missing model is said before any download
+    check_destination(args.destination_path)
     data_file = args.data_file or download(URL, args.destination_path.parent / "alpaca_data_cleaned_archive.json")
-    sha256 = check_sha256(data_file, SHA256, args.allow_checksum_mismatch)
-    return prepare_records(load_records(data_file), args, source=data_file, source_sha256=sha256)
+    sha256 = check_sha256(data_file, SHA256, args.allow_checksum_mismatch, given=args.data_file is not None)
+    return prepare_records(load_records(data_file), args, tokenizer, source=data_file, source_sha256=sha256)
 
 
 if __name__ == "__main__":

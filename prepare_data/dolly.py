@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Union
 
 from lit_lora.cli import cli
-from lit_lora.data import PrepareArgs, prepare_records
+from lit_lora.data import PrepareArgs, check_destination, prepare_records
 from lit_lora.data_files import check_sha256, download, load_records
+from lit_lora.tokenizer import Tokenizer
 
 # A fixed revision (commit) of the dataset repository, not the head of its main branch, which can move.
 REVISION = "bdd27f4d94b9c1f951818a7da7fd7aeea5dbff1a"
@@ -36,10 +37,12 @@ class DollyArgs(PrepareArgs):
 
 
 def main(args: DollyArgs) -> dict:
+    tokenizer = Tokenizer(args.checkpoint_dir)  # first: a missing model is said before any download
+    check_destination(args.destination_path)
     data_file = args.data_file or download(URL, args.destination_path.parent / "databricks-dolly-15k.jsonl")
-    sha256 = check_sha256(data_file, SHA256, args.allow_checksum_mismatch)
+    sha256 = check_sha256(data_file, SHA256, args.allow_checksum_mismatch, given=args.data_file is not None)
     records = load_records(data_file, instruction_key="instruction", input_key="context", output_key="response")
-    return prepare_records(records, args, source=data_file, source_sha256=sha256)
+    return prepare_records(records, args, tokenizer, source=data_file, source_sha256=sha256)
 
 
 if __name__ == "__main__":

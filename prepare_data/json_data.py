@@ -11,7 +11,9 @@ from pathlib import Path
 
 from lit_lora.cli import cli
 from lit_lora.data import PrepareArgs, prepare_records
-from lit_lora.data_files import file_sha256, load_records
+from lit_lora.data_files import load_records
+from lit_lora.files import file_sha256
+from lit_lora.tokenizer import Tokenizer
 
 
 @dataclass
@@ -33,9 +35,10 @@ class JSONArgs(PrepareArgs):
 def main(args: JSONArgs) -> dict:
     if args.data_file is None:
         raise ValueError("json_data.py needs --data_file: a JSON list or JSONL file of records")
+    tokenizer = Tokenizer(args.checkpoint_dir)  # first: a missing model is said before the data are read
     records = load_records(args.data_file, args.instruction_key, args.input_key, args.output_key)
     # your file has no checksum to check against; its sha256 in prepare_config.json tells later what was prepared
-    return prepare_records(records, args, source=args.data_file, source_sha256=file_sha256(args.data_file))
+    return prepare_records(records, args, tokenizer, source=args.data_file, source_sha256=file_sha256(args.data_file))
 
 
 if __name__ == "__main__":

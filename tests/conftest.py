@@ -1,9 +1,14 @@
 """Fixtures shared by the tests: a tokenizer trained here, Hugging Face tokenizer.json folders built here, and tiny
 checkpoint folders. No network, no downloads."""
 
+import contextlib
 import csv
+import io
 import json
 import random
+import runpy
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -226,3 +231,33 @@ FAMILIES = {
     # OpenLLaMA 3B: multi-head; intermediate_size given, not derived from n_embd (8640 = 2.7 x 3200; derived: 8704)
     "open_llama_3b": dict(n_head=4, n_embd=80, intermediate_size=216),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scripts run as a user runs them
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_command(script: str, *args) -> tuple[int, str, str]:
+    """Run `python SCRIPT ARGS` (script relative to the repository root) in this process, so that stand-ins set with
+    monkeypatch apply: its exit code, stdout and stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv, sigint = sys.argv, signal.getsignal(signal.SIGINT)
+    sys.argv = [str(ROOT / script), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGINT, sigint)  # a finished script ignores Ctrl-C (lit_lora/cli.py): not pytest
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def hidden_leftovers(out_dir: Path) -> list[Path]:
+    """The hidden files and folders in a run's out_dir that are not its run lock (.lock, lit_lora/resume.py): what
+    an interrupted write would leave (.NAME.XXXX.tmp, .NAME.old-XXXX)."""
+    return [path for path in Path(out_dir).glob(".*") if path.name != ".lock"]

@@ -10,8 +10,8 @@ from lit_lora.adapter import (
     apply_adapter,
     mark_only_adapter_as_trainable,
 )
-from lit_lora.atomic import atomic_save
 from lit_lora.checkpoint import load_model
+from lit_lora.files import atomic_save
 from lit_lora.method_files import load_adapter, read_adapter_file, save_adapter
 from lit_lora.model import Config, LLaMA
 from lit_lora.report import num_parameters

@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import lit_lora.atomic
+import lit_lora.files
 from lit_lora.data import (
     IGNORE_INDEX,
     PrepareArgs,
     collate,
-    format_prompt,
     load_prepared,
     prepare,
     tokenize_example,
 )
 from lit_lora.data_files import download, load_records
+from lit_lora.prompts import format_prompt
 from lit_lora.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +267,7 @@ def test_a_failure_at_any_rename_leaves_a_complete_dataset_and_no_temporary_fold
 
     # how many renames replacing a dataset takes (2 today: the old one aside, the new one in)
     prepare(RECORDS, tokenizer, tmp_path / "count" / "data", max_seq_length=256, test_split_size=2)
-    monkeypatch.setattr(lit_lora.atomic.os, "replace", replace_failing_at(0))
+    monkeypatch.setattr(lit_lora.files.os, "replace", replace_failing_at(0))
     prepare(RECORDS, tokenizer, tmp_path / "count" / "data", max_seq_length=256, test_split_size=3)
     monkeypatch.undo()
     assert renames
@@ -276,7 +276,7 @@ def test_a_failure_at_any_rename_leaves_a_complete_dataset_and_no_temporary_fold
         folder = tmp_path / f"fail_at_{n}"
         prepare(RECORDS, tokenizer, folder / "data", max_seq_length=256, test_split_size=2)  # the old dataset
         renames.clear()
-        monkeypatch.setattr(lit_lora.atomic.os, "replace", replace_failing_at(n))
+        monkeypatch.setattr(lit_lora.files.os, "replace", replace_failing_at(n))
         with pytest.raises(OSError, match=f"injected failure at rename {n}"):
             prepare(RECORDS, tokenizer, folder / "data", max_seq_length=256, test_split_size=3)
         monkeypatch.undo()
@@ -289,7 +289,7 @@ def test_a_failure_at_any_rename_leaves_a_complete_dataset_and_no_temporary_fold
 
     # a first preparation that fails at its one rename (the new folder in) leaves nothing at all
     renames.clear()
-    monkeypatch.setattr(lit_lora.atomic.os, "replace", replace_failing_at(1))
+    monkeypatch.setattr(lit_lora.files.os, "replace", replace_failing_at(1))
     with pytest.raises(OSError, match="injected"):
         prepare(RECORDS, tokenizer, tmp_path / "new" / "data", max_seq_length=256, test_split_size=3)
     monkeypatch.undo()
@@ -302,7 +302,7 @@ def test_a_failure_at_the_first_rename_leaves_no_empty_folder_aside(tmp_path, to
     def fail(source, target):
         raise OSError("injected failure at rename 1")
 
-    monkeypatch.setattr(lit_lora.atomic.os, "replace", fail)
+    monkeypatch.setattr(lit_lora.files.os, "replace", fail)
     with pytest.raises(OSError, match="injected"):
         prepare(RECORDS, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=3)
     monkeypatch.undo()
@@ -428,7 +428,8 @@ def test_a_data_file_that_is_not_the_pinned_one_is_refused_unless_allowed(tmp_pa
 
     monkeypatch.setattr(dolly, "SHA256", "0" * 64)  # it is another file
     with pytest.raises(ValueError, match=rf"dolly.jsonl is not the expected file: sha256 expected 0{{64}}, found "
-                                         rf"{known}\. .*delete it and run again.*--allow_checksum_mismatch true"):
+                                         rf"{known}\. If it is your own version .*--allow_checksum_mismatch true; "
+                                         "to prepare the published release instead, leave --data_file out"):
         dolly.main(dolly.DollyArgs(**flags, destination_path=tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()
     capsys.readouterr()
@@ -436,6 +437,13 @@ def test_a_data_file_that_is_not_the_pinned_one_is_refused_unless_allowed(tmp_pa
     assert f"Warning: {data_file} is not the expected file: sha256 expected {'0' * 64}, found {known}" in (
         capsys.readouterr().out)
     assert load_prepared(tmp_path / "allowed")[2]["source_sha256"] == known
+    # a downloaded file that is not the pinned one: damaged, or the release changed
+    downloaded = tmp_path / "data" / "databricks-dolly-15k.jsonl"
+    downloaded.parent.mkdir()
+    downloaded.write_bytes(data_file.read_bytes())
+    with pytest.raises(ValueError, match=rf"The download is damaged or the release changed: delete {downloaded} and "
+                                         "run again to download it again"):
+        dolly.main(dolly.DollyArgs(**{**flags, "data_file": None}, destination_path=tmp_path / "data" / "dolly"))
 
     # no known checksum: the file's is printed and recorded, not checked
     alpaca_file = write_json(tmp_path / "alpaca.json", RECORDS)
@@ -485,7 +493,7 @@ def test_the_chat_styles_are_the_instruct_models_own_formats():
 
 
 def test_a_style_ends_the_response_with_its_own_token_instead_of_eos(tmp_path):
-    from lit_lora.data import response_stop_ids
+    from lit_lora.prompts import response_stop_ids
     from tests.conftest import make_tokenizer_json_dir
 
     tokenizer = Tokenizer(make_tokenizer_json_dir(tmp_path / "llama3-base", "llama3", instruct=False))
@@ -505,7 +513,7 @@ def test_a_style_ends_the_response_with_its_own_token_instead_of_eos(tmp_path):
 
 
 def test_a_style_whose_end_is_not_one_token_works_as_text(tokenizer, smollm2_tokenizer_dir):
-    from lit_lora.data import response_stop_ids
+    from lit_lora.prompts import response_stop_ids
 
     record = {"instruction": "Say hello.", "input": "", "output": "Hello!"}
     example = tokenize_example(record, tokenizer, max_seq_length=256, style="llama3")  # SentencePiece: <|eot_id|> is text

@@ -130,8 +130,8 @@ def test_generation_stops_at_every_stop_id_of_a_tokenizer_json(llama3_tokenizer_
 
 def test_prompt_style_formats_the_prompt_and_stops_at_its_end_of_answer(tmp_path, monkeypatch, capsys):
     from lit_lora import generation
-    from lit_lora.data import format_prompt
     from lit_lora.generation import GenerateArgs, run_generation
+    from lit_lora.prompts import format_prompt
     from lit_lora.tokenizer import Tokenizer
     from tests.conftest import make_tokenizer_json_dir
 
@@ -430,3 +430,15 @@ def test_generate_refuses_a_negative_number_of_new_tokens(model):
         generate(model, [prompt], max_new_tokens=-5)  # was an IndexError inside the KV cache
     assert model.blocks[0].attn.kv_cache is None
     assert generate(model, [prompt], max_new_tokens=0)[0].shape == (0,)
+
+
+@pytest.mark.parametrize("temperature", [1e-9, 1e-39, 1e-300, 5e-324])
+def test_a_vanishing_temperature_samples_the_most_likely_token(temperature):
+    """logits / temperature overflows float32 below ~1e-37: such a temperature still means "the most likely token",
+    never "probability tensor contains inf or nan"."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 10
+    for seed in range(3):
+        picked = sample(logits, temperature=temperature, top_k=50, top_p=0.9,
+                        generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(picked, logits.argmax(dim=-1))

@@ -2,7 +2,7 @@
 
 The course (model.py -> lora.py -> the training loop -> sampling) must read without the periphery: model.py
 imports nothing of lit_lora, lora.py only model.py, the core (model, tokenizer, checkpoint I/O, the CLI's errors,
-atomic writes, report) imports no method and no format, and no module imports itself round a circle.
+file I/O, report) imports no method and no format, and no module imports itself round a circle.
 """
 
 import ast
@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lit_lora"
-CORE = {"model", "tokenizer", "checkpoint", "atomic", "cli", "report"}
+CORE = {"model", "tokenizer", "checkpoint", "files", "cli", "report"}
 METHODS = {"lora", "adapter", "quantize", "method_files"}
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lit_lora.data import prepare
 from lit_lora.method_files import read_lora_file
-from tests.conftest import make_checkpoint
+from tests.conftest import hidden_leftovers, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish"]
@@ -81,7 +81,7 @@ def test_lora_on_two_processes_ends_with_the_weights_of_one(setup, one_device_lo
     assert close(one_device_lora, two)
     assert not torch.equal(two["lm_head.lora_B"], torch.zeros_like(two["lm_head.lora_B"]))  # it did train
     assert (out_dir / "step-000002" / "lit_lora_finetuned.pth").is_file()
-    assert not list(out_dir.glob(".*")), "half-written files from a rank"
+    assert not hidden_leftovers(out_dir), "half-written files from a rank"
 
 
 def test_full_finetuning_sharded_on_two_processes_ends_with_the_weights_of_one(setup):

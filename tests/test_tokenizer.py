@@ -156,8 +156,8 @@ def test_a_checkpoint_folder_carries_the_tokenizer_json_files(llama3_tokenizer_d
     from tests.conftest import make_checkpoint
 
     folder = make_checkpoint(tmp_path / "checkpoint", llama3_tokenizer_dir)
-    assert sorted(p.name for p in folder.iterdir()) == ["generation_config.json", "lit_model.pth", "model_config.json",
-                                                       "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checksums.json", "generation_config.json", "lit_model.pth",
+                                                        "model_config.json", "tokenizer.json", "tokenizer_config.json"]
     assert Tokenizer(folder).checksum() == Tokenizer(llama3_tokenizer_dir).checksum()
     assert load_model(folder).config.vocab_size == 605
     (folder / "tokenizer.json").unlink()

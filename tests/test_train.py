@@ -12,6 +12,7 @@ from lit_lora.train import learning_rate_at
 from tests.conftest import (
     INTERRUPTS,
     WORDS,
+    hidden_leftovers,
     interrupt_at,
     logged,
     lora_args,
@@ -91,7 +92,7 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, whe
         main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", **run))
     assert exit_info.value.code == 130
     assert torch.load(tmp_path / "resumed" / "state.pth", weights_only=True)["step"] == 2  # completed steps
-    assert not list((tmp_path / "resumed").glob(".*")), "a temporary file or folder was left behind"
+    assert not hidden_leftovers(tmp_path / "resumed"), "a temporary file or folder was left behind"
     monkeypatch.setattr(importlib.import_module(module), name, real)
 
     resumed = main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", resume="auto", **run))
@@ -297,10 +298,13 @@ def test_adapter_warmup_is_counted_in_optimizer_steps(setup, capsys):
 
 def checkpoint_in(dtype, folder, tokenizer_path):
     """A micro checkpoint folder whose weights are stored in `dtype` (as bf16/fp16 checkpoints on the Hub are)."""
+    from lit_lora.checkpoint import read_config, save_checkpoint_dir
+    from lit_lora.tokenizer import Tokenizer
+
     make_checkpoint(folder, tokenizer_path, block_size=256)
     state_dict = torch.load(folder / "lit_model.pth", weights_only=True)
-    torch.save({name: tensor.to(dtype) for name, tensor in state_dict.items()}, folder / "lit_model.pth")
-    return folder
+    return save_checkpoint_dir(folder, {name: tensor.to(dtype) for name, tensor in state_dict.items()},
+                               read_config(folder / "model_config.json"), Tokenizer(folder).files)
 
 
 # (checkpoint dtype, --precision) -> dtype of the trained LoRA tensors and AdamW moments, dtype of the frozen base.
@@ -344,11 +348,11 @@ def test_precision_decides_the_dtype_of_what_trains(setup, tokenizer_path, monke
 
 
 def crash_at_rename(monkeypatch, call):
-    """Make the `call`-th os.replace of lit_lora.atomic (every atomic write and folder swap) raise, as a crash
+    """Make the `call`-th os.replace of lit_lora.files (every atomic write and folder swap) raise, as a crash
     in the middle of saving would; returns a counter of the renames seen."""
-    import lit_lora.atomic as atomic
+    import lit_lora.files as files
 
-    real, seen = atomic.os.replace, {"n": 0}
+    real, seen = files.os.replace, {"n": 0}
 
     def replace(src, dst):
         seen["n"] += 1
@@ -356,7 +360,7 @@ def crash_at_rename(monkeypatch, call):
             raise RuntimeError(f"injected crash at rename {call}")
         return real(src, dst)
 
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     return seen
 
 
@@ -404,7 +408,7 @@ def test_a_crash_at_any_rename_leaves_nothing_broken_and_resumes_exactly(setup, 
         run(out_dir, resume="auto")
         resumed = final_weights(out_dir)
         assert all(torch.equal(reference[name], resumed[name]) for name in reference), f"crash at rename {call}"
-        assert not list(out_dir.glob(".*")), f"leftovers after the crash at rename {call}"
+        assert not hidden_leftovers(out_dir), f"leftovers after the crash at rename {call}"
         if method == "full":
             load_model(out_dir / "step-000002")  # the step folder of a full finetuning run is a whole checkpoint
 
@@ -670,7 +674,7 @@ def test_training_never_uses_fabric_save(setup, monkeypatch):
 
 def test_evaluation_prompts_in_the_prepared_datas_style_and_stops_at_its_end(tmp_path, monkeypatch, capsys):
     from finetune.lora import main
-    from lit_lora.data import format_prompt
+    from lit_lora.prompts import format_prompt
     from lit_lora.tokenizer import Tokenizer
     from tests.conftest import make_tokenizer_json_dir
 

@@ -18,21 +18,23 @@ Each of those files reads alone; this one holds what they all use, in one place:
 Memory. Converting holds one copy of the weights, never two: the converters read them lazily (one tensor at a
 time, or memory-mapped: read from disk as needed, not copied into RAM), and the converted tensors are collected
 into one state dict that is saved once. For 7B in bfloat16 that is about 13.5 GB. Every folder is written into
-a temporary folder first and moved into place at the end (`lit_lora.atomic.atomic_folder`), so an interrupted
+a temporary folder first and moved into place at the end (`lit_lora.files.atomic_folder`), so an interrupted
 conversion leaves no half-written folder.
 """
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lit_lora.atomic import current_umask
 from lit_lora.checkpoint import check_tensors, save_checkpoint_dir
+from lit_lora.files import current_umask, load_torch_file
 from lit_lora.model import Config, LLaMA
 from lit_lora.report import format_bytes, peak_memory_bytes
 
@@ -141,9 +143,13 @@ def check_converted_tensors(state_dict: dict[str, torch.Tensor], config: Config,
                        f"vocabulary {config.padded_vocab_size}): both must come from the same model.")
 
 
-def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokenizer_files: list[Path]) -> Path:
+def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokenizer_files: list[Path],
+                     source: Union[str, Path]) -> Path:
     """The folder that `lit_lora.checkpoint.load_model` reads (lit_model.pth, model_config.json and the tokenizer's
-    files, `Tokenizer.files`), written whole, with what it took."""
+    files, `Tokenizer.files`), written whole, with what it took; refused if a weight of `source` is not finite."""
+    start = time.perf_counter()
+    check_finite(state_dict, source, "the checkpoint is damaged: download it again")
+    print(f"Checked {len(state_dict)} tensors for NaN and infinite values in {time.perf_counter() - start:.1f} s")
     save_checkpoint_dir(output_dir, state_dict, config, tokenizer_files)
     size = (output_dir / "lit_model.pth").stat().st_size
     print(f"Wrote {output_dir} (lit_model.pth {format_bytes(size)}); peak memory {format_bytes(peak_memory_bytes())}")
@@ -155,3 +161,35 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     creates it readable by its owner only."""
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o666 & ~current_umask())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading weights from outside
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_tensors(path: Path, hint: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one weight file, one at a time: a .safetensors file reads each tensor when asked; a torch
+    file (.bin, .pth) is memory-mapped and never runs code. A file that is truncated, damaged or not of its format
+    is one error naming it and `hint` (what to do)."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as weights_file:
+                for name in weights_file.keys():
+                    yield name, weights_file.get_tensor(name)
+        except OSError:
+            raise
+        except Exception as error:  # safetensors' SafetensorError: incomplete metadata, a header too large, ...
+            raise ValueError(f"{path} cannot be read as a safetensors file ({type(error).__name__}: "
+                             f"{str(error)[:200]}). It may be incomplete or damaged: {hint}.") from None
+    else:
+        tensors = load_torch_file(path, "a state dict of tensors", hint, mmap=True)
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"{path} holds a {type(tensors).__name__}, not a state dict of tensors: {hint}.")
+        yield from tensors.items()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Union[str, Path], hint: str) -> None:
+    """Every floating-point tensor finite: weights with NaN or infinite values would only ever give garbage."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: the tensor {name} holds NaN or infinite values: {hint}.")

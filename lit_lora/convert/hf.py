@@ -20,12 +20,8 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
-import torch
-from safetensors import safe_open
-
-from lit_lora.atomic import atomic_folder
 from lit_lora.checkpoint import check_vocabulary, load_model
 from lit_lora.convert.common import (
     NameTable,
@@ -33,14 +29,16 @@ from lit_lora.convert.common import (
     check_converted_tensors,
     dtype_from_name,
     int_if_whole,
+    read_tensors,
     save_safetensors,
     to_dtype,
     write_checkpoint,
 )
 from lit_lora.convert.hf_tokenizer import hf_tokenizer_files
+from lit_lora.files import atomic_folder, check_links, read_json
 from lit_lora.lora import merge_lora
 from lit_lora.method_files import load_lora
-from lit_lora.model import Config
+from lit_lora.model import Config, ConfigError
 from lit_lora.report import format_bytes, peak_memory_bytes
 from lit_lora.tokenizer import TOKENIZER_JSON_COMPANIONS, Tokenizer
 
@@ -85,14 +83,22 @@ def lit_to_hf_name(name: str) -> str:
 # Configs
 # ---------------------------------------------------------------------------------------------------------------
 
-def config_from_hf(hf_config: dict, model_name: Optional[str] = None) -> Config:
-    """Our Config from a Hugging Face `config.json`; `model_name` (a preset) names it and is checked against it.
+# Our Config's fields, as Hugging Face's config.json calls them (for errors in its values)
+HF_FIELDS = {"block_size": "max_position_embeddings", "vocab_size": "vocab_size", "padded_vocab_size": "vocab_size",
+             "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_query_groups": "num_key_value_heads",
+             "n_embd": "hidden_size", "intermediate_size": "intermediate_size", "norm_eps": "rms_norm_eps",
+             "rope_base": "rope_theta", "tie_embeddings": "tie_word_embeddings"}
+
+
+def config_from_hf(hf_config: dict, model_name: Optional[str] = None, source: Union[str, Path] = "config.json") -> Config:
+    """Our Config from a Hugging Face `config.json` (`source`, for messages); `model_name` (a preset) names it and
+    is checked against it.
 
     The embedding is not padded (padded_vocab_size = vocab_size) so every tensor keeps its shape.
-    A config this model cannot reproduce is an error naming the field.
+    A config this model cannot reproduce, or a value no model can have, is an error naming the file and field.
     """
     def unsupported(field, why):
-        raise ValueError(f"config.json: {field} = {json.dumps(hf_config.get(field))} is not supported: {why}")
+        raise ValueError(f"{source}: {field} = {json.dumps(hf_config.get(field))} is not supported: {why}")
 
     if hf_config.get("model_type") != "llama":
         unsupported("model_type", "lit-lora converts LLaMA-architecture models only (model_type \"llama\")")
@@ -102,6 +108,9 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None) -> Config:
         if hf_config.get(field, False):
             unsupported(field, "the linear layers have no bias")
     # RoPE: rope_theta + rope_scaling in most checkpoints' config.json, one rope_parameters dict in transformers 5's
+    for field in ("rope_scaling", "rope_parameters"):
+        if not isinstance(hf_config.get(field) or {}, dict):
+            unsupported(field, "it must be an object with the RoPE settings (rope_type, factor, ...), or null")
     rope = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
     rope_field = "rope_parameters" if hf_config.get("rope_parameters") else "rope_scaling"
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -119,26 +128,30 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None) -> Config:
     missing = [field for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                    "vocab_size") if field not in hf_config]
     if missing:
-        raise ValueError(f"config.json lacks {', '.join(missing)}: is this a Hugging Face LlamaForCausalLM config?")
-    n_embd, n_head = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    if hf_config.get("head_dim") is not None and hf_config["head_dim"] * n_head != n_embd:
+        raise ValueError(f"{source} lacks {', '.join(missing)}: is this a Hugging Face LlamaForCausalLM config?")
+    rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000))
+    try:
+        config = Config(
+            block_size=hf_config.get("max_position_embeddings", 2048),
+            vocab_size=hf_config["vocab_size"],
+            padded_vocab_size=hf_config["vocab_size"],
+            n_layer=hf_config["num_hidden_layers"],
+            n_head=hf_config["num_attention_heads"],
+            n_query_groups=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+            n_embd=hf_config["hidden_size"],
+            intermediate_size=hf_config["intermediate_size"],
+            norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+            rope_base=int_if_whole(rope_theta) if type(rope_theta) in (int, float) else rope_theta,
+            rope_scaling=rope_scaling,
+            tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        )
+    except ConfigError as error:  # named as config.json names it
+        field = HF_FIELDS.get(error.field, f"{rope_field}'s {error.field}")
+        raise ValueError(f"{source}: {field} is {error.value!r}, which no LLaMA can have: {error.requirement}") from None
+    if hf_config.get("head_dim") is not None and hf_config["head_dim"] != config.head_size:
         unsupported("head_dim", f"heads must split hidden_size evenly (hidden_size / num_attention_heads = "
-                                f"{n_embd / n_head:g})")
-    config = Config(
-        block_size=hf_config.get("max_position_embeddings", 2048),
-        vocab_size=hf_config["vocab_size"],
-        padded_vocab_size=hf_config["vocab_size"],
-        n_layer=hf_config["num_hidden_layers"],
-        n_head=n_head,
-        n_query_groups=hf_config.get("num_key_value_heads") or n_head,
-        n_embd=n_embd,
-        intermediate_size=hf_config["intermediate_size"],
-        norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-        rope_base=int_if_whole(rope.get("rope_theta", hf_config.get("rope_theta", 10000))),
-        rope_scaling=rope_scaling,
-        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-    )
-    return apply_preset(config, model_name, "config.json") if model_name else config
+                                f"{config.n_embd / config.n_head:g})")
+    return apply_preset(config, model_name, str(source)) if model_name else config
 
 
 def config_to_hf(config: Config) -> dict:
@@ -254,16 +267,6 @@ def find_hf_weight_files(hf_dir: Path) -> list[Path]:
 # Hugging Face -> lit
 # ---------------------------------------------------------------------------------------------------------------
 
-def read_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one weight file, one at a time: safetensors reads each tensor when asked, .bin is mmapped."""
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as weights_file:
-            for name in weights_file.keys():
-                yield name, weights_file.get_tensor(name)
-    else:
-        yield from torch.load(path, mmap=True, weights_only=True, map_location="cpu").items()
-
-
 def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path, None] = None,
                           model_name: Optional[str] = None, dtype: Optional[str] = None) -> Path:
     """A Hugging Face LlamaForCausalLM folder -> a lit-lora checkpoint folder (by default the same folder)."""
@@ -273,10 +276,11 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"No config.json in {hf_dir}: is it a Hugging Face model folder? "
                                 "Download one with `python checkpoints/download.py --repo_id ORG/NAME`.")
+    check_links(hf_dir)
     weight_files = find_hf_weight_files(hf_dir)
     tokenizer = Tokenizer(hf_dir)  # tokenizer.model (SentencePiece), or tokenizer.json and the files beside it
-    hf_config = json.loads((hf_dir / "config.json").read_text())
-    config = config_from_hf(hf_config, model_name)
+    hf_config = read_json(hf_dir / "config.json", "download it again")
+    config = config_from_hf(hf_config, model_name, hf_dir / "config.json")
     config.name = config.name or hf_dir.name
     # Where the weights came from, for the record: export_peft.py writes it as base_model_name_or_path, so the
     # whole path of the folder on this machine (config.json's _name_or_path may be one on the uploader's).
@@ -286,7 +290,7 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
     state_dict = {}
     for file_number, path in enumerate(weight_files, 1):
         tensors_in_file = 0
-        for hf_name, tensor in read_hf_tensors(path):
+        for hf_name, tensor in read_tensors(path, "download it again (checkpoints/download.py)"):
             lit_name = hf_to_lit_name(hf_name)
             if lit_name is not None:
                 state_dict[lit_name] = to_dtype(tensor, torch_dtype)
@@ -295,7 +299,7 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
     if config.tie_embeddings:  # one matrix for embed and lm_head: Hugging Face saves it once, as the embedding
         state_dict["lm_head.weight"] = state_dict["embed.weight"]
     check_converted_tensors(state_dict, config, str(hf_dir))
-    return write_checkpoint(output_dir, state_dict, config, tokenizer.files)
+    return write_checkpoint(output_dir, state_dict, config, tokenizer.files, hf_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,7 +314,7 @@ def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str
     tokenizer.model is kept beside them)."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     torch_dtype = dtype_from_name(dtype)
-    model = load_model(checkpoint_dir)  # memory-mapped: the checkpoint file is never written to
+    model = load_model(checkpoint_dir, verify=True)  # memory-mapped: the checkpoint file is never written to
     if lora_path is not None:
         load_lora(model, lora_path)
         merge_lora(model)  # W0 + alpha/r B A: copy-on-write, so only the merged matrices take new memory

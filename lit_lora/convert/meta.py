@@ -16,7 +16,6 @@ are saved once: one copy of the weights. What is shared with the other formats (
 writing the folder) is in lit_lora/convert/common.py.
 """
 
-import json
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -29,9 +28,11 @@ from lit_lora.convert.common import (
     check_converted_tensors,
     dtype_from_name,
     int_if_whole,
+    read_tensors,
     to_dtype,
     write_checkpoint,
 )
+from lit_lora.files import read_json
 from lit_lora.model import Config
 from lit_lora.tokenizer import Tokenizer
 
@@ -139,7 +140,7 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
         raise ValueError(f"{tokenizer_path} is not a SentencePiece model: Meta's Llama 3 downloads ship tiktoken's "
                          "tokenizer. Convert Llama 3 from its Hugging Face repository instead (tokenizer.json): "
                          "checkpoints/download.py, then checkpoints/convert_hf.py") from None
-    params = json.loads((meta_dir / "params.json").read_text())
+    params = read_json(meta_dir / "params.json", "download it again from Meta")
     vocab_size = params.get("vocab_size", -1)
     if vocab_size <= 0:  # the original LLaMA's params.json says -1: the tokenizer decides
         vocab_size = tokenizer.vocab_size
@@ -147,7 +148,7 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
     check_vocabulary(config, tokenizer_path)
 
     print(f"Reading {len(shard_paths)} shard(s) from {meta_dir} (memory-mapped)")
-    shards = [torch.load(path, mmap=True, weights_only=True, map_location="cpu") for path in shard_paths]
+    shards = [dict(read_tensors(path, "download it again from Meta")) for path in shard_paths]
     state_dict = {}
     for meta_name, tensor in merge_meta_shards(shards):
         lit_name = META_NAMES.to_lit(meta_name)
@@ -159,4 +160,4 @@ def convert_meta_checkpoint(meta_dir: Union[str, Path], output_dir: Union[str, P
             tensor = permute_meta_qk(tensor, config.n_query_groups)
         state_dict[lit_name] = to_dtype(tensor, torch_dtype)
     check_converted_tensors(state_dict, config, str(meta_dir))
-    return write_checkpoint(output_dir, state_dict, config, tokenizer.files)
+    return write_checkpoint(output_dir, state_dict, config, tokenizer.files, meta_dir)

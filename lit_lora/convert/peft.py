@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import load_file
 
-from lit_lora.atomic import atomic_folder
 from lit_lora.checkpoint import check_base_model, check_tensors, read_config
-from lit_lora.convert.common import save_safetensors
+from lit_lora.convert.common import check_finite, read_tensors, save_safetensors
 from lit_lora.convert.hf import hf_to_lit_name, lit_to_hf_name
+from lit_lora.files import atomic_folder, check_links, read_json
 from lit_lora.lora import LORA_TARGETS, apply_lora, lora_state_dict
 from lit_lora.method_files import read_lora_file, save_lora
-from lit_lora.model import LLaMA
+from lit_lora.model import ConfigError, LLaMA
 
 PEFT_PREFIX = "base_model.model."
 # adapter_config.json fields whose other values change what the adapter computes, with the value we support.
@@ -124,14 +123,15 @@ def read_peft_adapter(peft_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """adapter_config.json and the adapter's tensors (adapter_model.safetensors, or .bin from older PEFT)."""
     if not (peft_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"No adapter_config.json in {peft_dir}: is it a PEFT adapter folder?")
-    adapter_config = json.loads((peft_dir / "adapter_config.json").read_text())
-    if (peft_dir / "adapter_model.safetensors").is_file():
-        tensors = load_file(str(peft_dir / "adapter_model.safetensors"))
-    elif (peft_dir / "adapter_model.bin").is_file():
-        tensors = torch.load(peft_dir / "adapter_model.bin", weights_only=True, map_location="cpu")
-    else:
-        raise FileNotFoundError(f"No adapter_model.safetensors or adapter_model.bin in {peft_dir}")
-    return adapter_config, tensors
+    check_links(peft_dir)
+    hint = "save the adapter again with PEFT (save_pretrained), or download it again"
+    adapter_config = read_json(peft_dir / "adapter_config.json", hint)
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (peft_dir / name).is_file():
+            tensors = dict(read_tensors(peft_dir / name, hint))
+            check_finite(tensors, peft_dir / name, hint)
+            return adapter_config, tensors
+    raise FileNotFoundError(f"No adapter_model.safetensors or adapter_model.bin in {peft_dir}")
 
 
 def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, Path],
@@ -158,9 +158,13 @@ def import_peft_adapter(peft_dir: Union[str, Path], checkpoint_dir: Union[str, P
     config = read_config(checkpoint_dir / "model_config.json")
     with torch.device("meta"):  # shapes only: the base weights are not needed
         model = LLaMA(config)
-    apply_lora(model, r=adapter_config["r"], alpha=adapter_config["lora_alpha"],
-               dropout=adapter_config.get("lora_dropout", 0.0),
-               targets=tuple(target for target in LORA_TARGETS if PEFT_TARGET_MODULES[target] in modules))  # our order
+    try:
+        apply_lora(model, r=adapter_config.get("r"), alpha=adapter_config.get("lora_alpha"),
+                   dropout=adapter_config.get("lora_dropout", 0.0),
+                   targets=tuple(target for target in LORA_TARGETS if PEFT_TARGET_MODULES[target] in modules))  # ours
+    except ConfigError as error:  # named as adapter_config.json names it
+        field = {"alpha": "lora_alpha", "dropout": "lora_dropout"}.get(error.field, error.field)
+        raise ValueError(f"{source}: {field} is {error.value!r}: {error.requirement}") from None
     # The adapter's tensors, checked under their PEFT names (those the user can look up in the file) against the
     # factors this LoRA needs on this base model; copies of base weights are left out.
     lit_name_of_key = {key: peft_to_lit_key(key) for key in peft_tensors}  # None for a copy of a base weight
