@@ -5,7 +5,9 @@ Fabric also starts the other processes and applies the precision (lit_lora/train
 """
 
 import os
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -59,16 +61,32 @@ def launch_fabric(args, multi_device_strategy: str = "ddp") -> Fabric:
 
 
 def busy_machine_warning() -> str:
-    """On a CPU, torch's threads share the cores with whatever else runs: with the load at or above the number of
-    cores, a run can take many times as long as on a quiet machine. A warning saying so and what to do, or ""."""
-    if not hasattr(os, "getloadavg"):
+    """On a CPU, torch runs one thread per core, and its threads wait for each other at every matrix product: when
+    other programs keep even one core busy, a run can take several times as long as on a quiet machine. A warning
+    saying so and what to do, or ""."""
+    cores, busy = os.cpu_count() or 1, cores_busy_elsewhere()
+    if busy is None or busy < 0.9:
         return ""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load < cores:
-        return ""
-    return (f"Warning: this machine is busy (load average {load:.1f} on {cores} cores): this run may take many times as "
-            "long as on a quiet machine. Let the other work finish first, or give torch one thread, which loses less "
-            "on a busy machine: OMP_NUM_THREADS=1 python ...\n")
+    return (f"Warning: other programs keep {busy:.1f} of this machine's {cores} cores busy: torch's threads will wait "
+            "for them, and this run may take several times as long as on a quiet machine. Let the other work finish "
+            "first, or give torch fewer threads, which loses less: OMP_NUM_THREADS=1 python ...\n")
+
+
+def cores_busy_elsewhere(seconds: float = 0.25) -> Optional[float]:
+    """How many cores other processes keep busy now: the machine's busy time over `seconds` in which this process
+    waits (Linux's /proc/stat), in cores. Elsewhere the 1-minute load average, which counts this process too."""
+    def busy_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            times = [int(t) for t in f.readline().split()[1:]]  # user nice system idle iowait irq softirq steal ...
+        return sum(times) - times[3] - times[4], sum(times)
+
+    try:
+        busy, total = busy_and_total()
+        time.sleep(seconds)
+        busy_after, total_after = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return (busy_after - busy) / max(1, total_after - total) * (os.cpu_count() or 1)
 
 
 def shard_by_block(model: nn.Module, device_mesh) -> nn.Module:

@@ -453,10 +453,16 @@ def test_a_busy_machine_is_said_at_the_start_and_progress_shows_after_the_first_
     import lit_lora.devices as devices
     from finetune.lora import main
 
-    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 5.0, 4.0))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # another program keeps a core busy
+    try:
+        assert devices.cores_busy_elsewhere(seconds=1.0) >= 0.8
+    finally:
+        spinner.kill()
+        spinner.wait()
+    monkeypatch.setattr(devices, "cores_busy_elsewhere", lambda: 1.6)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     warning = devices.busy_machine_warning()
-    assert "load average 6.0 on 2 cores" in warning and "OMP_NUM_THREADS=1" in warning
+    assert "other programs keep 1.6 of this machine's 2 cores busy" in warning and "OMP_NUM_THREADS=1" in warning
     checkpoint_dir, data_dir, tmp_path = setup
     main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", max_steps=3, log_interval=100, eval_interval=0))
     out = capsys.readouterr().out
