@@ -188,7 +188,7 @@ def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, 
     return state["step"]
 
 
-HELD_LOCKS: dict[Path, int] = {}  # out_dir -> the open .lock file this process holds (until it exits)
+HELD_LOCKS: dict[Path, int] = {}  # out_dir -> the open .lock file this process holds (until the run ends)
 
 
 def lock_out_dir(out_dir: Path) -> None:
@@ -210,6 +210,13 @@ def lock_out_dir(out_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     HELD_LOCKS[out_dir] = fd
+
+
+def unlock_out_dir(out_dir: Path) -> None:
+    """Release the lock of `out_dir` that this process holds (the end of a run); .lock stays, with the last pid."""
+    fd = HELD_LOCKS.pop(Path(out_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the file releases the flock
 
 
 def remove_leftovers(out_dir: Path) -> None:

@@ -54,6 +54,7 @@ from lit_lora.resume import (
     save_checkpoint,
     save_on_interrupt,
     start_or_resume,
+    unlock_out_dir,
 )
 from lit_lora.tokenizer import Tokenizer
 
@@ -223,6 +224,7 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
         save_on_interrupt(fabric, model.module, optimizer.optimizer, completed, run, out_dir, sharded)
     with interrupt_held():  # the final files are written whole; a Ctrl-C meanwhile waits for them
         save(max_steps, out_dir)
+    unlock_out_dir(out_dir)
     return progress.summary(final_loss=loss, val_loss=val_loss, out_dir=out_dir)
 
 

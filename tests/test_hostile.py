@@ -361,7 +361,7 @@ def tiny_disk(tmp_path):
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.decode().strip() or 'no permission'})")
     yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    subprocess.run(["umount", "--lazy", str(mount)], capture_output=True)  # --lazy: even while a file is still open
 
 
 def test_a_full_disk_is_said_as_such_and_leaves_nothing_half_written(tmp_path, tiny_disk, setup, hf_dir):
@@ -407,6 +407,10 @@ def test_a_second_run_into_the_same_out_dir_is_refused_and_a_dead_ones_lock_is_t
         holder.wait()
     main(args)  # its lock died with it
     assert (out_dir / "lit_lora_finetuned.pth").is_file()
+    taker = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from lit_lora.resume import lock_out_dir; lock_out_dir(Path(sys.argv[1]))", str(out_dir)],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert taker.returncode == 0, taker.stderr  # the finished run released it
 
 
 def test_ctrl_c_in_the_final_evaluation_saves_the_last_step_and_resume_finishes_the_run(setup, monkeypatch):
