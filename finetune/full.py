@@ -13,7 +13,7 @@ checkpoint_dir only has to hold a tokenizer (tokenizer.model or tokenizer.json):
 base model this way.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -59,8 +59,11 @@ def main(args: FullArgs) -> dict:
             model = LLaMA(Config.from_name(args.model_name, vocab_size=tokenizer.vocab_size))
     else:
         model = load_model(args.checkpoint_dir)
-    return fit(fabric, model, args,
-               save_weights=lambda m, folder, trained: save_checkpoint_dir(folder, trained, m.config, tokenizer.files))
+    def save_weights(model: LLaMA, folder, trained: dict) -> None:  # a whole checkpoint, with the format it learned
+        config = replace(model.config, extra={**model.config.extra, "prompt": model.prompt})
+        save_checkpoint_dir(folder, trained, config, tokenizer.files)
+
+    return fit(fabric, model, args, save_weights)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ computed once per generation and kept with the KV cache, not recomputed for ever
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_lora.chat import GenerateArgs, run_generation
 from lit_lora.checkpoint import load_model
 from lit_lora.cli import cli
-from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.method_files import load_adapter
 from lit_lora.quantize import load_model_4bit
 from lit_lora.tokenizer import check_utf8
@@ -24,14 +24,11 @@ class AdapterGenerateArgs(GenerateArgs):
     Args:
         adapter_path: The adapter file written by finetune/adapter.py.
         input: Optional input (context) for the instruction, as in the Alpaca template.
-        prompt_style: The prompt format the model was finetuned in (its data's --prompt_style): alpaca, llama3 or
-            chatml (see lit_lora/data.py).
     """
 
     prompt: str = "What food do llamas eat?"
     adapter_path: Path = Path("out/adapter/alpaca/lit_adapter_finetuned.pth")
     input: str = ""
-    prompt_style: str = "alpaca"
 
     def __post_init__(self):
         super().__post_init__()
@@ -44,7 +41,7 @@ def main(args: AdapterGenerateArgs) -> list[str]:
     else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
         model = load_model_4bit(args.checkpoint_dir, args.quantize)
     load_adapter(model, args.adapter_path)  # checks the file fits this base model, names any mismatch
-    return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
+    return run_generation(model, args, input=args.input, default_style="alpaca")  # the recorded format (else alpaca), with --input
 
 
 if __name__ == "__main__":

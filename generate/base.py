@@ -2,13 +2,14 @@
 
     python generate/base.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --prompt "The capital of France is"
 
-An instruct model (Llama 3.x Instruct, SmolLM2-Instruct) answers best in its own chat format: --prompt_style llama3
-(or chatml) puts the prompt, as the user's message, in that format.
+An instruct model (Llama 3.x Instruct, SmolLM2-Instruct) answers best in its own chat format: --prompt_style
+chat_template puts the prompt, as the user's message, in the checkpoint's own chat template (or llama3, chatml: the
+hand-written ones); --interactive true then keeps a conversation.
 """
 
+from lit_lora.chat import GenerateArgs, run_generation
 from lit_lora.checkpoint import load_model
 from lit_lora.cli import cli
-from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.quantize import load_model_4bit
 
 
@@ -17,7 +18,7 @@ def main(args: GenerateArgs) -> list[str]:
         model = load_model(args.checkpoint_dir)
     else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
         model = load_model_4bit(args.checkpoint_dir, args.quantize)
-    return run_generation(model, args, show_prompt=args.prompt_style is None)  # a prompt continued as it is: shown
+    return run_generation(model, args)  # without a prompt style, the prompt is continued as it is
 
 
 if __name__ == "__main__":

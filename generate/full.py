@@ -6,9 +6,9 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_lora.chat import GenerateArgs, run_generation
 from lit_lora.checkpoint import load_model
 from lit_lora.cli import cli
-from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.quantize import load_model_4bit
 from lit_lora.tokenizer import check_utf8
 
@@ -19,14 +19,11 @@ class FullGenerateArgs(GenerateArgs):
 
     Args:
         input: Optional input (context) for the instruction, as in the Alpaca template.
-        prompt_style: The prompt format the model was finetuned in (its data's --prompt_style): alpaca, llama3 or
-            chatml (see lit_lora/data.py).
     """
 
     prompt: str = "What food do llamas eat?"
     checkpoint_dir: Path = Path("out/full/alpaca")
     input: str = ""
-    prompt_style: str = "alpaca"
 
     def __post_init__(self):
         super().__post_init__()
@@ -38,7 +35,7 @@ def main(args: FullGenerateArgs) -> list[str]:
         model = load_model(args.checkpoint_dir)
     else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
         model = load_model_4bit(args.checkpoint_dir, args.quantize)
-    return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
+    return run_generation(model, args, input=args.input, default_style="alpaca")  # the recorded format (else alpaca), with --input
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ token pays the two thin LoRA matmuls (and the dequantization of W0). Any LoRA fi
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_lora.chat import GenerateArgs, run_generation
 from lit_lora.checkpoint import load_model
 from lit_lora.cli import cli
-from lit_lora.generation import GenerateArgs, run_generation
 from lit_lora.lora import merge_lora
 from lit_lora.method_files import load_lora
 from lit_lora.quantize import load_model_4bit
@@ -27,14 +27,11 @@ class LoRAGenerateArgs(GenerateArgs):
     Args:
         lora_path: The LoRA file written by finetune/lora.py.
         input: Optional input (context) for the instruction, as in the Alpaca template.
-        prompt_style: The prompt format the model was finetuned in (its data's --prompt_style): alpaca, llama3 or
-            chatml (see lit_lora/data.py).
     """
 
     prompt: str = "What food do llamas eat?"
     lora_path: Path = Path("out/lora/alpaca/lit_lora_finetuned.pth")
     input: str = ""
-    prompt_style: str = "alpaca"
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,7 +46,7 @@ def main(args: LoRAGenerateArgs) -> list[str]:
     load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
     if args.quantize is None:
         merge_lora(model)  # a 4-bit W0 cannot take B A exactly: on a quantized base LoRA stays unmerged
-    return run_generation(model, args, input=args.input)  # the instruction in --prompt_style, with --input
+    return run_generation(model, args, input=args.input, default_style="alpaca")  # the recorded format (else alpaca), with --input
 
 
 if __name__ == "__main__":

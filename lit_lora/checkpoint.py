@@ -107,6 +107,7 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     if config.tie_embeddings:  # assign=True gave each name its own parameter: make them one again
         model.lm_head.weight = model.embed.weight
     model.reset_rope_cache()  # cos/sin are not in the checkpoint: build them on the weights' device
+    model.prompt = config.extra.get("prompt")  # a full finetune's format (finetune/full.py records it), or None
     return model
 
 
@@ -185,11 +186,12 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 256)
 
 
 def save_checkpoint_dir(checkpoint_dir: Union[str, Path], state_dict: dict, config: Config,
-                        tokenizer_files: list[Union[str, Path]]) -> Path:
+                        tokenizer_files: list[Union[str, Path]], texts: Optional[dict[str, str]] = None) -> Path:
     """Write a whole checkpoint folder (see the module docstring) that `load_model` and every script read.
 
     `tokenizer_files`: every file the tokenizer was read from, `Tokenizer(path).files`. Each is copied in under its
-    own name, but a SentencePiece model (`Tokenizer.train` may name it NAME.model) as tokenizer.model. The files
+    own name, but a SentencePiece model (`Tokenizer.train` may name it NAME.model) as tokenizer.model; `texts`
+    (file name -> text) are written beside them (the chat template, where it came inside another file). The files
     are written into a temporary folder first (atomic_folder): a new folder appears whole; in an existing one each
     file appears whole, and other files (logs, say) are left alone.
     """
@@ -206,6 +208,8 @@ def save_checkpoint_dir(checkpoint_dir: Union[str, Path], state_dict: dict, conf
         write_config(config, tmp / "model_config.json")
         for file, name in names.items():
             shutil.copyfile(file, tmp / name)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(checkpoint_dir)
 
 

@@ -16,15 +16,18 @@ from typing import Optional, Union
 import torch
 
 from lit_lora.cli import check_flag
+from lit_lora.conversations import IGNORE_INDEX, tokenize_conversation
 from lit_lora.files import atomic_folder, load_torch_file, read_json
-from lit_lora.prompts import PROMPT_STYLES, format_prompt, prompt_style, single_token_id
+from lit_lora.prompts import PROMPT_STYLES, chat_message, format_prompt, prompt_style, single_token_id, template_sha256
 from lit_lora.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
 
-def prepared_prompt_style(data_dir: Union[str, Path]) -> str:
-    """The prompt style a prepared dataset was made in (alpaca for data prepared before there were styles)."""
-    return read_prepare_config(data_dir).get("prompt_style", "alpaca")
+def prepared_prompt(data_dir: Union[str, Path]) -> dict:
+    """The prompt format a prepared dataset was made in: its style (alpaca for data prepared before there were
+    styles), system prompt and, for chat_template, the template's sha256. What a finetune records and generates in."""
+    config = read_prepare_config(data_dir)
+    return {"style": config.get("prompt_style", "alpaca"), "system_prompt": config.get("system_prompt"),
+            "chat_template_sha256": config.get("chat_template_sha256")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -32,8 +35,10 @@ def prepared_prompt_style(data_dir: Union[str, Path]) -> str:
 
 
 def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True,
-                     style: str = "alpaca") -> Optional[dict]:
-    """BOS + prompt + response + EOS as input_ids; labels equal, with the prompt set to -100 if mask_inputs.
+                     style: str = "alpaca", system_prompt: Optional[str] = None) -> Optional[dict]:
+    """An instruction record {instruction, input, output}: BOS + prompt + response + EOS as input_ids; labels equal,
+    with the prompt set to -100 if mask_inputs. A conversation {messages}, or any record in the checkpoint's own
+    chat template, is lit_lora/conversations.py's: the loss on every assistant turn.
 
     Prompt and response are encoded as one text, exactly as the model will read them, and the prompt alone
     tells how many tokens to mask. A too-long example is cut at max_seq_length: it loses the end of its
@@ -46,7 +51,18 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
     response (llama3's <|eot_id|>) ends the response with that instead of EOS. Where the tokenizer does not read
     it as one token (a SentencePiece model) it stays as text, followed by EOS: generation can only stop at an id.
     """
-    prompt = format_prompt(record["instruction"], record.get("input", ""), style)
+    if "messages" in record or style == "chat_template":
+        messages = record.get("messages") or [{"role": "user", "content": chat_message(record["instruction"],
+                                                                                       record.get("input", ""))},
+                                               {"role": "assistant", "content": record["output"]}]
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        end = prompt_style(style).response_end
+        if end is not None and single_token_id(tokenizer, end) is None:
+            raise ValueError(f"the {style} style ends a turn with {end}, which is not one token of "
+                             f"{tokenizer.model_path}: conversations in it need that model's tokenizer")
+        return tokenize_conversation(messages, tokenizer, max_seq_length, mask_inputs, style)
+    prompt = format_prompt(record["instruction"], record.get("input", ""), style, system_prompt=system_prompt)
     prompt_length = len(tokenizer.encode(prompt, bos=True, eos=False))
     if prompt_length >= max_seq_length:
         return None
@@ -65,12 +81,14 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
 def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[str, Path], max_seq_length: int,
             test_split_size: Union[int, float] = 0.1, seed: int = 42, mask_inputs: bool = True,
             source: Union[str, Path] = "", checkpoint_dir: Union[str, Path] = "",
-            source_sha256: Optional[str] = None, style: str = "alpaca") -> dict:
+            source_sha256: Optional[str] = None, style: str = "alpaca", system_prompt: Optional[str] = None) -> dict:
     """Shuffle, split, tokenize and write train.pt, test.pt and prepare_config.json, all or nothing.
 
     test_split_size is a count of examples (an int, e.g. 2000) or a fraction (a float below 1, e.g. 0.1).
     source and source_sha256 (the data file and its checksum) are recorded, to tell later what was prepared, and the
-    prompt style, which finetuning evaluates in.
+    prompt: its style, system prompt and, for chat_template, the template's sha256 (finetuning evaluates in it,
+    records it, and generation uses it). A conversation whose last turn is not the assistant's has nothing to learn
+    from: it is left out, and counted.
     Returns the summary that is also printed and saved in prepare_config.json.
     """
     start = time.perf_counter()
@@ -83,17 +101,24 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
                          "make --test_split_size smaller")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    splits = {"test": [records[i] for i in order[:n_test]], "train": [records[i] for i in order[n_test:]]}
+    splits = {"test": [(i, records[i]) for i in order[:n_test]], "train": [(i, records[i]) for i in order[n_test:]]}
 
-    prepared, dropped, truncated = {}, 0, 0
+    prepared, dropped, truncated, no_answer, dropped_turns = {}, 0, 0, 0, 0
     for split, split_records in splits.items():
         prepared[split] = []
-        for record in split_records:
-            example = tokenize_example(record, tokenizer, max_seq_length, mask_inputs, style)
+        for index, record in split_records:
+            if "messages" in record and record["messages"][-1]["role"] != "assistant":
+                no_answer += 1
+                continue
+            try:
+                example = tokenize_example(record, tokenizer, max_seq_length, mask_inputs, style, system_prompt)
+            except ValueError as error:  # a chat template that refuses the conversation, say
+                raise ValueError(f"{source}, record {index}: {error}") from None
             if example is None:
                 dropped += 1
                 continue
             truncated += example.pop("truncated")
+            dropped_turns += example.pop("dropped_turns", 0)
             prepared[split].append(example)
     kept = prepared["train"] + prepared["test"]
     if not prepared["train"]:
@@ -104,10 +129,11 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     summary = {
         "source": str(source), "source_sha256": source_sha256, "checkpoint_dir": str(checkpoint_dir),
         "max_seq_length": max_seq_length, "mask_inputs": mask_inputs, "seed": seed, "test_split_size": n_test,
-        "prompt_style": style,
+        "prompt_style": style, "system_prompt": system_prompt,
+        "chat_template_sha256": template_sha256(tokenizer.chat_template) if style == "chat_template" else None,
         "tokenizer_checksum": tokenizer.checksum(), "tokenizer_vocab_size": tokenizer.vocab_size,
         "train_examples": len(prepared["train"]), "test_examples": len(prepared["test"]),
-        "dropped": dropped, "truncated": truncated,
+        "dropped": dropped, "truncated": truncated, "no_answer": no_answer, "dropped_turns": dropped_turns,
         "length_min": lengths[0], "length_mean": round(sum(lengths) / len(lengths), 1),
         "length_p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "length_max": lengths[-1],
         "loss_token_share": round(loss_tokens / sum(lengths), 4),
@@ -115,7 +141,9 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     write_prepared(Path(destination_path), prepared, summary)
     print(f"Prepared {destination_path} in {time.perf_counter() - start:.1f} s: "
           f"{summary['train_examples']:,} train + {summary['test_examples']:,} test examples kept, "
-          f"{dropped} dropped (prompt too long), {truncated} truncated (response cut, no EOS)\n"
+          f"{dropped} dropped (prompt too long), {truncated} truncated (response cut, no EOS)"
+          + (f", {no_answer} conversations without a last answer left out, {dropped_turns} earliest exchanges left out "
+             "of conversations too long" if no_answer or dropped_turns else "") + "\n"
           f"  tokens per example: min {summary['length_min']}, mean {summary['length_mean']}, "
           f"p95 {summary['length_p95']}, max {summary['length_max']}; "
           f"{100 * summary['loss_token_share']:.1f}% of tokens carry loss")
@@ -252,8 +280,12 @@ class PrepareArgs:
         test_split_size: Examples held out for validation: a count (2000, 0 for none) or a fraction below 1 (0.1).
         seed: Seeds the shuffle before the split (0 or more).
         mask_inputs: Set the prompt's labels to -100, so the loss is on the response only.
-        prompt_style: The prompt format: alpaca (Alpaca-LoRA's template, any model), llama3 (Llama 3.x Instruct's chat
-            format) or chatml (SmolLM2-Instruct's). Finetuning evaluates in it; generate with the same --prompt_style.
+        prompt_style: The prompt format: alpaca (Alpaca-LoRA's template, any model), chat_template (the checkpoint's
+            own chat template), llama3 (Llama 3.x Instruct's chat format) or chatml (SmolLM2-Instruct's); null:
+            chat_template for conversations (alpaca for instruction records). Finetuning evaluates in it and records it;
+            the generate scripts use the recorded style.
+        system_prompt: A system turn put first in every example that has none (chat styles); null: none (a template
+            may write its own default, as SmolLM2's does).
     """
 
     data_file: Optional[Path] = None
@@ -263,7 +295,8 @@ class PrepareArgs:
     test_split_size: Union[int, float] = 0.1
     seed: int = 42
     mask_inputs: bool = True
-    prompt_style: str = "alpaca"
+    prompt_style: Optional[str] = None
+    system_prompt: Optional[str] = None
 
     def __post_init__(self):
         check_flag(self, "max_seq_length", self.max_seq_length >= MIN_MAX_SEQ_LENGTH,
@@ -274,16 +307,25 @@ class PrepareArgs:
         else:
             check_flag(self, "test_split_size", self.test_split_size >= 0, "a count of examples must be 0 or more")
         check_flag(self, "seed", self.seed >= 0, "must be 0 or more")
-        check_flag(self, "prompt_style", self.prompt_style in PROMPT_STYLES,
+        check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
                    f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
+        check_flag(self, "system_prompt", not self.system_prompt or self.prompt_style != "alpaca",
+                   "the alpaca style has no system turn: leave --system_prompt out, or choose a chat style")
 
 
 def prepare_records(records: list[dict], args: PrepareArgs, tokenizer: Tokenizer, source: Union[str, Path],
                     source_sha256: Optional[str] = None) -> dict:
     """What every prepare_data/ script ends with: tokenize with the checkpoint's tokenizer (which the script
     reads first, before any download) and write."""
+    conversations = any("messages" in record for record in records)
+    style = args.prompt_style
+    if style is None and conversations:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"{source} holds conversations, and {args.checkpoint_dir} has no chat template: choose "
+                             "a chat style with --prompt_style llama3 or chatml")
+        style = "chat_template"
     return prepare(records, tokenizer, args.destination_path, args.max_seq_length, args.test_split_size, args.seed,
-                   args.mask_inputs, source, args.checkpoint_dir, source_sha256, args.prompt_style)
+                   args.mask_inputs, source, args.checkpoint_dir, source_sha256, style or "alpaca", args.system_prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------

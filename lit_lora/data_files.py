@@ -1,6 +1,8 @@
-"""Reading instruction data files: JSON or JSONL records, their encoding, and public datasets fetched by URL
-with a checksum. What comes out is a list of {instruction, input, output} strings, for lit_lora/data.py to
-format, tokenize and split.
+"""Reading data files: JSON or JSONL records, their encoding, and public datasets fetched by URL with a checksum.
+What comes out is a list of records for lit_lora/data.py to format, tokenize and split: instructions,
+{instruction, input, output}, or conversations, {messages: [{role, content}, ...]}, read from OpenAI's layout
+(`messages`: role system, user or assistant, and content) or ShareGPT's (`conversations`: from system, human or gpt,
+and value).
 """
 
 import codecs
@@ -32,6 +34,9 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
     for where, record in raw:
         if not isinstance(record, dict):
             raise ValueError(f"{path}, {where}: expected an object with fields, found {type(record).__name__}")
+        if "messages" in record or "conversations" in record:
+            records.append({"messages": conversation(record, f"{path}, {where}")})
+            continue
         out = {}
         for field, key in (("instruction", instruction_key), ("input", input_key), ("output", output_key)):
             if field == "input" and record.get(key) is None:  # missing, or null: both mean "no input"
@@ -49,6 +54,32 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
             out[field] = value
         records.append(out)
     return records
+
+
+# The roles of a conversation's turns, as OpenAI's layout (role) and ShareGPT's (from) name them
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+
+
+def conversation(record: dict, where: str) -> list[dict]:
+    """The messages of a conversation record, {"role", "content"} each, with every turn checked: a known role and
+    text that is not empty."""
+    key, role_key, text_key = ("messages", "role", "content") if "messages" in record else ("conversations", "from",
+                                                                                            "value")
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: {key} must be a list of turns, not {json.dumps(turns)[:60]}")
+    messages = []
+    for i, turn in enumerate(turns):
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        if role not in ROLES:
+            raise ValueError(f"{where}, turn {i}: the role {role!r} is not one of {', '.join(ROLES)} (the turn is "
+                             f"{json.dumps(turn)[:80]})")
+        text = turn.get(text_key)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}, turn {i} ({role}): {text_key} must be text, not {json.dumps(text)[:40]}: "
+                             "give the turn its text, or remove the turn")
+        messages.append({"role": ROLES[role], "content": text})
+    return messages
 
 
 # Byte-order marks that say a file is not UTF-8 (UTF-32's first: UTF-32-LE's begins with UTF-16-LE's).
@@ -127,9 +158,10 @@ def is_json(text: str) -> bool:
 
 
 def keys_holding_records(data: dict) -> list[str]:
-    """The keys of `data` whose value is a list of objects: where a file wrapped in an object keeps its records."""
-    return [key for key, value in data.items()
-            if isinstance(value, list) and value and all(isinstance(item, dict) for item in value)]
+    """The keys of `data` whose value is a list of objects: where a file wrapped in an object keeps its records
+    (a conversation's turns are not records: a record of `messages` or `conversations` is one conversation)."""
+    return [key for key, value in data.items() if key not in ("messages", "conversations")
+            and isinstance(value, list) and value and all(isinstance(item, dict) for item in value)]
 
 
 def one_object_message(path: Path, data: dict, n_lines: int) -> str:

@@ -12,20 +12,14 @@ sits at positions the row has not reached yet, hidden by the causal mask, and is
 
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Collection, Iterator, Literal, Optional
+from typing import Collection, Iterator, Optional
 
 import torch
 
-from lit_lora.cli import check_flag, config_flags
-from lit_lora.devices import default_precision, dtype_from_precision
-from lit_lora.inference import compile_decoding, fuse_for_inference
 from lit_lora.model import LLaMA
-from lit_lora.prompts import PROMPT_STYLES, format_prompt, response_stop_ids
-from lit_lora.quantize import check_quantize
+from lit_lora.prompts import encode_prompt
 from lit_lora.report import format_bytes, peak_memory_bytes
-from lit_lora.tokenizer import Tokenizer, check_utf8
+from lit_lora.tokenizer import Tokenizer
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_prefix: str = "") -> None:
@@ -202,13 +196,14 @@ def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor],
 def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100,
                        temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
                        num_samples: int = 1, seed: Optional[int] = None, show_prompt: bool = False,
-                       stop_ids: Optional[Collection[int]] = None) -> list[str]:
+                       stop_ids: Optional[Collection[int]] = None, style: Optional[str] = None) -> list[str]:
     """What every generate script does with one prompt string: stream `num_samples` continuations to
     stdout (after the prompt itself if `show_prompt`) and report time, tokens/s and peak memory on stderr.
-    Each stops at any of `stop_ids` (None: tokenizer.stop_ids). Returns the generated texts."""
+    Each stops at any of `stop_ids` (None: tokenizer.stop_ids). The prompt is encoded as its prompt `style`
+    writes it (lit_lora/prompts.py's encode_prompt). Returns the generated texts."""
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
     device = model.lm_head.weight.device
-    encoded = tokenizer.encode(prompt, bos=True).to(device)
+    encoded = encode_prompt(tokenizer, prompt, style).to(device)
     max_new_tokens = check_prompt_length(model, len(encoded), max_new_tokens)
     texts = []
     compiled = hasattr(model, "compile_seconds")  # prepared with --compile (lit_lora/inference.py)
@@ -261,116 +256,3 @@ def timing_summary(start: float, token_times: list[float], compile_seconds: floa
         steps = n - 1 - decoding_from
         phases.append(f"then {steps / (token_times[-1] - token_times[decoding_from]):.1f} tokens/s")
     return f"{summary} ({', '.join(phases)})"
-
-
-def interactive_loop(model: LLaMA, tokenizer: Tokenizer, make_prompt: Callable[[str], str], **kwargs) -> None:
-    """A chat-like loop: read an instruction, stream the answer, repeat. An empty line, Ctrl-D or Ctrl-C at the
-    prompt quits. Ctrl-C during an answer stops only that answer; a line that cannot be answered (not UTF-8,
-    longer than the context) gets an error. Either way the loop asks for the next instruction."""
-    while True:
-        try:
-            instruction = input(">> Instruction: ")
-        except UnicodeDecodeError as error:  # a terminal in UTF-8 (strict) mode read bytes that are not UTF-8:
-            instruction = error.object.decode("utf-8", errors="surrogateescape")  # check_utf8 names them below
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if not instruction.strip():
-            return
-        try:
-            check_utf8(instruction, "This line")
-            generate_and_print(model, tokenizer, make_prompt(instruction), **kwargs)
-        except ValueError as error:  # a line that cannot be answered: say why, and read the next one
-            print(f"error: {error}", file=sys.stderr)
-        except KeyboardInterrupt:  # Ctrl-C during an answer
-            print(flush=True)
-            print("Answer stopped (Ctrl-C). Ctrl-C or Ctrl-D at the prompt quits.", file=sys.stderr)
-
-
-@dataclass
-class GenerateArgs:
-    """Options shared by every generate script (each script adds what its method needs).
-
-    Args:
-        checkpoint_dir: Folder with lit_model.pth, model_config.json and the tokenizer (tokenizer.model or tokenizer.json).
-        prompt: The text to continue (base model) or the instruction to answer (finetuned models).
-        max_new_tokens: Generate at most this many tokens (fewer if a stop token, such as EOS, comes first).
-        temperature: 0 is greedy decoding; higher values sample more freely.
-        top_k: Sample only among the k most likely tokens (null: all).
-        top_p: Sample only from the smallest set of tokens whose probability reaches p (1.0: off).
-        num_samples: How many answers to generate.
-        seed: Random seed for sampling; sample i uses seed + i (null: different every run).
-        precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
-        compile: torch.compile the decoding step. Its first step compiles (seconds to minutes, reported apart);
-            worth it only for long answers, and on some machines not at all: see howto/generate.md, "Speed".
-        fused: Decode with q/k/v and gate/up fused and weights transposed (lit_lora/inference.py): the same
-            tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
-        interactive: Read prompts from the terminal in a loop instead of using --prompt.
-        prompt_style: Put the prompt in an instruction format (lit_lora/prompts.py): alpaca, llama3 (Llama 3.x
-            Instruct) or chatml (SmolLM2-Instruct), and stop also at that format's end of answer; null: no format.
-        quantize: Store the Blocks' weights in 4 bits (bnb.nf4, or bnb.nf4-dq: see howto/finetune_qlora.md): about
-            a quarter of the memory of bf16, slower; null: in the precision's dtype. Needs pip install -e '.[quantize]'.
-    """
-
-    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")  # what README's download and convert_hf commands create
-    prompt: str = "Hello, my name is"
-    max_new_tokens: int = 100
-    temperature: float = 0.8
-    top_k: Optional[int] = 200
-    top_p: float = 1.0
-    num_samples: int = 1
-    seed: Optional[int] = 1234
-    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
-    compile: bool = False
-    fused: bool = True
-    interactive: bool = False
-    prompt_style: Optional[str] = None
-    quantize: Optional[str] = None
-
-    def __post_init__(self):
-        """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
-        check_utf8(self.prompt, "--prompt")
-        check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1")
-        check_sampling(self.temperature, self.top_k, self.top_p, flag_prefix="--")
-        check_flag(self, "num_samples", self.num_samples >= 1, "must be at least 1")
-        check_flag(self, "seed", self.seed is None or 0 <= self.seed < 2**63,
-                   "must be from 0 to 2**63 - 1, or null for different answers every run")
-        check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
-                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
-        with config_flags():
-            check_quantize(self.quantize)
-
-
-def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False,
-                           fused: bool = True) -> LLaMA:
-    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `fused`,
-    in the fused, transposed layout of lit_lora/inference.py (the same tokens, faster); with `compile`, its
-    decoding step compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
-    if fused:
-        fuse_for_inference(model)
-    if compile:
-        compile_decoding(model)
-    return model
-
-
-def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", show_prompt: bool = False) -> list[str]:
-    """What every generate script does once its model is built: answer --prompt, or loop with --interactive.
-
-    With --prompt_style each prompt is an instruction (with `input`, the instruction scripts' --input) put in that
-    format, and an answer ends at the format's end of answer too; without, the prompt is continued as it is. An
-    answer always ends at the tokenizer's stop ids."""
-    model = prepare_for_generation(model, args.precision, args.compile, args.fused)
-    tokenizer = Tokenizer(args.checkpoint_dir)
-    stop_ids = tokenizer.stop_ids if args.prompt_style is None else response_stop_ids(tokenizer, args.prompt_style)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, stop_ids=stop_ids)
-
-    def make_prompt(text: str) -> str:
-        return text if args.prompt_style is None else format_prompt(text, input, args.prompt_style)
-
-    if args.interactive:
-        interactive_loop(model, tokenizer, make_prompt, **options)
-        return []
-    return generate_and_print(model, tokenizer, make_prompt(args.prompt), show_prompt=show_prompt, **options)

@@ -48,12 +48,12 @@ def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] =
     `state_dict` (the training loop passes the ones it gathered from all devices)."""
     tensors = lora_state_dict(model) if state_dict is None else state_dict
     save_method_file(path, "lora", {name: t for name, t in tensors.items() if "lora_" in name}, model.lora_config,
-                     model, quantization=getattr(model, "quantization", None))
+                     model, quantization=getattr(model, "quantization", None), prompt=getattr(model, "prompt", None))
 
 
 def read_lora_file(path: Union[str, Path]) -> dict:
     """A LoRA file's dict ({"lora": tensors, "lora_config", "base_config", ...}), every field and tensor checked."""
-    data = read_method_file(path, "lora", LoRAConfig, "a LoRA file", LORA_WRITER, optional=("quantization",))
+    data = read_method_file(path, "lora", LoRAConfig, "a LoRA file", LORA_WRITER, optional=("quantization", "prompt"))
     if data.get("quantization") not in (None, *QUANTIZE_MODES):
         raise ValueError(f"{path}: quantization is {data['quantization']!r}, not one of {', '.join(QUANTIZE_MODES)} "
                          f"or none. Write the file again with {LORA_WRITER}.")
@@ -79,6 +79,7 @@ def load_lora(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     if not hasattr(model, "lora_config"):
         apply_lora(model, **asdict(config))
     model.load_state_dict(data["lora"], strict=False)
+    model.prompt = data.get("prompt")  # the format it was finetuned in (lit_lora/chat.py generates in it)
     return model
 
 
@@ -93,12 +94,12 @@ def save_adapter(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict
         raise ValueError("The model has no adapter to save: call apply_adapter(model) first")
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
     save_method_file(path, "adapter", {name: t for name, t in tensors.items() if is_adapter_parameter(name)},
-                     model.adapter_config, model)
+                     model.adapter_config, model, prompt=getattr(model, "prompt", None))
 
 
 def read_adapter_file(path: Union[str, Path]) -> dict:
     """An adapter file's dict ({"adapter": tensors, "adapter_config", "base_config", ...}), everything checked."""
-    return read_method_file(path, "adapter", AdapterConfig, "an adapter file", ADAPTER_WRITER)
+    return read_method_file(path, "adapter", AdapterConfig, "an adapter file", ADAPTER_WRITER, optional=("prompt",))
 
 
 def load_adapter(model: LLaMA, path: Union[str, Path]) -> LLaMA:
@@ -123,4 +124,5 @@ def load_adapter(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     with torch.no_grad():
         for name, tensor in data["adapter"].items():
             model.get_parameter(name).copy_(tensor)  # into the model's device and dtype
+    model.prompt = data.get("prompt")  # the format it was finetuned in (lit_lora/chat.py generates in it)
     return model

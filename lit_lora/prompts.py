@@ -1,11 +1,27 @@
-"""Prompt styles: how an instruction (and its optional input) becomes the text the model reads.
+"""Prompt styles: how an instruction, or a conversation, becomes the text the model reads.
 
-Training, evaluation and every generate script use `format_prompt`, so a model never sees a prompt at inference
-that it was not trained on: prepare_data/ records the style in prepare_config.json, finetuning evaluates in it,
-and the generate scripts take it as --prompt_style.
+Training, evaluation and every generate script use the functions here, so a model never sees a prompt at inference
+that it was not trained on: prepare_data/ records the style in prepare_config.json, finetuning evaluates in it and
+records it in what it writes (the LoRA file, the adapter file, a full finetune's model_config.json), and the generate
+scripts use the recorded style.
+
+- alpaca: Alpaca-LoRA's template, for any model, base or finetuned: one instruction (with an optional input) and
+  one answer. It is the course's example of a prompt format: read it below.
+- llama3, chatml: the chat formats of Llama 3.x Instruct and SmolLM2-Instruct, written out by hand.
+- chat_template: the checkpoint's own chat template (its Jinja text, `Tokenizer.chat_template`), rendered as
+  transformers' apply_chat_template renders it: any instruct model's format, exactly, with no hand-written copy.
+
+A conversation is a list of messages {"role": "system" | "user" | "assistant", "content": str}, the layout of
+OpenAI's API and of most chat datasets.
 """
 
+import functools
+import hashlib
+import json
+from datetime import datetime
 from typing import Callable, NamedTuple, Optional
+
+import torch
 
 from lit_lora.tokenizer import Tokenizer
 
@@ -23,20 +39,6 @@ PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-# Llama 3 Instruct's chat format: the chat template of Meta-Llama-3-8B-Instruct applied to one user message with
-# add_generation_prompt=True, less the leading <|begin_of_text|> (which `encode(bos=True)` adds). The template
-# trims the message; the assistant's answer ends with <|eot_id|>. The templates of Llama 3.1 and 3.2 Instruct also
-# put a system turn first ("Cutting Knowledge Date: December 2023", and for 3.2 today's date): left out here, so that
-# a prompt, and data prepared with it, does not change with the day.
-LLAMA3_PROMPT = ("<|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
-
-# ChatML as SmolLM2-Instruct's chat template writes one user message with add_generation_prompt=True: with its
-# default system message first, which the template adds to every conversation that has none. The answer ends with
-# <|im_end|>.
-CHATML_PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                 "<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
-
 
 def alpaca_prompt(instruction: str, input: str) -> str:
     if input:
@@ -44,29 +46,39 @@ def alpaca_prompt(instruction: str, input: str) -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def chat_message(instruction: str, input: str) -> str:
-    """The user's message in a chat format, which has no field for an input: the instruction, then a blank line
-    and the input."""
-    return f"{instruction}\n\n{input}" if input else instruction
+# Llama 3 Instruct's chat format: the chat template of Meta-Llama-3-8B-Instruct, less the leading <|begin_of_text|>
+# (which `encode(bos=True)` adds). The template trims each message; a turn ends with <|eot_id|>. The templates of
+# Llama 3.1 and 3.2 Instruct also put a system turn first ("Cutting Knowledge Date: December 2023", and for 3.2
+# today's date): left out here, so that a prompt, and data prepared with it, does not change with the day
+# (--prompt_style chat_template renders a checkpoint's own template, date and all).
+def llama3_chat(messages: list[dict], add_generation_prompt: bool) -> str:
+    turns = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                    for m in messages)
+    return turns + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
 
 
-def llama3_prompt(instruction: str, input: str) -> str:
-    return LLAMA3_PROMPT.format(message=chat_message(instruction, input).strip())
+# ChatML as SmolLM2-Instruct's chat template writes it: with its default system message first, which the template
+# adds to every conversation that has none. A turn ends with <|im_end|>.
+SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-def chatml_prompt(instruction: str, input: str) -> str:
-    return CHATML_PROMPT.format(message=chat_message(instruction, input))
+def chatml_chat(messages: list[dict], add_generation_prompt: bool) -> str:
+    if not messages or messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": SMOLLM2_SYSTEM_PROMPT}, *messages]
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 class PromptStyle(NamedTuple):
-    prompt: Callable[[str, str], str]  # (instruction, input) -> the prompt, after which the response follows
-    response_end: Optional[str]  # the text that ends a response; None: the tokenizer's EOS
+    chat: Optional[Callable[[list[dict], bool], str]]  # (messages, add_generation_prompt) -> text; None: alpaca
+    response_end: Optional[str]  # the text that ends a response; None: the tokenizer's stop tokens (EOS)
 
 
 PROMPT_STYLES = {
-    "alpaca": PromptStyle(alpaca_prompt, response_end=None),  # any model, base or finetuned: the default
-    "llama3": PromptStyle(llama3_prompt, response_end="<|eot_id|>"),  # Llama 3.x Instruct
-    "chatml": PromptStyle(chatml_prompt, response_end="<|im_end|>"),  # SmolLM2-Instruct
+    "alpaca": PromptStyle(None, response_end=None),  # any model, base or finetuned: the default
+    "llama3": PromptStyle(llama3_chat, response_end="<|eot_id|>"),  # Llama 3.x Instruct
+    "chatml": PromptStyle(chatml_chat, response_end="<|im_end|>"),  # SmolLM2-Instruct
+    "chat_template": PromptStyle(None, response_end=None),  # the checkpoint's own (render_chat_template)
 }
 
 
@@ -76,9 +88,53 @@ def prompt_style(name: str) -> PromptStyle:
     return PROMPT_STYLES[name]
 
 
-def format_prompt(instruction: str, input: str = "", style: str = "alpaca") -> str:
-    """The prompt for an instruction and its optional input, in a style of PROMPT_STYLES."""
-    return prompt_style(style).prompt(instruction, input)
+def chat_message(instruction: str, input: str) -> str:
+    """The user's message in a chat format, which has no field for an input: the instruction, then a blank line
+    and the input."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def render_chat(messages: list[dict], style: str, add_generation_prompt: bool,
+                tokenizer: Optional[Tokenizer] = None) -> str:
+    """A conversation as the text of a chat style (not alpaca, which has one instruction and one answer);
+    chat_template needs the tokenizer, whose template it renders."""
+    if style == "chat_template":
+        if tokenizer is None or tokenizer.chat_template is None:
+            where = tokenizer.model_path.parent if tokenizer is not None else "the checkpoint"
+            raise ValueError(f"{where} has no chat template (chat_template.jinja, or chat_template in "
+                             "tokenizer_config.json): choose one of the styles alpaca, llama3, chatml")
+        return render_chat_template(tokenizer.chat_template, messages, add_generation_prompt, tokenizer.special_tokens)
+    chat = prompt_style(style).chat
+    if chat is None:
+        raise ValueError(f"The {style} style is one instruction and one answer, not a conversation of several "
+                         "turns or with a system prompt: use a chat style (chat_template, llama3, chatml)")
+    return chat(messages, add_generation_prompt)
+
+
+def format_prompt(instruction: str, input: str = "", style: str = "alpaca", tokenizer: Optional[Tokenizer] = None,
+                  system_prompt: Optional[str] = None) -> str:
+    """The prompt for one instruction and its optional input, in a style of PROMPT_STYLES (chat styles: a
+    conversation of one user message, after the system prompt if given)."""
+    if prompt_style(style).chat is None and style != "chat_template":
+        if system_prompt:
+            raise ValueError(f"The {style} style has no system turn: leave the system prompt out, or use a chat style")
+        return alpaca_prompt(instruction, input)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return render_chat([*system, {"role": "user", "content": chat_message(instruction, input)}], style, True, tokenizer)
+
+
+def template_writes_bos(style: str) -> bool:
+    """Whether the rendered text itself holds BOS where the model wants it (a checkpoint's own template writes
+    bos_token), so that it is encoded without adding one; the other styles rely on encode(bos=True)."""
+    return style == "chat_template"
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, style: Optional[str] = None) -> torch.Tensor:
+    """The ids of a prompt as training read it: a checkpoint's own chat template writes its special tokens, BOS
+    included, as text (read as those tokens); every other prompt is encoded after BOS where the model wants one."""
+    if style == "chat_template":
+        return torch.tensor(tokenizer.encode_with_offsets(text, bos=False)[0], dtype=torch.long)
+    return tokenizer.encode(text, bos=True)
 
 
 def single_token_id(tokenizer: Tokenizer, text: str) -> Optional[int]:
@@ -94,3 +150,63 @@ def response_stop_ids(tokenizer: Tokenizer, style: str = "alpaca") -> tuple[int,
     end = prompt_style(style).response_end
     end_id = None if end is None else single_token_id(tokenizer, end)
     return tuple(tokenizer.stop_ids) + ((end_id,) if end_id is not None and end_id not in tokenizer.stop_ids else ())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checkpoint's own chat template, rendered as transformers renders it
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
+                         special_tokens: Optional[dict] = None) -> str:
+    """A chat template's text for `messages`, exactly as transformers' apply_chat_template renders it: jinja2's
+    sandbox (a template from the Hub is untrusted code: it cannot reach Python's internals), blocks trimmed as
+    transformers trims them, and the globals templates use (raise_exception, strftime_now, tojson) and the special
+    tokens' text (bos_token, ...). A template that raises (raise_exception: "Conversation roles must alternate",
+    say) or cannot be read is a ValueError with its message."""
+    import jinja2  # here: only this style needs it
+
+    try:
+        return compiled_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  tools=None, documents=None, **(special_tokens or {}))
+    except jinja2.TemplateError as error:
+        raise ValueError(f"the chat template refused the conversation: {error}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_template(template: str):
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """{% generation %}...{% endgeneration %}, which some templates put around the assistant's answer (for
+        transformers' return_assistant_tokens_mask): renders its content unchanged."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # transformers' filter
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[GenerationBlock, loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    try:
+        return environment.from_string(template)
+    except jinja2.TemplateError as error:  # a syntax error in the template
+        raise ValueError(f"the chat template cannot be read as Jinja ({error})") from None
+
+
+def template_sha256(template: Optional[str]) -> Optional[str]:
+    return None if template is None else hashlib.sha256(template.encode("utf-8")).hexdigest()

@@ -140,8 +140,9 @@ def start_or_resume(fabric: Fabric, args, module: nn.Module, optimizer: torch.op
         out_dir.mkdir(parents=True, exist_ok=True)
         lock_out_dir(out_dir)  # before anything in out_dir is touched
         remove_leftovers(out_dir)
+        hyperparameters = {**asdict(args), "prompt": getattr(module, "prompt", None)}  # and the data's format
         atomic_write(out_dir / "hyperparameters.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(asdict(args), indent=2, default=str)))
+                     lambda tmp: Path(tmp).write_text(json.dumps(hyperparameters, indent=2, default=str)))
     return completed
 
 

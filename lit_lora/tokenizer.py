@@ -15,6 +15,7 @@ way the same API: encode, decode, vocab_size, bos_id, eos_id, stop_ids, files, c
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -23,9 +24,12 @@ import torch
 
 from lit_lora.files import atomic_write, read_json
 
-# The files beside tokenizer.json that say which of its tokens are BOS, EOS and the ends of generation. Those a
+# The files beside tokenizer.json that say which of its tokens are BOS, EOS and the ends of generation, and the
+# model's chat template (transformers 5 writes it as chat_template.jinja; 4 inside tokenizer_config.json). Those a
 # folder has are part of the tokenizer: a checkpoint folder carries them, and the checksum covers them.
-TOKENIZER_JSON_COMPANIONS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+TOKENIZER_JSON_COMPANIONS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                             "chat_template.jinja")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def check_utf8(text: str, what: str = "The text") -> None:
@@ -64,6 +68,9 @@ class Tokenizer:
         bos_id, eos_id, pad_id: the ids of BOS, EOS and padding, -1 where the tokenizer has none.
         add_bos: whether the model reads every text after BOS: `encode(text, bos=True)` adds it only then.
         stop_ids: every id that ends generation: EOS, then generation_config.json's other `eos_token_id`s.
+        special_tokens: the text of BOS, EOS, padding and unknown (`bos_token`, ...), as a chat template reads them.
+        chat_template: the model's own chat template (Jinja text), or None: chat_template.jinja beside the tokenizer
+            file, else tokenizer_config.json's `chat_template` (lit_lora/prompts.py renders it).
     """
 
     def __init__(self, path: Union[str, Path]):
@@ -93,12 +100,16 @@ class Tokenizer:
             except Exception as error:  # truncated, damaged, or not a SentencePiece model (sentencepiece's words)
                 raise ValueError(f"{path} cannot be read as a SentencePiece tokenizer.model ({str(error).strip()[:200]}). "
                                  "It may be incomplete or damaged: download or convert it again.") from None
-            self.files = [path]
+            self.files = [path] + [file for file in [path.parent / CHAT_TEMPLATE_FILE] if file.is_file()]
+            self.special_tokens = {name: self.processor.id_to_piece(i) for name, i in (
+                ("bos_token", self.processor.bos_id()), ("eos_token", self.processor.eos_id()),
+                ("unk_token", self.processor.unk_id())) if i >= 0}
             self.bos_id = self.processor.bos_id()
             self.eos_id = self.processor.eos_id()
             self.pad_id = self.processor.pad_id()  # -1 for LLaMA: it has no padding token
             self.add_bos = self.bos_id >= 0  # LLaMA reads every text after <s>
             self.stop_ids = (self.eos_id,) if self.eos_id >= 0 else ()
+        self.chat_template = read_chat_template(path.parent)
 
     def _read_tokenizer_json(self, path: Path) -> None:
         """tokenizer.json, and BOS, EOS, padding and the stop ids from the files beside it."""
@@ -116,6 +127,8 @@ class Tokenizer:
         special_tokens = read_json(folder / "special_tokens_map.json", hint, missing_ok=True)
         generation = read_json(folder / "generation_config.json", hint, missing_ok=True)
 
+        self.special_tokens = {}
+
         def named_token(field: str) -> int:
             """The id of tokenizer_config.json's (else special_tokens_map.json's) `field`, or -1 if neither names one."""
             for file, fields in (("tokenizer_config.json", config), ("special_tokens_map.json", special_tokens)):
@@ -128,6 +141,7 @@ class Tokenizer:
                 if token_id is None:
                     raise ValueError(f"{folder / file}: {field} {token!r} is not a token of {path}: the files come "
                                      "from different tokenizers. Download the model's tokenizer files together.")
+                self.special_tokens[field] = str(token)
                 return token_id
             return -1
 
@@ -148,6 +162,7 @@ class Tokenizer:
         if self.eos_id < 0:
             self.eos_id = (end_ids or [-1])[0]
         self.pad_id = named_token("pad_token")
+        named_token("unk_token")
         self.stop_ids = tuple(dict.fromkeys(i for i in [self.eos_id, *end_ids] if i >= 0))  # unique, EOS first
         # As transformers 5 (which ignores tokenizer_config.json's add_bos_token when there is a tokenizer.json):
         # BOS comes first if tokenizer.json's post-processor puts it there. encode() then adds it itself.
@@ -191,6 +206,31 @@ class Tokenizer:
         if max_length > 0:
             ids = ids[:max_length]
         return torch.tensor(ids, dtype=torch.long)
+
+    def encode_with_offsets(self, text: str, bos: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text`, as a chat template's text is read (transformers' apply_chat_template): the text of a
+        special token (<|eot_id|>, and for SentencePiece <s> and </s>) is that token, and BOS comes first only where
+        the text writes it (or `bos` and add_bos). With each token, the (start, end) of the characters it covers."""
+        ids, offsets = ([self.bos_id], [(0, 0)]) if bos and self.add_bos else ([], [])
+        if self.processor is None:
+            encoding = self.json_tokenizer.encode(text, add_special_tokens=False)
+            return ids + encoding.ids, offsets + [tuple(o) for o in encoding.offsets]
+        specials = {piece: i for i, piece in ((self.bos_id, self.special_tokens.get("bos_token")),
+                                              (self.eos_id, self.special_tokens.get("eos_token"))) if piece}
+        pattern = "(" + "|".join(map(re.escape, specials)) + ")" if specials else None
+        start = 0
+        for part in re.split(pattern, text) if pattern else [text]:
+            if part in specials:
+                ids.append(specials[part])
+                offsets.append((start, start + len(part)))
+            elif part:
+                pieces = self.processor.encode(part, out_type="immutable_proto").pieces
+                # begin/end are byte offsets into the UTF-8 text: turned into character offsets
+                char_at = [i for i, ch in enumerate(part) for _ in ch.encode("utf-8")] + [len(part)]
+                ids += [piece.id for piece in pieces]
+                offsets += [(start + char_at[piece.begin], start + char_at[piece.end]) for piece in pieces]
+            start += len(part)
+        return ids, offsets
 
     def decode(self, ids: Union[torch.Tensor, Iterable[int]]) -> str:
         """The text of `ids`, leaving out special tokens (BOS, EOS, <|eot_id|>), as SentencePiece does."""
@@ -246,3 +286,15 @@ def import_tokenizers(path: Path) -> Any:
         raise ImportError(f"{path} is a Hugging Face tokenizer.json: reading it needs the `tokenizers` library. "
                           'Install it with `pip install -e ".[tokenizers]"`.') from None
     return JSONTokenizer
+
+
+def read_chat_template(folder: Path) -> Optional[str]:
+    """A model folder's chat template: chat_template.jinja (transformers 5), else tokenizer_config.json's
+    `chat_template` (transformers 4: a string, or a list of {name, template} whose "default" is the chat template)."""
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    template = read_json(folder / "tokenizer_config.json", "download the model's tokenizer files again",
+                         missing_ok=True).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None

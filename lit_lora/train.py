@@ -36,7 +36,7 @@ from lit_lora.data import (
     collate,
     global_batch_indices,
     load_prepared,
-    prepared_prompt_style,
+    prepared_prompt,
 )
 from lit_lora.devices import (
     checkpoint_activations,
@@ -45,7 +45,7 @@ from lit_lora.devices import (
     reshard,
 )
 from lit_lora.generation import generate
-from lit_lora.prompts import format_prompt, response_stop_ids
+from lit_lora.prompts import encode_prompt, format_prompt, response_stop_ids
 from lit_lora.quantize import check_quantize
 from lit_lora.report import Progress
 from lit_lora.resume import (
@@ -173,6 +173,7 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
     train_data, test_data, max_seq_length = load_training_data(fabric, args, tokenizer, model.config.block_size)
     max_steps, warmup_steps = plan_steps(fabric, args, len(train_data))
     model = model.to(dtype_from_precision(args.precision))  # fp32 master weights unless *-true (module docstring)
+    model.prompt = prepared_prompt(args.data_dir)  # the format it learns: evaluated in, and recorded with the weights
     if args.activation_checkpointing:
         checkpoint_activations(model)
     run = run_identity(args, model)  # what a resumed run must share with the saved one
@@ -281,8 +282,9 @@ def evaluate(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, test_data: 
         val_loss = float(fabric.all_reduce(total, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum"))
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
         fabric.print(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
-    style = prepared_prompt_style(args.data_dir)  # the prompt format the model learns: the prepared data's
-    prompt = tokenizer.encode(format_prompt(args.eval_instruction, args.eval_input, style), bos=True).to(fabric.device)
+    style, system_prompt = model.module.prompt["style"], model.module.prompt["system_prompt"]  # what it learns
+    prompt = encode_prompt(tokenizer, format_prompt(args.eval_instruction, args.eval_input, style, tokenizer,
+                                                    system_prompt), style).to(fabric.device)
     new_tokens = min(args.eval_max_new_tokens, model.config.block_size - len(prompt))
     if new_tokens > 0:
         (answer,) = generate(model, [prompt], max_new_tokens=new_tokens, temperature=0.0,

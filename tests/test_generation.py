@@ -130,7 +130,7 @@ def test_generation_stops_at_every_stop_id_of_a_tokenizer_json(llama3_tokenizer_
 
 def test_prompt_style_formats_the_prompt_and_stops_at_its_end_of_answer(tmp_path, monkeypatch, capsys):
     from lit_lora import generation
-    from lit_lora.generation import GenerateArgs, run_generation
+    from lit_lora.chat import GenerateArgs, run_generation
     from lit_lora.prompts import format_prompt
     from lit_lora.tokenizer import Tokenizer
     from tests.conftest import make_tokenizer_json_dir
@@ -186,7 +186,7 @@ def test_prompt_longer_than_the_context(model, capsys):
 
 def test_generate_base_script(checkpoint_dir, capsys):
     from generate.base import main
-    from lit_lora.generation import GenerateArgs
+    from lit_lora.chat import GenerateArgs
 
     main(GenerateArgs(prompt="The model", checkpoint_dir=checkpoint_dir, max_new_tokens=8, num_samples=2, seed=1))
     out, err = capsys.readouterr()
@@ -254,7 +254,7 @@ def model_preferring_ids_past(vocab_size: int, extra: int = 40) -> LLaMA:
 
 
 def test_never_samples_an_id_the_tokenizer_does_not_have(tokenizer, tokenizer_path, capsys):
-    from lit_lora.generation import GenerateArgs, run_generation
+    from lit_lora.chat import GenerateArgs, run_generation
 
     model = model_preferring_ids_past(tokenizer.vocab_size)
     prompt = tokenizer.encode("The model", bos=True)
@@ -305,7 +305,7 @@ def test_generate_flags_are_checked_while_parsing(flag, value, words):
     from generate.adapter import AdapterGenerateArgs
     from generate.full import FullGenerateArgs
     from generate.lora import LoRAGenerateArgs
-    from lit_lora.generation import GenerateArgs
+    from lit_lora.chat import GenerateArgs
 
     for flags in (GenerateArgs, LoRAGenerateArgs, AdapterGenerateArgs, FullGenerateArgs):
         with pytest.raises(ValueError) as error:
@@ -327,7 +327,7 @@ def test_a_bad_flag_stops_the_script_with_one_line_and_exit_code_2(tmp_path):
 
 def test_a_prompt_that_is_not_utf8_is_refused_while_parsing(tmp_path):
     from generate.lora import LoRAGenerateArgs
-    from lit_lora.generation import GenerateArgs
+    from lit_lora.chat import GenerateArgs
 
     with pytest.raises(ValueError, match=re.escape("--prompt is not valid UTF-8: character 4 (after 'Caf') is the byte 0xE9")):
         GenerateArgs(prompt="Caf\udce9")

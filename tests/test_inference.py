@@ -78,8 +78,8 @@ def test_what_is_not_model_py_s_own_is_left_unfused_and_still_decodes_the_same()
 
 
 def test_generate_scripts_decode_the_same_text_fused_compiled_or_not(checkpoint_dir, capsys):
+    from lit_lora.chat import GenerateArgs, run_generation
     from lit_lora.checkpoint import load_model
-    from lit_lora.generation import GenerateArgs, run_generation
 
     texts = {(fused, compile): run_generation(load_model(checkpoint_dir), GenerateArgs(
         checkpoint_dir=checkpoint_dir, prompt="The model", max_new_tokens=20, temperature=0.0, precision="32-true",

@@ -318,13 +318,13 @@ def test_interrupt_and_resume_of_a_qlora_run_equal_an_uninterrupted_one(setup, m
 
 @needs_bitsandbytes
 def test_generation_on_a_4bit_base_keeps_the_weights_4bit_in_any_precision(checkpoint_dir, monkeypatch):
-    import lit_lora.generation as generation
+    import lit_lora.chat as chat
     from generate.base import main
-    from lit_lora.generation import GenerateArgs
+    from lit_lora.chat import GenerateArgs
 
     prepared = []
-    real = generation.prepare_for_generation
-    monkeypatch.setattr(generation, "prepare_for_generation", lambda *a, **k: prepared.append(real(*a, **k)) or prepared[-1])
+    real = chat.prepare_for_generation
+    monkeypatch.setattr(chat, "prepare_for_generation", lambda *a, **k: prepared.append(real(*a, **k)) or prepared[-1])
     texts = main(GenerateArgs(checkpoint_dir=checkpoint_dir, prompt="The model", max_new_tokens=4, temperature=0.0,
                               precision="bf16-true", quantize="bnb.nf4"))
     (model,) = prepared
@@ -339,7 +339,7 @@ def test_generation_on_a_4bit_base_keeps_the_weights_4bit_in_any_precision(check
 
 def test_without_bitsandbytes_quantize_says_which_extra_to_install(monkeypatch, tmp_path):
     from finetune.lora import LoRAArgs
-    from lit_lora.generation import GenerateArgs
+    from lit_lora.chat import GenerateArgs
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     for make in (lambda: LoRAArgs(quantize="bnb.nf4", out_dir=tmp_path / "out"),

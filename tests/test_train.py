@@ -213,8 +213,8 @@ def test_full_finetuning_from_scratch_writes_a_checkpoint_folder(setup, tokenize
     from generate.base import main as generate_base
     from generate.full import FullGenerateArgs
     from generate.full import main as generate_full
+    from lit_lora.chat import GenerateArgs
     from lit_lora.checkpoint import load_model
-    from lit_lora.generation import GenerateArgs
     from lit_lora.tokenizer import Tokenizer
 
     checkpoint_dir, data_dir, tmp_path = setup

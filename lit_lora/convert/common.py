@@ -144,13 +144,13 @@ def check_converted_tensors(state_dict: dict[str, torch.Tensor], config: Config,
 
 
 def write_checkpoint(output_dir: Path, state_dict: dict, config: Config, tokenizer_files: list[Path],
-                     source: Union[str, Path]) -> Path:
+                     source: Union[str, Path], texts: Optional[dict[str, str]] = None) -> Path:
     """The folder that `lit_lora.checkpoint.load_model` reads (lit_model.pth, model_config.json and the tokenizer's
     files, `Tokenizer.files`), written whole, with what it took; refused if a weight of `source` is not finite."""
     start = time.perf_counter()
     check_finite(state_dict, source, "the checkpoint is damaged: download it again")
     print(f"Checked {len(state_dict)} tensors for NaN and infinite values in {time.perf_counter() - start:.1f} s")
-    save_checkpoint_dir(output_dir, state_dict, config, tokenizer_files)
+    save_checkpoint_dir(output_dir, state_dict, config, tokenizer_files, texts)
     size = (output_dir / "lit_model.pth").stat().st_size
     print(f"Wrote {output_dir} (lit_model.pth {format_bytes(size)}); peak memory {format_bytes(peak_memory_bytes())}")
     return output_dir

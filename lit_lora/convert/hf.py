@@ -40,7 +40,7 @@ from lit_lora.lora import merge_lora
 from lit_lora.method_files import load_lora
 from lit_lora.model import Config, ConfigError
 from lit_lora.report import format_bytes, peak_memory_bytes
-from lit_lora.tokenizer import TOKENIZER_JSON_COMPANIONS, Tokenizer
+from lit_lora.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_JSON_COMPANIONS, Tokenizer
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names
@@ -215,7 +215,9 @@ def hf_files_to_download(repo_files: list[str]) -> list[str]:
     if "config.json" not in repo_files:
         raise ValueError("The repo has no config.json, which convert_hf.py needs")
     if "tokenizer.model" in repo_files:
-        tokenizer_files = ["tokenizer.model"]
+        # SentencePiece: with the chat template, in chat_template.jinja or inside tokenizer_config.json (Llama 2 chat)
+        tokenizer_files = [file for file in ("tokenizer.model", "tokenizer_config.json", CHAT_TEMPLATE_FILE)
+                           if file in repo_files]
     elif "tokenizer.json" in repo_files:
         tokenizer_files = [file for file in TOKENIZER_JSON_FILES if file in repo_files]
     else:
@@ -299,7 +301,9 @@ def convert_hf_checkpoint(hf_dir: Union[str, Path], output_dir: Union[str, Path,
     if config.tie_embeddings:  # one matrix for embed and lm_head: Hugging Face saves it once, as the embedding
         state_dict["lm_head.weight"] = state_dict["embed.weight"]
     check_converted_tensors(state_dict, config, str(hf_dir))
-    return write_checkpoint(output_dir, state_dict, config, tokenizer.files, hf_dir)
+    # The chat template travels as chat_template.jinja; a SentencePiece repo may keep it in tokenizer_config.json only
+    written = {CHAT_TEMPLATE_FILE: tokenizer.chat_template} if tokenizer.chat_template is not None else {}
+    return write_checkpoint(output_dir, state_dict, config, tokenizer.files, hf_dir, written)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,6 +342,12 @@ def export_hf_checkpoint(checkpoint_dir: Union[str, Path], output_dir: Union[str
             shutil.copyfile(path, tmp_dir / path.name)
         for file_name, content in made.items():
             (tmp_dir / file_name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+        if tokenizer.chat_template is not None:  # where transformers 5 reads it, and 4 (tokenizer_config.json)
+            (tmp_dir / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
+            config_file = tmp_dir / "tokenizer_config.json"
+            tokenizer_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+            config_file.write_text(json.dumps({**tokenizer_config, "chat_template": tokenizer.chat_template}, indent=2,
+                                              ensure_ascii=False), encoding="utf-8")
     written = ["config.json", "model.safetensors", *sorted({path.name for path in tokenizer.files} | set(made))]
     print(f"Wrote {output_dir} ({', '.join(written)}); peak memory {format_bytes(peak_memory_bytes())}")
     return output_dir

@@ -1,0 +1,209 @@
+"""What the generate scripts share: their flags, the prompt format a model was finetuned in, answering one prompt,
+and the interactive chat that keeps a conversation.
+
+The format is the one the model learned: a LoRA file, an adapter file and a full finetune's model_config.json record
+the style of the data they were trained on (its system prompt, and for a checkpoint's own chat template, that
+template's sha256), and the scripts use it unless --prompt_style says otherwise, with a warning naming both.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from lit_lora.cli import check_flag, config_flags
+from lit_lora.devices import default_precision, dtype_from_precision
+from lit_lora.generation import check_sampling, generate_and_print
+from lit_lora.inference import compile_decoding, fuse_for_inference
+from lit_lora.model import LLaMA
+from lit_lora.prompts import (
+    PROMPT_STYLES,
+    encode_prompt,
+    format_prompt,
+    render_chat,
+    response_stop_ids,
+    template_sha256,
+)
+from lit_lora.quantize import check_quantize
+from lit_lora.tokenizer import Tokenizer, check_utf8
+
+
+@dataclass
+class GenerateArgs:
+    """Options shared by every generate script (each script adds what its method needs).
+
+    Args:
+        checkpoint_dir: Folder with lit_model.pth, model_config.json and the tokenizer (tokenizer.model or tokenizer.json).
+        prompt: The text to continue (base model) or the instruction to answer (finetuned models).
+        max_new_tokens: Generate at most this many tokens (fewer if a stop token, such as EOS, comes first).
+        temperature: 0 is greedy decoding; higher values sample more freely.
+        top_k: Sample only among the k most likely tokens (null: all).
+        top_p: Sample only from the smallest set of tokens whose probability reaches p (1.0: off).
+        num_samples: How many answers to generate.
+        seed: Random seed for sampling; sample i uses seed + i (null: different every run).
+        precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
+        compile: torch.compile the decoding step. Its first step compiles (seconds to minutes, reported apart);
+            worth it only for long answers, and on some machines not at all: see howto/generate.md, "Speed".
+        fused: Decode with q/k/v and gate/up fused and weights transposed (lit_lora/inference.py): the same
+            tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
+        interactive: Read prompts from the terminal in a loop instead of using --prompt; in a chat style the
+            conversation is kept (/reset starts a new one).
+        prompt_style: Put the prompt in a format (lit_lora/prompts.py): alpaca, chat_template (the checkpoint's own
+            chat template), llama3 (Llama 3.x Instruct) or chatml (SmolLM2-Instruct), and stop also at that format's
+            end of answer; null: the format the model was finetuned in, where it was recorded, else none.
+        system_prompt: A system turn before the conversation (chat styles); null: the one the model was finetuned
+            with, if any.
+        quantize: Store the Blocks' weights in 4 bits (bnb.nf4, or bnb.nf4-dq: see howto/finetune_qlora.md): about
+            a quarter of the memory of bf16, slower; null: in the precision's dtype. Needs pip install -e '.[quantize]'.
+    """
+
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")  # what README's download and convert_hf commands create
+    prompt: str = "Hello, my name is"
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: Optional[int] = 200
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: Optional[int] = 1234
+    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
+    compile: bool = False
+    fused: bool = True
+    interactive: bool = False
+    prompt_style: Optional[str] = None
+    system_prompt: Optional[str] = None
+    quantize: Optional[str] = None
+
+    def __post_init__(self):
+        """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
+        check_utf8(self.prompt, "--prompt")
+        check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1")
+        check_sampling(self.temperature, self.top_k, self.top_p, flag_prefix="--")
+        check_flag(self, "num_samples", self.num_samples >= 1, "must be at least 1")
+        check_flag(self, "seed", self.seed is None or 0 <= self.seed < 2**63,
+                   "must be from 0 to 2**63 - 1, or null for different answers every run")
+        check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
+                   f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
+        with config_flags():
+            check_quantize(self.quantize)
+
+
+def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False,
+                           fused: bool = True) -> LLaMA:
+    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `fused`,
+    in the fused, transposed layout of lit_lora/inference.py (the same tokens, faster); with `compile`, its
+    decoding step compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
+    if fused:
+        fuse_for_inference(model)
+    if compile:
+        compile_decoding(model)
+    return model
+
+
+def prompt_format(model: LLaMA, tokenizer: Tokenizer, args: GenerateArgs,
+                  default: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
+    """(style, system prompt) to generate in: --prompt_style and --system_prompt where given, else what the model
+    was finetuned in (`model.prompt`, which loading a method file or a finetuned checkpoint sets), else `default`.
+    A flag that differs from the recorded format, or a chat template that is not the one trained with, is warned
+    about: the model answers best in the format it learned."""
+    recorded = getattr(model, "prompt", None) or {}
+    style = args.prompt_style or recorded.get("style") or default
+    if args.prompt_style and recorded.get("style") and args.prompt_style != recorded["style"]:
+        print(f"Warning: --prompt_style {args.prompt_style}, but the model was finetuned in the "
+              f"{recorded['style']} style: it answers best in that one (leave --prompt_style out to use it).",
+              file=sys.stderr)
+    if style == "chat_template" and recorded.get("chat_template_sha256") not in (None, template_sha256(
+            tokenizer.chat_template)):
+        print(f"Warning: {tokenizer.model_path.parent}'s chat template is not the one the model was finetuned with: "
+              "its prompts may differ from what it learned.", file=sys.stderr)
+    system_prompt = args.system_prompt if args.system_prompt is not None else (
+        recorded.get("system_prompt") if style == recorded.get("style") else None)  # the recorded one, with its style
+    return style, system_prompt
+
+
+def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", default_style: Optional[str] = None) -> list[str]:
+    """What every generate script does once its model is built: answer --prompt, or chat with --interactive.
+
+    In a prompt style (prompt_format) each prompt is an instruction (with `input`, the instruction scripts' --input)
+    put in that format, and an answer ends at the format's end of answer too; without one, the prompt is continued
+    as it is, and shown before its continuation. An answer always ends at the tokenizer's stop ids."""
+    model = prepare_for_generation(model, args.precision, args.compile, args.fused)
+    tokenizer = Tokenizer(args.checkpoint_dir)
+    style, system_prompt = prompt_format(model, tokenizer, args, default_style)
+    stop_ids = tokenizer.stop_ids if style is None else response_stop_ids(tokenizer, style)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, stop_ids=stop_ids, style=style)
+    if args.interactive:
+        interactive_chat(model, tokenizer, style, system_prompt, input, options)
+        return []
+    prompt = args.prompt if style is None else format_prompt(args.prompt, input, style, tokenizer, system_prompt)
+    return generate_and_print(model, tokenizer, prompt, show_prompt=style is None, **options)
+
+
+def interactive_chat(model: LLaMA, tokenizer: Tokenizer, style: Optional[str], system_prompt: Optional[str],
+                     input: str, options: dict) -> None:
+    """Read a line, stream the answer, repeat. In a chat style the conversation is kept: each answer sees the
+    earlier turns, the oldest exchanges are left out when the context is full, and /reset starts over. Otherwise
+    each line is a prompt of its own. An empty line, Ctrl-D or Ctrl-C at the prompt quits; Ctrl-C during an answer
+    stops only that answer; a line that cannot be answered (not UTF-8, too long) gets an error. Either way the loop
+    asks for the next line."""
+    chat = style not in (None, "alpaca")
+    system = [{"role": "system", "content": system_prompt}] if chat and system_prompt else []
+    history: list[dict] = []
+    if chat:
+        print("A conversation in the model's chat format: /reset starts a new one; an empty line quits.",
+              file=sys.stderr)
+    while True:
+        try:
+            line = input_line(">> You: " if chat else ">> Instruction: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line.strip():
+            return
+        if chat and line.strip() == "/reset":
+            history = []
+            print("(A new conversation.)", file=sys.stderr)
+            continue
+        turn = [{"role": "user", "content": line}]
+        try:
+            check_utf8(line, "This line")
+            if not chat:
+                prompt = line if style is None else format_prompt(line, input, style, tokenizer)
+                generate_and_print(model, tokenizer, prompt, **options)
+                continue
+            history = fitting_history(model, tokenizer, style, system, history, turn, options["max_new_tokens"])
+            prompt = render_chat(system + history + turn, style, add_generation_prompt=True, tokenizer=tokenizer)
+            answer = generate_and_print(model, tokenizer, prompt, **{**options, "num_samples": 1})[0]
+            history += turn + [{"role": "assistant", "content": answer}]
+        except ValueError as error:  # a line that cannot be answered: say why, and read the next one
+            print(f"error: {error}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C during an answer: the turn is left out of the conversation
+            print(flush=True)
+            print("Answer stopped (Ctrl-C). Ctrl-C or Ctrl-D at the prompt quits.", file=sys.stderr)
+
+
+def fitting_history(model: LLaMA, tokenizer: Tokenizer, style: str, system: list[dict], history: list[dict],
+                    turn: list[dict], max_new_tokens: int) -> list[dict]:
+    """`history` less its oldest exchanges, as many as must go for the conversation and an answer of
+    max_new_tokens to fit in the context (said when it happens)."""
+    dropped = 0
+    while history:
+        text = render_chat(system + history + turn, style, add_generation_prompt=True, tokenizer=tokenizer)
+        if len(encode_prompt(tokenizer, text, style)) + max_new_tokens <= model.config.block_size:
+            break
+        history, dropped = history[2:], dropped + 1  # a user turn and its answer
+    if dropped:
+        print(f"(The oldest {dropped} exchange(s) no longer fit in the context: left out.)", file=sys.stderr)
+    return history
+
+
+def input_line(prompt: str) -> str:
+    """A line from the terminal; bytes that are not UTF-8 are kept as Python keeps them, for check_utf8 to name."""
+    try:
+        return input(prompt)
+    except UnicodeDecodeError as error:  # a terminal in UTF-8 (strict) mode read bytes that are not UTF-8
+        return error.object.decode("utf-8", errors="surrogateescape")
