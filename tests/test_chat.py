@@ -250,3 +250,27 @@ def test_interactive_chat_keeps_the_conversation_resets_and_trims_it(tmp_path, m
     assert texts[2].count("<|im_start|>user") == 1 and "Again." in texts[2]  # /reset started over
     assert "B B" in texts[4] and "Again." not in texts[4]  # the oldest exchanges no longer fit: left out
     assert "no longer fit in the context: left out" in capsys.readouterr().err
+
+
+def test_adapter_and_full_finetunes_record_the_format_too(tmp_path):
+    from finetune.adapter import AdapterArgs
+    from finetune.adapter import main as adapter
+    from finetune.full import FullArgs
+    from finetune.full import main as full
+    from lit_lora.checkpoint import load_model, read_config
+    from lit_lora.method_files import load_adapter, read_adapter_file
+
+    folder = chat_folder(tmp_path / "tok", "smollm2")
+    checkpoint = make_checkpoint(tmp_path / "base", folder, block_size=256)
+    run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", SHAREGPT),
+                "--checkpoint_dir", checkpoint, "--destination_path", tmp_path / "data", "--test_split_size", "0",
+                "--system_prompt", "Be exact.")
+    common = dict(checkpoint_dir=checkpoint, data_dir=tmp_path / "data", precision="32-true", global_batch_size=4,
+                  micro_batch_size=4, max_steps=1, eval_interval=0, eval_max_new_tokens=0)
+    adapter(AdapterArgs(out_dir=tmp_path / "adapter", adapter_start_layer=1, **common))
+    full(FullArgs(out_dir=tmp_path / "full", **common))
+    recorded = read_adapter_file(tmp_path / "adapter" / "lit_adapter_finetuned.pth")["prompt"]
+    assert recorded["style"] == "chat_template" and recorded["system_prompt"] == "Be exact."
+    assert read_config(tmp_path / "full" / "model_config.json").extra["prompt"] == recorded
+    assert load_model(tmp_path / "full").prompt == recorded  # what generate/full.py generates in
+    assert load_adapter(load_model(checkpoint), tmp_path / "adapter" / "lit_adapter_finetuned.pth").prompt == recorded
