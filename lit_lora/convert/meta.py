@@ -22,16 +22,8 @@ from typing import Iterator, Optional, Union
 import torch
 
 from lit_lora.checkpoint import check_vocabulary
-from lit_lora.convert.common import (
-    NameTable,
-    apply_preset,
-    check_converted_tensors,
-    dtype_from_name,
-    int_if_whole,
-    read_tensors,
-    to_dtype,
-    write_checkpoint,
-)
+from lit_lora.convert.common import NameTable, apply_preset, check_converted_tensors, dtype_from_name, int_if_whole
+from lit_lora.convert.common import read_tensors, to_dtype, write_checkpoint
 from lit_lora.files import read_json
 from lit_lora.model import Config
 from lit_lora.tokenizer import Tokenizer
