@@ -89,8 +89,8 @@ TYPE_WORDS = {"<class 'int'>": "a whole number", "<class 'float'>": "a number", 
 def parse_error_line(message: str) -> str:
     """jsonargparse's error about a flag's value (several lines: the key, the types it tried, the value) as one
     line: `--max_seq_length abc: expected a whole number or null`. Other errors: their lines joined."""
-    key, value = re.search(r'Parser key "([\w.]+)"', message), re.search(r"Given value: (.*)", message)
-    expected = re.findall(r"Expected an? (.*)", message)
+    key, value = re.search(r'Parser key "([\w.]+)"', message), re.search(r"(?:Given|Got) value: (.*)", message)
+    expected = re.findall(r"Expected an? (.*?)(?:\. Got value: .*)?$", message, flags=re.MULTILINE)
     if not (key and value and expected):
         return " ".join(line.strip() for line in message.splitlines() if line.strip())
     words = [TYPE_WORDS.get(kind.strip(), kind.strip()) for kind in expected]
