@@ -1,10 +1,15 @@
 """What the benchmark scripts share: their fixed CPU model, LLaMA's shape at 8 layers of width 512 (8 heads, the
 32,000-token vocabulary), 60M parameters (not a published model, so not among lit_lora/model.py's presets); and
-what tells a figure measured on a busy machine from one measured on a quiet one."""
+what tells a figure measured on a busy machine from one measured on a quiet one; and the measurements the decoding
+benchmarks share (the bandwidth, the best of repeats, Hugging Face's generate on the same weights)."""
 
 import os
+import time
 
-from lit_lora.model import Config
+import torch
+
+from lit_lora.generation import generate_stream, time_tokens
+from lit_lora.model import Config, LLaMA
 
 
 def bench_config() -> Config:
@@ -30,3 +35,95 @@ def spread_warning(name: str, times: list[float], limit: float = 0.2) -> str:
     if spread <= limit:
         return ""
     return f"WARNING: the repeats of {name} disagree by {100 * spread:.0f}% (more than {100 * limit:.0f}%): busy machine?"
+
+
+def sum_bandwidth(tensors: list[torch.Tensor], repeats: int = 10) -> float:
+    """Bytes per second of reading `tensors` one after another (a sum over each; best of `repeats`)."""
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for tensor in tensors:
+                tensor.sum()
+            best = min(best, time.perf_counter() - start)
+    return total / best
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
+    """Bytes per second that a matrix-vector product streams from memory (best of `repeats`)."""
+    rows = megabytes * 2**20 // 4 // 4096
+    matrix, vector = torch.randn(rows, 4096), torch.randn(4096)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mv(matrix, vector)
+        best = min(best, time.perf_counter() - start)
+    return matrix.numel() * 4 / best
+
+
+WARNINGS: list[str] = []  # repeats that disagreed, said again at the end
+
+
+def best_time(fn, repeats: int, name: str = "a measurement") -> tuple[float, object]:
+    """The shortest of `repeats` runs of fn (after one run to warm up), and fn's result. Under inference_mode, as
+    the generate scripts decode (and as HF's generate does). Repeats that disagree are noted in WARNINGS."""
+    with torch.inference_mode():
+        result = fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - start)
+    warning = spread_warning(name, times)
+    if warning:
+        print(f"  {warning}")
+        WARNINGS.append(warning)
+    return min(times), result
+
+
+def decode_rate(model: LLaMA, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Tokens/s of the decoding steps alone (after the first token, which waits for the prefill), as the generate
+    scripts report them: the figure to hold against the bound, which is the cost of one decoding step."""
+    best = 0.0
+    for _ in range(repeats + 1):
+        model.set_kv_cache(batch_size=1, max_seq_length=len(prompt) + new_tokens)
+        times = []  # when each token was ready, as the generate scripts note them
+        with torch.inference_mode():
+            list(time_tokens(generate_stream(model, [prompt], new_tokens), times))
+        model.clear_kv_cache()
+        best = max(best, (len(times) - 1) / (times[-1] - times[0]))
+    return best
+
+
+def hugging_face_model(model: LLaMA):
+    """The same weights in transformers' LlamaForCausalLM (SDPA attention), or None without transformers."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from lit_lora.convert.hf import config_to_hf, lit_to_hf_name
+    except ImportError:
+        print("  (transformers is not installed: pip install -e '.[test]' to compare with Hugging Face)")
+        return None
+    hf_config = LlamaConfig(**{k: v for k, v in config_to_hf(model.config).items() if k != "architectures"})
+    hf_config._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict({lit_to_hf_name(k): v for k, v in model.state_dict().items()})
+    return hf
+
+
+def hf_generate(hf, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
+    """HF `generate`, greedy, exactly `new_tokens` tokens per prompt; a batch is padded on the left with a mask."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):], mask[row, length - len(prompt):] = prompt, 1
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    return list(out[:, length:])
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))

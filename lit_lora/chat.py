@@ -92,12 +92,12 @@ class GenerateArgs:
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False,
                            fused: bool = True) -> LLaMA:
     """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `fused`,
-    in the fused, transposed layout of lit_lora/inference.py (the same tokens, faster); with `compile`, its
-    decoding step compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
+    in the fused layout of lit_lora/inference.py (the same tokens, faster); with `compile`, its decoding step
+    compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
     if fused:
-        fuse_for_inference(model)
+        fuse_for_inference(model, for_compile=compile)
     if compile:
         compile_decoding(model)
     return model

@@ -263,6 +263,24 @@ def test_the_real_model_answers_in_its_chat_template(smollm2):
     assert "Paris" in tokenizer.decode(answer)
 
 
+def test_the_real_model_decodes_model_py_s_tokens_in_every_fast_path(smollm2):
+    """The generate scripts' fast paths (lit_lora/inference.py: fused and transposed for eager decoding; fused for
+    compiling, with the compiled step's one-row products as loops over the weights) give model.py's greedy tokens
+    on a real model, past the end of the answer (no stop token)."""
+    from lit_lora.inference import compile_decoding, fuse_for_inference
+
+    tokenizer = Tokenizer(smollm2)
+    prompt = encode_prompt(tokenizer, format_prompt("Name three colours.", style="chat_template",
+                                                    tokenizer=tokenizer), "chat_template")
+    with torch.inference_mode():
+        expected = generate(load_model(smollm2).eval(), [prompt], max_new_tokens=24)[0].tolist()
+        for decoder in (fuse_for_inference(load_model(smollm2).eval()),
+                        fuse_for_inference(load_model(smollm2).eval(), for_compile=True),
+                        compile_decoding(fuse_for_inference(load_model(smollm2).eval(), for_compile=True))):
+            assert generate(decoder, [prompt], max_new_tokens=24)[0].tolist() == expected
+    assert decoder.compile_seconds > 0  # the last one compiled its step
+
+
 def held_out_loss(model, data_dir: Path) -> float:
     """The mean loss per answer token on test.pt, as finetuning's evaluation computes it."""
     from lit_lora.data import collate, load_prepared

@@ -11,9 +11,10 @@ from lit_lora.inference import (
     FusedAttention,
     FusedMLP,
     FusedRMSNorm,
-    TransposedLinear,
+    Projection,
     compile_decoding,
     fuse_for_inference,
+    matvec,
     rope_rolled,
 )
 from lit_lora.lora import LoRALinear, apply_lora, merge_lora
@@ -38,12 +39,18 @@ def random_model(config: Config, seed: int = 0) -> LLaMA:
     return model
 
 
+@pytest.mark.parametrize("for_compile", [False, True], ids=["transposed", "for compile"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_fused_model_decodes_the_same_tokens(name):
+def test_fused_model_decodes_the_same_tokens(name, for_compile):
     plain = random_model(CONFIGS[name])
-    fused = fuse_for_inference(copy.deepcopy(plain))
+    fused = fuse_for_inference(copy.deepcopy(plain), for_compile)
     assert all(isinstance(block.attn, FusedAttention) and isinstance(block.mlp, FusedMLP) for block in fused.blocks)
-    assert isinstance(fused.lm_head, TransposedLinear) != plain.config.tie_embeddings  # tied: left shared
+    assert isinstance(fused.lm_head, Projection)
+    # tied: shared with the embedding, never copied; for compile: every weight as model.py stores it
+    assert fused.lm_head.transposed == (not plain.config.tie_embeddings and not for_compile)
+    assert fused.blocks[0].attn.qkv.transposed == fused.blocks[0].mlp.down.transposed == (not for_compile)
+    if plain.config.tie_embeddings:
+        assert fused.lm_head.stored.data_ptr() == fused.embed.weight.data_ptr()
     assert all(isinstance(norm, FusedRMSNorm) for norm in (fused.norm, fused.blocks[0].attn_norm, fused.blocks[-1].mlp_norm))
     idx = torch.randint(0, plain.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -141,11 +148,13 @@ def test_the_cache_writes_each_row_at_its_positions_in_either_form_of_input_pos(
         assert torch.equal(shared_k[:, :, positions], k.to(dtype)) and shared.k.abs().sum() > 0
 
 
-def test_a_compiled_decoding_step_decodes_the_same_tokens_and_reports_its_compilation():
-    """--compile: torch.compile of the one-token step only (the prefill stays eager); the same greedy tokens, for
-    two prompt lengths with one KV cache length (one compilation), and the time it took is counted apart."""
-    plain = random_model(CONFIGS["grouped-query (micro)"])
-    compiled = compile_decoding(fuse_for_inference(copy.deepcopy(plain)))
+@pytest.mark.parametrize("name", ["grouped-query (micro)", "tied, Llama 3 RoPE"])
+def test_a_compiled_decoding_step_decodes_the_same_tokens_and_reports_its_compilation(name):
+    """--compile: torch.compile of the one-token step only (the prefill stays eager), its one-row products as loops
+    over the weights (matvec); the same greedy tokens as model.py, for two prompt lengths with one KV cache length
+    (one compilation), and the time it took is counted apart."""
+    plain = random_model(CONFIGS[name])
+    compiled = compile_decoding(fuse_for_inference(copy.deepcopy(plain), for_compile=True))
     for prompt in (torch.tensor([1, 5, 9, 13]), torch.tensor([2, 4, 6, 8, 10, 12])):
         expected = generate(plain, [prompt], max_new_tokens=20)[0].tolist()
         compiled.set_kv_cache(batch_size=1, max_seq_length=32)
@@ -156,3 +165,17 @@ def test_a_compiled_decoding_step_decodes_the_same_tokens_and_reports_its_compil
             first_compilation = compiled.compile_seconds
             assert first_compilation > 0
     assert compiled.compile_seconds == first_compilation  # same shapes: compiled once
+
+
+@pytest.mark.parametrize("d_in", [64, 40])  # 16 lanes; 40 is not a multiple of 16: one running sum per row
+def test_matvec_compiled_is_x_w_transposed(d_in):
+    """matvec, as torch.compile runs it, is the product F.linear computes (to fp32 rounding: it adds in another
+    order), for one row in any of the shapes a decoding step has."""
+    torch.manual_seed(0)
+    weight = torch.randn(48, d_in)
+    compiled = torch.compile(matvec, dynamic=False, fullgraph=True)
+    for shape in ((d_in,), (1, d_in), (1, 1, d_in)):
+        x = torch.randn(shape)
+        expected = torch.nn.functional.linear(x, weight)
+        actual = compiled(x, weight)
+        assert actual.shape == expected.shape and torch.allclose(actual, expected, atol=1e-5, rtol=1e-5)
