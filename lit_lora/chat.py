@@ -44,8 +44,9 @@ class GenerateArgs:
         num_samples: How many answers to generate.
         seed: Random seed for sampling; sample i uses seed + i (null: different every run).
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
-        compile: torch.compile the decoding step. Its first step compiles (seconds to minutes, reported apart);
-            worth it only for long answers, and on some machines not at all: see howto/generate.md, "Speed".
+        compile: torch.compile the decoding step: on a CPU about twice the speed. Its first step compiles (under a
+            minute the first time on a machine, seconds once torch's cache holds it; reported apart): see
+            howto/generate.md, "Speed".
         fused: Decode with q/k/v and gate/up fused and weights transposed (lit_lora/inference.py): the same
             tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
         interactive: Read prompts from the terminal in a loop instead of using --prompt; in a chat style the
