@@ -5,6 +5,7 @@ benchmarks share (the bandwidth, the best of repeats, Hugging Face's generate on
 
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -60,6 +61,28 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
         torch.mv(matrix, vector)
         best = min(best, time.perf_counter() - start)
     return matrix.numel() * 4 / best
+
+
+def memory_reads(weights: list[torch.Tensor], what: str, own: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Bytes per second of the reads of memory measured here: one large matrix-vector product, the caller's `own`
+    reads (listed next), a plain sum over one 512 MB tensor, and a sum over each of `weights` in turn (named `what`).
+    A decoding benchmark takes the fastest as the bandwidth of its bound."""
+    return {"one large matrix-vector product": read_bandwidth(), **(own or {}),
+            "a sum over one 512 MB tensor": sum_bandwidth([torch.randn(128 * 2**20)]),
+            f"a sum over each of {what}": sum_bandwidth(weights)}
+
+
+def bytes_per_token(model: LLaMA, prompt_length: int, new_tokens: int) -> float:
+    """Bytes a batch-1 decoding step reads, on average over `new_tokens` steps after a `prompt_length` prompt: every
+    weight once (a tied matrix once, as the lm_head; of an untied embedding table only the token's row) and the KV
+    cache written so far (half the new tokens, on average)."""
+    config, embed = model.config, model.embed.weight
+    weights = {p.data_ptr(): p for p in model.parameters()}.values()  # a tied matrix once
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
+    if not config.tie_embeddings:
+        weight_bytes -= (embed.numel() - config.n_embd) * embed.element_size()
+    kv_values = config.n_layer * 2 * (prompt_length + new_tokens / 2) * config.n_query_groups * config.head_size
+    return weight_bytes + kv_values * embed.element_size()  # the KV cache is kept in the weights' dtype
 
 
 WARNINGS: list[str] = []  # repeats that disagreed, said again at the end

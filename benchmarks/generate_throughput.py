@@ -42,13 +42,13 @@ from benchmarks.bench_config import (  # noqa: E402
     WARNINGS,
     bench_config,
     best_time,
+    bytes_per_token,
     decode_rate,
     hf_generate,
     hugging_face_model,
     machine_load,
-    read_bandwidth,
+    memory_reads,
     same,
-    sum_bandwidth,
 )
 from lit_lora.cli import cli  # noqa: E402
 from lit_lora.generation import generate  # noqa: E402
@@ -121,23 +121,19 @@ def main(prompt_length: int = 32, new_tokens: int = 128, batch_size: int = 8, pr
         print(f"  lit-lora / Hugging Face: {figures['ratio']:.2f}x (target >= 1.3x)")
 
     # 2. the bound
-    n_params = sum(p.numel() for p in model.parameters())
-    kv_bytes = config.n_layer * 2 * (prompt_length + new_tokens / 2) * config.n_query_groups * config.head_size * 4
-    bytes_per_token = (n_params - model.embed.weight.numel() + config.n_embd) * 4 + kv_bytes
+    read_per_token = bytes_per_token(model, prompt_length, new_tokens)
     products_s, _ = best_time(lambda: [matrix_products_of_a_step(fused) for _ in range(new_tokens)], repeats,
                                "the weight products")
-    product_bytes = sum(p.numel() for n, p in fused.named_parameters() if n.endswith("stored")) * 4  # 33
-    reads = {"one large matrix-vector product": read_bandwidth(),
-             "the fused model's 33 weight products of a step alone, in a loop": product_bytes * new_tokens / products_s,
-             "a sum over one 512 MB tensor": sum_bandwidth([torch.randn(128 * 2**20)]),
-             "a sum over each of the 33 weights": sum_bandwidth([p for n, p in fused.named_parameters()
-                                                                 if n.endswith("stored")])}
+    product_weights = [p for n, p in fused.named_parameters() if n.endswith("stored")]  # the 33 weights
+    product_bytes = sum(p.numel() * p.element_size() for p in product_weights)
+    reads = memory_reads(product_weights, "the 33 weights", own={
+        "the fused model's 33 weight products of a step alone, in a loop": product_bytes * new_tokens / products_s})
     bandwidth = max(reads.values())  # the fastest: the strictest bound
-    bound = bandwidth / bytes_per_token
+    bound = bandwidth / read_per_token
     decoding = decode_rate(fused, prompt, new_tokens, repeats)
     figures.update(bandwidth_gb_s=bandwidth / 1e9, reads_gb_s={k: v / 1e9 for k, v in reads.items()},
                    bound_tokens_per_s=bound, decoding_tokens_per_s=decoding, fraction_of_bound=decoding / bound)
-    print(f"\n2. Bandwidth bound  {bound:7.1f} tokens/s   ({bytes_per_token / 1e6:.0f} MB read per token at "
+    print(f"\n2. Bandwidth bound  {bound:7.1f} tokens/s   ({read_per_token / 1e6:.0f} MB read per token at "
           f"{bandwidth / 1e9:.1f} GB/s, the fastest of: "
           + ", ".join(f"{name} {speed / 1e9:.1f} GB/s" for name, speed in reads.items()) + ")")
     print(f"  decoding steps     {decoding:7.1f} tokens/s   (lit-lora after the first token, the prefill excluded: "

@@ -41,13 +41,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_config import (  # noqa: E402
     WARNINGS,
     best_time,
+    bytes_per_token,
     decode_rate,
     hf_generate,
     hugging_face_model,
     machine_load,
-    read_bandwidth,
+    memory_reads,
     same,
-    sum_bandwidth,
 )
 from lit_lora.checkpoint import load_model  # noqa: E402
 from lit_lora.cli import cli  # noqa: E402
@@ -92,7 +92,8 @@ def compiled_run(checkpoint_dir: str, prompt: torch.Tensor, new_tokens: int, rep
                 decoding_tokens_per_s=decode_rate(compiled, prompt, new_tokens, repeats), tokens=tokens)
 
 
-def compile_twice(checkpoint_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, dtype: torch.dtype) -> list:
+def compile_twice(checkpoint_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats: int,
+                  dtype: torch.dtype) -> list:
     """compiled_run with an empty cache folder, then again with what the first left there."""
     runs = []
     with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache_dir:
@@ -173,12 +174,12 @@ def main(checkpoint_dir: Path = ROOT / "checkpoints/smollm2", new_tokens: int = 
           f"{repeats}; {machine_load()}")
     print(f"A {len(prompt)}-token chat prompt, {new_tokens} new tokens, greedy; whole calls, the prefill included\n")
 
-    def run(name: str, decoder) -> float:
+    results: dict[str, dict] = {}  # decoder -> tokens/s, tokens, decoding steps' tokens/s
+
+    def run(name: str, decoder) -> None:
         seconds, tokens = best_time(lambda: generate(decoder, [prompt], max_new_tokens=new_tokens), repeats, name)
         results[name] = dict(tokens_per_s=new_tokens / seconds, tokens=tokens)
-        return new_tokens / seconds
 
-    results: dict[str, dict] = {}
     run("model.py's layers", model)
     reference = results["model.py's layers"]["tokens"]
     fused = fuse_for_inference(copy.deepcopy(model))
@@ -210,28 +211,21 @@ def main(checkpoint_dir: Path = ROOT / "checkpoints/smollm2", new_tokens: int = 
     print(f"   the answer (to its end token): {tokenizer.decode(answer)!r}")
 
     # 2. the bound
-    weights = list({p.data_ptr(): p for p in model.parameters()}.values())  # a tied matrix once
-    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
-    if not config.tie_embeddings:  # one row of the embedding table is read, the rest never
-        weight_bytes -= (model.embed.weight.numel() - config.n_embd) * model.embed.weight.element_size()
-    kv_bytes = config.n_layer * 2 * (len(prompt) + new_tokens / 2) * config.n_query_groups * config.head_size * 4
-    bytes_per_token = weight_bytes + kv_bytes
-    reads = {"one large matrix-vector product": read_bandwidth(),
-             "a sum over one 512 MB tensor": sum_bandwidth([torch.randn(128 * 2**20)]),
-             "a sum over each of the model's weights": sum_bandwidth(weights)}
+    read_per_token = bytes_per_token(model, len(prompt), new_tokens)
+    reads = memory_reads(list({p.data_ptr(): p for p in model.parameters()}.values()), "the model's weights")
     bandwidth = max(reads.values())
-    bound = bandwidth / bytes_per_token
+    bound = bandwidth / read_per_token
     figures.update(bandwidth_gb_s=bandwidth / 1e9, bound_tokens_per_s=bound, reads_gb_s={k: v / 1e9 for k, v in
                                                                                        reads.items()})
-    print(f"\n2. Bandwidth bound {bound:.1f} tokens/s: {bytes_per_token / 1e6:.0f} MB read per token at "
+    print(f"\n2. Bandwidth bound {bound:.1f} tokens/s: {read_per_token / 1e6:.0f} MB read per token at "
           f"{bandwidth / 1e9:.1f} GB/s, the fastest of: "
           + ", ".join(f"{name} {speed / 1e9:.1f} GB/s" for name, speed in reads.items()))
     for name, result in results.items():
         if "decoding_tokens_per_s" in result:
             share = result["decoding_tokens_per_s"] / bound
             figures[name]["fraction_of_bound"] = share
-            print(f"   {name:22s} decoding steps {result['decoding_tokens_per_s']:6.1f} tokens/s: {100 * share:.0f}% of "
-                  f"the bound")
+            print(f"   {name:22s} decoding steps {result['decoding_tokens_per_s']:6.1f} tokens/s: "
+                  f"{100 * share:.0f}% of the bound")
 
     # 3. the compilation
     if compiled:

@@ -47,8 +47,8 @@ class GenerateArgs:
         compile: torch.compile the decoding step: on a CPU about twice the speed. Its first step compiles (under a
             minute the first time on a machine, seconds once torch's cache holds it; reported apart): see
             howto/generate.md, "Speed".
-        fused: Decode with q/k/v and gate/up fused and weights transposed (lit_lora/inference.py): the same
-            tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
+        fused: Decode with q/k/v and gate/up fused, weights transposed unless --compile (lit_lora/inference.py):
+            the same tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
         interactive: Read prompts from the terminal in a loop instead of using --prompt; in a chat style the
             conversation is kept (/reset starts a new one).
         prompt_style: Put the prompt in a format (lit_lora/prompts.py): alpaca, chat_template (the checkpoint's own
