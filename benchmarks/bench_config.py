@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from lit_lora.generation import generate_stream, time_tokens
+from lit_lora.chat import time_tokens
+from lit_lora.generation import generate_stream
 from lit_lora.model import Config, LLaMA
 
 

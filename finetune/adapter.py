@@ -20,7 +20,8 @@ from lit_lora.cli import cli, config_flags
 from lit_lora.devices import launch_fabric
 from lit_lora.method_files import save_adapter
 from lit_lora.quantize import load_model_4bit
-from lit_lora.train import TrainArgs, fit
+from lit_lora.train import fit
+from lit_lora.train_args import TrainArgs
 
 ADAPTER_FLAGS = dict(prompt_length="adapter_prompt_length", start_layer="adapter_start_layer")  # config -> flag
 

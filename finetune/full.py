@@ -23,7 +23,8 @@ from lit_lora.devices import launch_fabric
 from lit_lora.model import PRESETS, Config, LLaMA
 from lit_lora.quantize import QUANTIZE_MODES
 from lit_lora.tokenizer import Tokenizer
-from lit_lora.train import TrainArgs, fit
+from lit_lora.train import fit
+from lit_lora.train_args import TrainArgs
 
 
 @dataclass
@@ -60,7 +61,7 @@ def main(args: FullArgs) -> dict:
     else:
         model = load_model(args.checkpoint_dir)
     def save_weights(model: LLaMA, folder, trained: dict) -> None:  # a whole checkpoint, with the format it learned
-        config = replace(model.config, extra={**model.config.extra, "prompt": model.prompt})
+        config = replace(model.config, extra={**model.config.extra, "prompt": model.prompt_format})
         save_checkpoint_dir(folder, trained, config, tokenizer.files)
 
     return fit(fabric, model, args, save_weights)

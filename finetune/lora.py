@@ -15,7 +15,8 @@ from lit_lora.devices import launch_fabric
 from lit_lora.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from lit_lora.method_files import save_lora
 from lit_lora.quantize import load_model_4bit
-from lit_lora.train import TrainArgs, fit
+from lit_lora.train import fit
+from lit_lora.train_args import TrainArgs
 
 LORA_FLAGS = dict(r="lora_r", alpha="lora_alpha", dropout="lora_dropout", targets="lora_targets")  # config -> flag
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from lit_lora.chat import GenerateArgs, run_generation
 from lit_lora.checkpoint import load_model
 from lit_lora.cli import cli
-from lit_lora.lora import merge_lora
 from lit_lora.method_files import load_lora
 from lit_lora.quantize import load_model_4bit
 from lit_lora.tokenizer import check_utf8
@@ -44,9 +43,9 @@ def main(args: LoRAGenerateArgs) -> list[str]:
     else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
         model = load_model_4bit(args.checkpoint_dir, args.quantize)
     load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
-    if args.quantize is None:
-        merge_lora(model)  # a 4-bit W0 cannot take B A exactly: on a quantized base LoRA stays unmerged
-    return run_generation(model, args, input=args.input, default_style="alpaca")  # the recorded format (else alpaca), with --input
+    # merged once cast to the run's dtype; a 4-bit W0 cannot take B A exactly: on a quantized base LoRA stays unmerged
+    return run_generation(model, args, input=args.input, default_style="alpaca",  # the recorded format, else alpaca
+                          merge=args.quantize is None)
 
 
 if __name__ == "__main__":

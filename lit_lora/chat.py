@@ -7,16 +7,18 @@ template's sha256), and the scripts use it unless --prompt_style says otherwise,
 """
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Collection, Iterator, Literal, Optional
 
 import torch
 
 from lit_lora.cli import check_flag, config_flags
 from lit_lora.devices import default_precision, dtype_from_precision
-from lit_lora.generation import check_sampling, generate_and_print
+from lit_lora.generation import check_sampling, generate_stream, stream_text
 from lit_lora.inference import compile_decoding, fuse_for_inference
+from lit_lora.lora import merge_lora
 from lit_lora.model import LLaMA
 from lit_lora.prompts import (
     PROMPT_STYLES,
@@ -27,6 +29,7 @@ from lit_lora.prompts import (
     template_sha256,
 )
 from lit_lora.quantize import check_quantize
+from lit_lora.report import format_bytes, peak_memory_bytes
 from lit_lora.tokenizer import Tokenizer, check_utf8
 
 
@@ -91,12 +94,15 @@ class GenerateArgs:
 
 
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False,
-                           fused: bool = True) -> LLaMA:
-    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `fused`,
-    in the fused layout of lit_lora/inference.py (the same tokens, faster); with `compile`, its decoding step
-    compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
+                           fused: bool = True, merge: bool = False) -> LLaMA:
+    """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `merge`, its
+    LoRA merged (W = W0 + alpha/r B A) after that cast, so W is computed in fp32 and rounded once, to the dtype it
+    runs in; with `fused`, in the fused layout of lit_lora/inference.py (the same tokens, faster); with `compile`,
+    its decoding step compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
+    if merge:
+        merge_lora(model)
     if fused:
         fuse_for_inference(model, for_compile=compile)
     if compile:
@@ -107,10 +113,10 @@ def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compil
 def prompt_format(model: LLaMA, tokenizer: Tokenizer, args: GenerateArgs,
                   default: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
     """(style, system prompt) to generate in: --prompt_style and --system_prompt where given, else what the model
-    was finetuned in (`model.prompt`, which loading a method file or a finetuned checkpoint sets), else `default`.
+    was finetuned in (`model.prompt_format`, which loading a method file or a finetuned checkpoint sets), else `default`.
     A flag that differs from the recorded format, or a chat template that is not the one trained with, is warned
     about: the model answers best in the format it learned."""
-    recorded = getattr(model, "prompt", None) or {}
+    recorded = getattr(model, "prompt_format", None) or {}
     style = args.prompt_style or recorded.get("style") or default
     if args.prompt_style and recorded.get("style") and args.prompt_style != recorded["style"]:
         print(f"Warning: --prompt_style {args.prompt_style}, but the model was finetuned in the "
@@ -125,13 +131,14 @@ def prompt_format(model: LLaMA, tokenizer: Tokenizer, args: GenerateArgs,
     return style, system_prompt
 
 
-def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", default_style: Optional[str] = None) -> list[str]:
+def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", default_style: Optional[str] = None,
+                   merge: bool = False) -> list[str]:
     """What every generate script does once its model is built: answer --prompt, or chat with --interactive.
 
     In a prompt style (prompt_format) each prompt is an instruction (with `input`, the instruction scripts' --input)
     put in that format, and an answer ends at the format's end of answer too; without one, the prompt is continued
     as it is, and shown before its continuation. An answer always ends at the tokenizer's stop ids."""
-    model = prepare_for_generation(model, args.precision, args.compile, args.fused)
+    model = prepare_for_generation(model, args.precision, args.compile, args.fused, merge)
     tokenizer = Tokenizer(args.checkpoint_dir)
     style, system_prompt = prompt_format(model, tokenizer, args, default_style)
     stop_ids = tokenizer.stop_ids if style is None else response_stop_ids(tokenizer, style)
@@ -208,3 +215,94 @@ def input_line(prompt: str) -> str:
         return input(prompt)
     except UnicodeDecodeError as error:  # a terminal in UTF-8 (strict) mode read bytes that are not UTF-8
         return error.object.decode("utf-8", errors="surrogateescape")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Answering one prompt: printing and timing
+
+
+def check_prompt_length(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
+    """The number of new tokens that fit in the context: an error if the prompt alone does not fit,
+    fewer new tokens (with a warning) if prompt + max_new_tokens does not."""
+    block_size = model.config.block_size
+    if prompt_length == 0:  # nothing to continue: a tokenizer that puts no BOS first (SmolLM2) and an empty prompt
+        raise ValueError("The prompt is empty, and this model's tokenizer puts no BOS before a text: give a prompt.")
+    if prompt_length >= block_size:
+        raise ValueError(
+            f"The prompt is {prompt_length} tokens, but the model's context is {block_size}: shorten the prompt."
+        )
+    if prompt_length + max_new_tokens > block_size:
+        fitting = block_size - prompt_length
+        print(f"Warning: {prompt_length} prompt tokens + {max_new_tokens} new tokens exceed the context "
+              f"({block_size}); generating at most {fitting} tokens.", file=sys.stderr)
+        return fitting
+    return max_new_tokens
+
+
+# inference_mode, not only no_grad: without autograd's bookkeeping (version counters, dispatch) each of a decoding
+# step's few hundred small operations is cheaper (howto/generate.md, "Speed", says by how much where it was measured).
+# generate_stream itself stays no_grad, for the training loop's evaluation under FSDP (lit_lora/generation.py).
+@torch.inference_mode()
+def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100,
+                       temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
+                       num_samples: int = 1, seed: Optional[int] = None, show_prompt: bool = False,
+                       stop_ids: Optional[Collection[int]] = None, style: Optional[str] = None) -> list[str]:
+    """What every generate script does with one prompt string: stream `num_samples` continuations to
+    stdout (after the prompt itself if `show_prompt`) and report time, tokens/s and peak memory on stderr.
+    Each stops at any of `stop_ids` (None: tokenizer.stop_ids). The prompt is encoded as its prompt `style`
+    writes it (lit_lora/prompts.py's encode_prompt). Returns the generated texts."""
+    stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
+    device = model.lm_head.weight.device
+    encoded = encode_prompt(tokenizer, prompt, style).to(device)
+    max_new_tokens = check_prompt_length(model, len(encoded), max_new_tokens)
+    texts = []
+    compiled = hasattr(model, "compile_seconds")  # prepared with --compile (lit_lora/inference.py)
+    kv_length = len(encoded) + max_new_tokens
+    if compiled:  # a compiled step is compiled per KV cache length: round it up, so other prompts reuse it
+        kv_length = min(-(-kv_length // 256) * 256, model.config.block_size)
+    for i in range(num_samples):
+        model.set_kv_cache(batch_size=1, max_seq_length=kv_length)
+        start, token_times, pieces = time.perf_counter(), [], []
+        compile_seconds = getattr(model, "compile_seconds", 0.0)
+        if show_prompt:
+            print(prompt, end="", flush=True)
+        stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, stop_ids,
+                                 seed=None if seed is None else seed + i, vocab_size=tokenizer.vocab_size)
+        try:
+            for piece in stream_text(tokenizer, time_tokens(stream, token_times), stop_ids):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        finally:
+            model.clear_kv_cache()  # also when Ctrl-C stops the answer
+        print(flush=True)
+        texts.append("".join(pieces))
+        compile_seconds = getattr(model, "compile_seconds", 0.0) - compile_seconds  # 0 once compiled
+        print(f"Sample {i + 1}: {timing_summary(start, token_times, compile_seconds)}; "
+              f"peak memory {format_bytes(peak_memory_bytes(device))}", file=sys.stderr)
+    return texts
+
+
+def time_tokens(stream: Iterator[torch.Tensor], times: list[float]) -> Iterator[torch.Tensor]:
+    """Pass a token stream through, noting when each token was ready (to report the speed of each phase)."""
+    for token in stream:
+        times.append(time.perf_counter())
+        yield token
+
+
+def timing_summary(start: float, token_times: list[float], compile_seconds: float = 0.0) -> str:
+    """'N tokens in T s, R tokens/s (first token after P s, then D tokens/s)': the first token waits for the
+    prefill (the whole prompt at once), the others are decoding steps. Time spent compiling the decoding step
+    (--compile) is reported apart, so the speed after it is the speed of a long generation."""
+    n, elapsed = len(token_times), time.perf_counter() - start
+    summary = f"{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s"
+    if n < 2:
+        return summary
+    phases = [f"first token after {token_times[0] - start:.2f} s"]
+    decoding_from = 0
+    if compile_seconds > 0:  # the first decoding step compiled
+        phases.append(f"compiling the decoding step {compile_seconds:.1f} s")
+        decoding_from = 1
+    if n - 1 > decoding_from:
+        steps = n - 1 - decoding_from
+        phases.append(f"then {steps / (token_times[-1] - token_times[decoding_from]):.1f} tokens/s")
+    return f"{summary} ({', '.join(phases)})"

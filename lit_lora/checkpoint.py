@@ -17,6 +17,8 @@ field or tensor, and what to do.
 
 import hashlib
 import json
+import math
+import re
 import shutil
 import sys
 from dataclasses import asdict, fields
@@ -48,8 +50,18 @@ HOW_TO_GET_A_CHECKPOINT = (
 def check_checkpoint_dir(checkpoint_dir: Union[str, Path]) -> Path:
     """Fail early, naming the folder, what it lacks and how to get it."""
     checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_file() and checkpoint_dir.suffix == ".gguf":
+        raise FileNotFoundError(f"{checkpoint_dir} is a GGUF file, not a checkpoint folder: convert it with `python "
+                                f"checkpoints/convert_gguf.py --gguf_path {checkpoint_dir}` (howto/gguf.md)")
     if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"Checkpoint folder {str(checkpoint_dir)!r} does not exist. {HOW_TO_GET_A_CHECKPOINT}")
+        where = "" if checkpoint_dir.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise FileNotFoundError(f"Checkpoint folder {str(checkpoint_dir)!r} does not exist{where}. "
+                                f"{HOW_TO_GET_A_CHECKPOINT}")
+    if not (checkpoint_dir / "lit_model.pth").exists() and (checkpoint_dir / "config.json").is_file() and any(
+            checkpoint_dir.glob("*.safetensors")) | any(checkpoint_dir.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(f"{checkpoint_dir} is a Hugging Face model folder (config.json and its weights), not "
+                                "yet a lit-lora checkpoint: convert it first with `python checkpoints/convert_hf.py "
+                                f"--hf_dir {checkpoint_dir}` (it writes lit_model.pth and model_config.json beside them)")
     missing = []
     for names in CHECKPOINT_FILES:
         names = (names,) if isinstance(names, str) else names
@@ -70,9 +82,77 @@ def read_config(path: Union[str, Path]) -> Config:
     if unknown:
         raise ValueError(f"{path}: unknown Config field(s) {unknown}; known fields: {sorted(known)}")
     try:
-        return Config(**values)
+        config = checked_config(**values)
+        if "prompt" in config.extra:  # a full finetune's format (finetune/full.py records it)
+            check_prompt_format(config.extra["prompt"], "extra.prompt")
+        return config
     except ConfigError as error:
         raise ValueError(f"{path}: {error.field} is {error.value!r}: {error.requirement}") from None
+
+
+def checked_config(**values) -> Config:
+    """Config(**values), each value checked first (model.py's Config trusts its caller): a ConfigError names the
+    first field it cannot hold. Everything that builds a Config from a file or a flag builds it here."""
+    for name in ("block_size", "vocab_size", "padding_multiple", "padded_vocab_size", "n_layer", "n_head",
+                 "n_query_groups", "n_embd", "intermediate_size"):
+        value = values.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ConfigError(name, value, "must be a whole number, at least 1")
+    for name, kind, words in (("name", str, "text"), ("tie_embeddings", bool, "true or false"), ("extra", dict, "an object")):
+        if name in values and type(values[name]) is not kind:
+            raise ConfigError(name, values[name], f"must be {words}")
+    scaling = values.get("rope_scaling")
+    if scaling is not None and (type(scaling) is not dict or sorted(scaling) != sorted(ROPE_SCALING_FIELDS)):
+        raise ConfigError("rope_scaling", scaling, f"must be null or hold {', '.join(ROPE_SCALING_FIELDS)}")
+    for name, value in {**{k: values[k] for k in ("norm_eps", "rope_base") if k in values}, **(scaling or {})}.items():
+        if type(value) not in (int, float) or not 0 < value < math.inf:  # also refuses NaN
+            raise ConfigError(name, value, "must be a positive, finite number")
+    if scaling is not None and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError("high_freq_factor", scaling["high_freq_factor"], "must exceed low_freq_factor")
+    config = Config(**values)  # the sizes left out are derived here
+    if config.padded_vocab_size < config.vocab_size:
+        raise ConfigError("padded_vocab_size", config.padded_vocab_size, f"must be >= vocab_size ({config.vocab_size})")
+    if config.n_embd % (2 * config.n_head):  # RoPE rotates pairs: each head's size must be even
+        raise ConfigError("n_embd", config.n_embd, f"must be divisible by 2 n_head ({2 * config.n_head})")
+    if config.n_head % config.n_query_groups:
+        raise ConfigError("n_head", config.n_head, f"must be divisible by n_query_groups ({config.n_query_groups})")
+    return config
+
+
+ROPE_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_context")  # Llama 3.1's
+# The names of lit_lora/prompts.py's PROMPT_STYLES, which the core cannot import (tests/test_hostile.py keeps them equal)
+PROMPT_STYLE_NAMES = ("alpaca", "llama3", "chatml", "chat_template")
+
+
+def check_prompt_format(prompt_format, field: str) -> dict:
+    """A recorded prompt format ({style, system_prompt, chat_template_sha256}), as a method file or a full
+    finetune's model_config.json holds it: a known style, a system prompt that is text (or null), the template's
+    sha256 as 64 hex digits (or null). Anything else is a ConfigError naming `field`."""
+    keys = ("style", "system_prompt", "chat_template_sha256")
+    if type(prompt_format) is not dict or not set(prompt_format) <= set(keys) or "style" not in prompt_format:
+        raise ConfigError(field, prompt_format, f"must be null or an object with {', '.join(keys)}")
+    style, system_prompt = prompt_format["style"], prompt_format.get("system_prompt")
+    digest = prompt_format.get("chat_template_sha256")
+    if style not in PROMPT_STYLE_NAMES:
+        raise ConfigError(f"{field}.style", style, f"must be one of {', '.join(PROMPT_STYLE_NAMES)}")
+    if system_prompt is not None and (type(system_prompt) is not str or not is_utf8(system_prompt)):
+        raise ConfigError(f"{field}.system_prompt", shorten(system_prompt), "must be null or text (valid UTF-8)")
+    if digest is not None and (type(digest) is not str or not re.fullmatch("[0-9a-f]{64}", digest)):
+        raise ConfigError(f"{field}.chat_template_sha256", shorten(digest), "must be null or 64 hex digits (a sha256)")
+    return prompt_format
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+
+
+def shorten(value, limit: int = 60):
+    """A value as an error message shows it: a long text cut, so that one line stays one line."""
+    return value[:limit] + f"... ({len(value):,} characters)" if isinstance(value, str) and len(value) > limit else value
 
 
 def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = None,
@@ -107,7 +187,7 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     if config.tie_embeddings:  # assign=True gave each name its own parameter: make them one again
         model.lm_head.weight = model.embed.weight
     model.reset_rope_cache()  # cos/sin are not in the checkpoint: build them on the weights' device
-    model.prompt = config.extra.get("prompt")  # a full finetune's format (finetune/full.py records it), or None
+    model.prompt_format = config.extra.get("prompt")  # a full finetune's format (finetune/full.py records it), or None
     return model
 
 
@@ -287,10 +367,16 @@ def read_method_file(path: Union[str, Path], kind: str, config_class: type, name
         raise ValueError(f"{path}: {kind}_config's {error.field} is {error.value!r}: {error.requirement}. "
                          f"Write the file again with {writer}.") from None
     try:
-        Config(**data["base_config"])
+        checked_config(**data["base_config"])
     except (ConfigError, TypeError) as error:  # TypeError: not a dict, or unknown fields
         raise ValueError(f"{path}: base_config is not a model config ({error}). Write the file again with "
                          f"{writer}.") from None
+    try:
+        if data.get("prompt") is not None:
+            check_prompt_format(data["prompt"], "prompt")
+    except ConfigError as error:
+        raise ValueError(f"{path}: the recorded prompt format's {error.field} is {error.value!r}: {error.requirement}. "
+                         f"Write the file again with {writer}.") from None
     tensors = data[kind]
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{path}: {kind} holds no state dict of tensors. Write the file again with {writer}.")

@@ -5,12 +5,14 @@ from and says that instead (`--lora_r 0: must be at least 1`), with `check_flag`
 `config_flags` for the library's configs it builds from flags.
 """
 
+import difflib
+import inspect
 import os
 import re
 import signal
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from lit_lora.model import ConfigError
 
@@ -60,11 +62,12 @@ def cli(main: Callable, flags: Optional[type] = None) -> Any:
         sys.exit(code)
 
     try:
+        # allow_abbrev=False: `--max_step 10` is refused, not silently taken as --max_steps
         if flags is None:
-            result = CLI(main, as_positional=False, exit_on_error=False)
+            result = CLI(main, as_positional=False, exit_on_error=False, allow_abbrev=False)
         else:
             try:
-                args = CLI(flags, as_positional=False, exit_on_error=False)
+                args = CLI(flags, as_positional=False, exit_on_error=False, allow_abbrev=False)
             except ValueError as error:  # refused by the dataclass's __post_init__ (check_flag)
                 fail(error, 2)
             result = main(args)
@@ -73,7 +76,8 @@ def cli(main: Callable, flags: Optional[type] = None) -> Any:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return result
     except ArgumentError as error:  # a flag the parser refused: unknown, missing its value, of the wrong type
-        fail(ValueError(f"{parse_error_line(str(error))} (--help lists every flag)"), 2)
+        known = flags.__dataclass_fields__ if flags is not None else inspect.signature(main).parameters
+        fail(ValueError(f"{parse_error_line(str(error), known)} (--help lists every flag)"), 2)
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         sys.exit(130)
@@ -86,9 +90,17 @@ TYPE_WORDS = {"<class 'int'>": "a whole number", "<class 'float'>": "a number", 
               "<class 'NoneType'>": "null", "<class 'str'>": "text", "<class 'pathlib.Path'>": "a path"}
 
 
-def parse_error_line(message: str) -> str:
+def parse_error_line(message: str, known_flags: Iterable[str] = ()) -> str:
     """jsonargparse's error about a flag's value (several lines: the key, the types it tried, the value) as one
-    line: `--max_seq_length abc: expected a whole number or null`. Other errors: their lines joined."""
+    line: `--max_seq_length abc: expected a whole number or null`. An unknown flag names the known one it is closest
+    to. Other errors: their lines joined."""
+    unknown = re.match(r"unrecognized arguments: (.*)", message.strip())
+    if unknown:
+        words = [w for w in unknown.group(1).split() if w.startswith("--")]
+        close = [difflib.get_close_matches(w[2:].split("=")[0], list(known_flags), n=1) for w in words]
+        hints = [f"--{match[0]}" for match in close if match]
+        return f"unknown flag(s): {' '.join(words) or unknown.group(1)}" + (
+            f" (did you mean {', '.join(hints)}?)" if hints else "")
     key, value = re.search(r'Parser key "([\w.]+)"', message), re.search(r"(?:Given|Got) value: (.*)", message)
     expected = re.findall(r"Expected an? (.*?)(?:\. Got value: .*)?$", message, flags=re.MULTILINE)
     if not (key and value and expected):

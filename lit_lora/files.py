@@ -167,7 +167,21 @@ def json_loads(text: str, path: Union[str, Path]) -> Any:
 
 def load_torch_file(path: Path, what: str, hint: str, mmap: bool = False) -> Any:
     """torch.load(weights_only=True) of `path`, which should hold `what`; any failure (empty, truncated, random
-    bytes, an old pre-zip format, a pickle that would run code) is one ValueError naming the file and `hint`."""
+    bytes, an old pre-zip format, a pickle that would run code) is one ValueError naming the file and `hint`.
+    A file of another format that people mistake for it (GGUF, safetensors) is named as what it is."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError:  # torch.load below says what is wrong
+        head = b""
+    if head[:4] == b"GGUF":
+        raise ValueError(f"{path} is a GGUF file (llama.cpp's format), not {what}. A GGUF model becomes a checkpoint "
+                         "folder with `python checkpoints/convert_gguf.py --gguf_path FILE` (howto/gguf.md); a LoRA or "
+                         "adapter file is what finetune/lora.py or finetune/adapter.py writes.")
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        raise ValueError(f"{path} is a safetensors file (Hugging Face's format), not {what}. Convert a Hugging Face "
+                         "model with checkpoints/convert_hf.py, a PEFT adapter with checkpoints/import_peft.py "
+                         "(howto/convert_and_export.md).")
     try:
         return torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
     except Exception as error:

@@ -10,22 +10,18 @@ Batched prompts of different lengths are right-padded. Every row keeps its own p
 sits at positions the row has not reached yet, hidden by the causal mask, and is overwritten as it goes.
 """
 
-import sys
-import time
 from typing import Collection, Iterator, Optional
 
 import torch
 
 from lit_lora.model import LLaMA
-from lit_lora.prompts import encode_prompt
-from lit_lora.report import format_bytes, peak_memory_bytes
 from lit_lora.tokenizer import Tokenizer
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: float, flag_prefix: str = "") -> None:
     """Refuse sampling settings that mean nothing, naming the setting, its value and what it must be.
 
-    `sample` checks every call; the generate scripts check their flags with it while parsing
+    generate_stream checks once per call; the generate scripts check their flags with it while parsing
     (flag_prefix="--"), so both give the same message."""
     no_limit = "null" if flag_prefix else "None"  # how a command line says None
     settings = [
@@ -46,7 +42,6 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     """Pick one token per row from logits (B, vocab): greedy at temperature 0, else sample from
     softmax(logits / temperature) restricted to the top_k tokens and to the smallest set whose
     probability reaches top_p (nucleus sampling). The most likely token is never cut off."""
-    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)  # (B,)
     scaled = logits.float() / temperature
@@ -92,6 +87,7 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
     The model must have a KV cache of batch size len(prompts) and at least
     max(prompt lengths) + max_new_tokens positions (see `generate`, which sets it up).
     """
+    check_sampling(temperature, top_k, top_p)  # once per call, not per token
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 0")
     if isinstance(stop_ids, int):
@@ -148,24 +144,6 @@ def generate(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: int, tem
     return outputs
 
 
-def check_prompt_length(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
-    """The number of new tokens that fit in the context: an error if the prompt alone does not fit,
-    fewer new tokens (with a warning) if prompt + max_new_tokens does not."""
-    block_size = model.config.block_size
-    if prompt_length == 0:  # nothing to continue: a tokenizer that puts no BOS first (SmolLM2) and an empty prompt
-        raise ValueError("The prompt is empty, and this model's tokenizer puts no BOS before a text: give a prompt.")
-    if prompt_length >= block_size:
-        raise ValueError(
-            f"The prompt is {prompt_length} tokens, but the model's context is {block_size}: shorten the prompt."
-        )
-    if prompt_length + max_new_tokens > block_size:
-        fitting = block_size - prompt_length
-        print(f"Warning: {prompt_length} prompt tokens + {max_new_tokens} new tokens exceed the context "
-              f"({block_size}); generating at most {fitting} tokens.", file=sys.stderr)
-        return fitting
-    return max_new_tokens
-
-
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor],
                 stop_ids: Optional[Collection[int]] = None) -> Iterator[str]:
     """Turn a stream of single tokens into a stream of text pieces.
@@ -187,72 +165,3 @@ def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor],
             continue
         yield text[len(printed):]
         printed = text
-
-
-# inference_mode, not only no_grad: without autograd's bookkeeping (version counters, dispatch) each of a decoding
-# step's few hundred small operations is cheaper (howto/generate.md, "Speed", says by how much where it was measured).
-# generate_stream itself stays no_grad, for the training loop's evaluation under FSDP (see above).
-@torch.inference_mode()
-def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100,
-                       temperature: float = 0.8, top_k: Optional[int] = 200, top_p: float = 1.0,
-                       num_samples: int = 1, seed: Optional[int] = None, show_prompt: bool = False,
-                       stop_ids: Optional[Collection[int]] = None, style: Optional[str] = None) -> list[str]:
-    """What every generate script does with one prompt string: stream `num_samples` continuations to
-    stdout (after the prompt itself if `show_prompt`) and report time, tokens/s and peak memory on stderr.
-    Each stops at any of `stop_ids` (None: tokenizer.stop_ids). The prompt is encoded as its prompt `style`
-    writes it (lit_lora/prompts.py's encode_prompt). Returns the generated texts."""
-    stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-    device = model.lm_head.weight.device
-    encoded = encode_prompt(tokenizer, prompt, style).to(device)
-    max_new_tokens = check_prompt_length(model, len(encoded), max_new_tokens)
-    texts = []
-    compiled = hasattr(model, "compile_seconds")  # prepared with --compile (lit_lora/inference.py)
-    kv_length = len(encoded) + max_new_tokens
-    if compiled:  # a compiled step is compiled per KV cache length: round it up, so other prompts reuse it
-        kv_length = min(-(-kv_length // 256) * 256, model.config.block_size)
-    for i in range(num_samples):
-        model.set_kv_cache(batch_size=1, max_seq_length=kv_length)
-        start, token_times, pieces = time.perf_counter(), [], []
-        compile_seconds = getattr(model, "compile_seconds", 0.0)
-        if show_prompt:
-            print(prompt, end="", flush=True)
-        stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, stop_ids,
-                                 seed=None if seed is None else seed + i, vocab_size=tokenizer.vocab_size)
-        try:
-            for piece in stream_text(tokenizer, time_tokens(stream, token_times), stop_ids):
-                pieces.append(piece)
-                print(piece, end="", flush=True)
-        finally:
-            model.clear_kv_cache()  # also when Ctrl-C stops the answer
-        print(flush=True)
-        texts.append("".join(pieces))
-        compile_seconds = getattr(model, "compile_seconds", 0.0) - compile_seconds  # 0 once compiled
-        print(f"Sample {i + 1}: {timing_summary(start, token_times, compile_seconds)}; "
-              f"peak memory {format_bytes(peak_memory_bytes(device))}", file=sys.stderr)
-    return texts
-
-
-def time_tokens(stream: Iterator[torch.Tensor], times: list[float]) -> Iterator[torch.Tensor]:
-    """Pass a token stream through, noting when each token was ready (to report the speed of each phase)."""
-    for token in stream:
-        times.append(time.perf_counter())
-        yield token
-
-
-def timing_summary(start: float, token_times: list[float], compile_seconds: float = 0.0) -> str:
-    """'N tokens in T s, R tokens/s (first token after P s, then D tokens/s)': the first token waits for the
-    prefill (the whole prompt at once), the others are decoding steps. Time spent compiling the decoding step
-    (--compile) is reported apart, so the speed after it is the speed of a long generation."""
-    n, elapsed = len(token_times), time.perf_counter() - start
-    summary = f"{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s"
-    if n < 2:
-        return summary
-    phases = [f"first token after {token_times[0] - start:.2f} s"]
-    decoding_from = 0
-    if compile_seconds > 0:  # the first decoding step compiled
-        phases.append(f"compiling the decoding step {compile_seconds:.1f} s")
-        decoding_from = 1
-    if n - 1 > decoding_from:
-        steps = n - 1 - decoding_from
-        phases.append(f"then {steps / (token_times[-1] - token_times[decoding_from]):.1f} tokens/s")
-    return f"{summary} ({', '.join(phases)})"

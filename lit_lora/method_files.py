@@ -48,7 +48,7 @@ def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] =
     `state_dict` (the training loop passes the ones it gathered from all devices)."""
     tensors = lora_state_dict(model) if state_dict is None else state_dict
     save_method_file(path, "lora", {name: t for name, t in tensors.items() if "lora_" in name}, model.lora_config,
-                     model, quantization=getattr(model, "quantization", None), prompt=getattr(model, "prompt", None))
+                     model, quantization=getattr(model, "quantization", None), prompt=getattr(model, "prompt_format", None))
 
 
 def read_lora_file(path: Union[str, Path]) -> dict:
@@ -79,7 +79,7 @@ def load_lora(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     if not hasattr(model, "lora_config"):
         apply_lora(model, **asdict(config))
     model.load_state_dict(data["lora"], strict=False)
-    model.prompt = data.get("prompt")  # the format it was finetuned in (lit_lora/chat.py generates in it)
+    model.prompt_format = data.get("prompt")  # the format it was finetuned in (lit_lora/chat.py generates in it)
     return model
 
 
@@ -94,7 +94,7 @@ def save_adapter(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict
         raise ValueError("The model has no adapter to save: call apply_adapter(model) first")
     tensors = adapter_state_dict(model) if state_dict is None else state_dict
     save_method_file(path, "adapter", {name: t for name, t in tensors.items() if is_adapter_parameter(name)},
-                     model.adapter_config, model, prompt=getattr(model, "prompt", None))
+                     model.adapter_config, model, prompt=getattr(model, "prompt_format", None))
 
 
 def read_adapter_file(path: Union[str, Path]) -> dict:
@@ -124,5 +124,5 @@ def load_adapter(model: LLaMA, path: Union[str, Path]) -> LLaMA:
     with torch.no_grad():
         for name, tensor in data["adapter"].items():
             model.get_parameter(name).copy_(tensor)  # into the model's device and dtype
-    model.prompt = data.get("prompt")  # the format it was finetuned in (lit_lora/chat.py generates in it)
+    model.prompt_format = data.get("prompt")  # the format it was finetuned in (lit_lora/chat.py generates in it)
     return model

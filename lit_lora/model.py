@@ -18,14 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class ConfigError(ValueError):
-    """A value a config cannot hold, naming its field, so that a caller can say where it came from (a file, a flag)."""
-
-    def __init__(self, field: str, value, requirement: str):
-        super().__init__(f"{field}={value!r}: {requirement}")
-        self.field, self.value, self.requirement = field, value, requirement
-
-
 @dataclass
 class Config:
     name: str = ""
@@ -44,34 +36,13 @@ class Config:
     tie_embeddings: bool = False  # lm_head is the embedding matrix (Llama 3.2 1B/3B, SmolLM2)
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the Hugging Face repo it came from)
 
-    def __post_init__(self):
-        for name in ("block_size", "vocab_size", "padding_multiple", "padded_vocab_size", "n_layer", "n_head",
-                     "n_query_groups", "n_embd", "intermediate_size"):
-            value = getattr(self, name)
-            if value is not None and (type(value) is not int or value < 1):
-                raise ConfigError(name, value, "must be a whole number, at least 1")
-        if type(self.tie_embeddings) is not bool:
-            raise ConfigError("tie_embeddings", self.tie_embeddings, "must be true or false")
-        scaling = self.rope_scaling
-        if scaling is not None and (type(scaling) is not dict or sorted(scaling) != sorted(ROPE_SCALING_FIELDS)):
-            raise ConfigError("rope_scaling", scaling, f"must be null or hold {', '.join(ROPE_SCALING_FIELDS)}")
-        for name, value in {"norm_eps": self.norm_eps, "rope_base": self.rope_base, **(scaling or {})}.items():
-            if type(value) not in (int, float) or not 0 < value < math.inf:  # also refuses NaN
-                raise ConfigError(name, value, "must be a positive, finite number")
-        if scaling is not None and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-            raise ConfigError("high_freq_factor", scaling["high_freq_factor"], "must exceed low_freq_factor")
+    def __post_init__(self):  # the sizes left out are derived (checkpoint.py checks every field read from a file)
         if self.padded_vocab_size is None:
             self.padded_vocab_size = math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.intermediate_size is None:  # the paper's SwiGLU size: 2/3 of 4 n_embd, up to a multiple of 256
             self.intermediate_size = math.ceil(int(2 * 4 * self.n_embd / 3) / 256) * 256  # 11008 for 7B
-        if self.padded_vocab_size < self.vocab_size:
-            raise ConfigError("padded_vocab_size", self.padded_vocab_size, f"must be >= vocab_size ({self.vocab_size})")
-        if self.n_embd % (2 * self.n_head):  # RoPE rotates pairs: each head's size must be even
-            raise ConfigError("n_embd", self.n_embd, f"must be divisible by 2 n_head ({2 * self.n_head})")
-        if self.n_head % self.n_query_groups:
-            raise ConfigError("n_head", self.n_head, f"must be divisible by n_query_groups ({self.n_query_groups})")
 
     @property
     def head_size(self) -> int:
@@ -82,40 +53,6 @@ class Config:
         if name not in PRESETS:
             raise ValueError(f"Unknown model name {name!r}. Known presets: {', '.join(PRESETS)}")
         return cls(**{"name": name, **PRESETS[name], **overrides})
-
-
-ROPE_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_context")
-LLAMA_3 = dict(vocab_size=128256, n_query_groups=8, rope_base=500000, block_size=131072)
-LLAMA_3_1_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192)
-SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_base=100000, tie_embeddings=True)
-
-# Published shapes, from the papers (LLaMA, Llama 2) and the models' config.json (the others).
-PRESETS = {
-    "7B": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
-    "13B": dict(n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6),
-    "30B": dict(n_layer=60, n_head=52, n_embd=6656, norm_eps=1e-6),
-    "65B": dict(n_layer=80, n_head=64, n_embd=8192, norm_eps=1e-6),
-    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096),
-    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120),
-    "Llama-2-70b": dict(block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672),
-    "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
-    "open_llama_3b": dict(n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
-    "open_llama_7b": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
-    "Llama-3.2-1B": dict(LLAMA_3, n_layer=16, n_head=32, n_embd=2048, intermediate_size=8192, tie_embeddings=True,
-                         rope_scaling=dict(LLAMA_3_1_ROPE, factor=32.0)),
-    "Llama-3.2-3B": dict(LLAMA_3, n_layer=28, n_head=24, n_embd=3072, intermediate_size=8192, tie_embeddings=True,
-                         rope_scaling=dict(LLAMA_3_1_ROPE, factor=32.0)),
-    "Llama-3.1-8B": dict(LLAMA_3, n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336, rope_scaling=LLAMA_3_1_ROPE),
-    "Llama-3.1-70B": dict(LLAMA_3, n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672,
-                          rope_scaling=LLAMA_3_1_ROPE),
-    "SmolLM2-135M": dict(SMOLLM2, n_layer=30, n_head=9, n_query_groups=3, n_embd=576, intermediate_size=1536),
-    "SmolLM2-360M": dict(SMOLLM2, n_layer=32, n_head=15, n_query_groups=5, n_embd=960, intermediate_size=2560),
-    "SmolLM2-1.7B": dict(SMOLLM2, n_layer=24, n_head=32, n_embd=2048, intermediate_size=8192, rope_base=130000),
-    # Not published models: small shapes for CPU runs. `tiny` (0.9M parameters) is what the CPU demo pretrains;
-    # `micro` is the smallest useful model, with grouped-query attention, for fast tests.
-    "tiny": dict(block_size=256, vocab_size=512, n_layer=4, n_head=4, n_embd=128, intermediate_size=352),
-    "micro": dict(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64),
-}
 
 
 class RMSNorm(nn.Module):
@@ -347,3 +284,45 @@ class KVCache(nn.Module):
             self.k[rows, :, input_pos] = k.transpose(1, 2)
             self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
+
+
+ROPE_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_context")
+LLAMA_3 = dict(vocab_size=128256, n_query_groups=8, rope_base=500000, block_size=131072)
+LLAMA_3_1_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192)
+SMOLLM2 = dict(vocab_size=49152, block_size=8192, rope_base=100000, tie_embeddings=True)
+
+# Published shapes, from the papers (LLaMA, Llama 2) and the models' config.json (the others).
+PRESETS = {
+    "7B": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
+    "13B": dict(n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6),
+    "30B": dict(n_layer=60, n_head=52, n_embd=6656, norm_eps=1e-6),
+    "65B": dict(n_layer=80, n_head=64, n_embd=8192, norm_eps=1e-6),
+    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096),
+    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120),
+    "Llama-2-70b": dict(block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672),
+    "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
+    "open_llama_3b": dict(n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
+    "open_llama_7b": dict(n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
+    "Llama-3.2-1B": dict(LLAMA_3, n_layer=16, n_head=32, n_embd=2048, intermediate_size=8192, tie_embeddings=True,
+                         rope_scaling=dict(LLAMA_3_1_ROPE, factor=32.0)),
+    "Llama-3.2-3B": dict(LLAMA_3, n_layer=28, n_head=24, n_embd=3072, intermediate_size=8192, tie_embeddings=True,
+                         rope_scaling=dict(LLAMA_3_1_ROPE, factor=32.0)),
+    "Llama-3.1-8B": dict(LLAMA_3, n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336, rope_scaling=LLAMA_3_1_ROPE),
+    "Llama-3.1-70B": dict(LLAMA_3, n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672,
+                          rope_scaling=LLAMA_3_1_ROPE),
+    "SmolLM2-135M": dict(SMOLLM2, n_layer=30, n_head=9, n_query_groups=3, n_embd=576, intermediate_size=1536),
+    "SmolLM2-360M": dict(SMOLLM2, n_layer=32, n_head=15, n_query_groups=5, n_embd=960, intermediate_size=2560),
+    "SmolLM2-1.7B": dict(SMOLLM2, n_layer=24, n_head=32, n_embd=2048, intermediate_size=8192, rope_base=130000),
+    # Not published models: small shapes for CPU runs. `tiny` (0.9M parameters) is what the CPU demo pretrains;
+    # `micro` is the smallest useful model, with grouped-query attention, for fast tests.
+    "tiny": dict(block_size=256, vocab_size=512, n_layer=4, n_head=4, n_embd=128, intermediate_size=352),
+    "micro": dict(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64),
+}
+
+
+class ConfigError(ValueError):
+    """A value a config cannot hold, naming its field, so that a caller can say where it came from (a file, a flag)."""
+
+    def __init__(self, field: str, value, requirement: str):
+        super().__init__(f"{field}={value!r}: {requirement}")
+        self.field, self.value, self.requirement = field, value, requirement

@@ -64,7 +64,10 @@ def interrupt_held() -> Iterator[None]:
 # run's result, and resuming with another value is refused.
 RESUME_MAY_CHANGE = {"checkpoint_dir", "data_dir", "out_dir", "devices", "num_nodes", "strategy", "micro_batch_size",
                      "eval_interval", "eval_examples", "eval_instruction", "eval_input", "eval_max_new_tokens",
-                     "save_interval", "log_interval", "resume", "activation_checkpointing"}
+                     "save_interval", "log_interval", "resume", "overwrite", "activation_checkpointing"}
+# How a step's work is split (recorded as the run's "split"): resuming with another split goes on, but not bit for
+# bit, as the dropout masks are drawn per device and per micro batch, and the sums are added in another order
+SPLIT_FLAGS = ("micro_batch_size", "devices", "num_nodes")
 
 
 def run_identity(args, model: nn.Module) -> dict:
@@ -74,6 +77,7 @@ def run_identity(args, model: nn.Module) -> dict:
     identity["method"] = type(args).__name__.removesuffix("Args").lower()  # LoRAArgs -> lora: which script
     identity["data"] = file_sha256(Path(args.data_dir) / "train.pt")
     identity["base_weights"] = getattr(model, "base_fingerprint", None)
+    identity["split"] = {name: getattr(args, name) for name in SPLIT_FLAGS}
     return json.loads(json.dumps(identity, default=str))  # plain JSON values: tuples as lists, paths as strings
 
 
@@ -134,16 +138,36 @@ def start_or_resume(fabric: Fabric, args, module: nn.Module, optimizer: torch.op
     completed = 0
     path = find_resume_path(args.resume, out_dir)
     if path is not None:
-        completed = load_state(path, module, optimizer, run, sharded)
+        completed, saved_split = load_state(path, module, optimizer, run, sharded)
         fabric.print(f"Resumed from {path} after step {completed}")
+        changed = [f"--{name} {run['split'][name]} (saved: {saved_split[name]})" for name in SPLIT_FLAGS
+                   if saved_split and saved_split.get(name) != run["split"][name]]
+        if changed:
+            fabric.print(f"Note: {', '.join(changed)}: the run goes on, but not bit for bit as an uninterrupted one "
+                         "(dropout masks are drawn per device and per micro batch, and sums add up in another order)")
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock_out_dir(out_dir)  # before anything in out_dir is touched
         remove_leftovers(out_dir)
-        hyperparameters = {**asdict(args), "prompt": getattr(module, "prompt", None)}  # and the data's format
+        hyperparameters = {**asdict(args), "prompt": getattr(module, "prompt_format", None)}  # and the data's format
         atomic_write(out_dir / "hyperparameters.json",
                      lambda tmp: Path(tmp).write_text(json.dumps(hyperparameters, indent=2, default=str)))
     return completed
+
+
+def refuse_to_start_over(out_dir: Union[str, Path], resume, overwrite: bool) -> None:
+    """A new run (no --resume) in an out_dir that holds an earlier run's state would replace that state at its first
+    save, and the earlier steps would be lost: refused unless --overwrite, in one line saying which step is saved."""
+    saved = Path(out_dir) / "state.pth"
+    if resume not in (False, None) or overwrite or not saved.is_file():
+        return
+    try:
+        step = f"after step {int(torch.load(saved, mmap=True, weights_only=True, map_location='cpu')['step'])}"
+    except Exception:  # damaged or not ours: still not to be replaced without asking
+        step = "a file this version cannot read"
+    raise ValueError(f"{out_dir} holds the resumable state of an earlier run ({saved}: {step}). Continue it with "
+                     "--resume auto, start over with --overwrite true (the saved steps are replaced), or choose "
+                     "another --out_dir.")
 
 
 def find_resume_path(resume: Union[bool, str, Path], out_dir: Path) -> Optional[Path]:
@@ -158,9 +182,10 @@ def find_resume_path(resume: Union[bool, str, Path], out_dir: Path) -> Optional[
     return path
 
 
-def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, run: dict, sharded: bool) -> int:
+def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, run: dict,
+               sharded: bool) -> tuple[int, Optional[dict]]:
     """Restore the trainable weights and the optimizer from `path`, after checking that the saved run is this
-    run; return the number of completed steps."""
+    run; return the number of completed steps and how the saved run split its steps (None for older states)."""
     state = load_torch_file(path, "a resumable state written by lit-lora", "start afresh, or resume from another "
                             "state (a run's out_dir/state.pth)", mmap=True)
     if not isinstance(state, dict) or not {"run", "model", "optimizer", "step"} <= set(state) \
@@ -171,7 +196,7 @@ def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, 
         raise ValueError(f"--resume {path}: the state was written by finetune/{saved_method}.py, not by "
                          f"finetune/{run['method']}.py: resume it with the script that wrote it, or start a new run "
                          "in another --out_dir.")
-    for name in sorted((set(run) | set(state["run"])) - {"method"}):  # the method: checked above
+    for name in sorted((set(run) | set(state["run"])) - {"method", "split"}):  # method: above; split: may change
         saved, now = state["run"].get(name), run.get(name)
         if saved != now:
             what = {"data": "the training data (train.pt)", "base_weights": "the base model's weights"}.get(name,
@@ -186,7 +211,7 @@ def load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, 
     options = StateDictOptions(full_state_dict=True, strict=False) if sharded else StateDictOptions(strict=False)
     set_model_state_dict(module, state["model"], options=options)
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
-    return state["step"]
+    return state["step"], state["run"].get("split")
 
 
 HELD_LOCKS: dict[Path, int] = {}  # out_dir -> the open .lock file this process holds (until the run ends)

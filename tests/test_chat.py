@@ -197,7 +197,7 @@ def test_the_template_travels_through_conversion_and_export(tmp_path, family_fol
 
 
 def test_a_finetune_records_its_format_and_generate_uses_it(tmp_path, monkeypatch, capsys):
-    import lit_lora.generation as generation
+    import lit_lora.chat as chat
     from finetune.lora import main as finetune
     from generate.lora import LoRAGenerateArgs
     from generate.lora import main as generate
@@ -214,8 +214,8 @@ def test_a_finetune_records_its_format_and_generate_uses_it(tmp_path, monkeypatc
     assert prompt["style"] == "chat_template" and prompt["system_prompt"] == "Be exact."
     assert json.loads((tmp_path / "out" / "hyperparameters.json").read_text())["prompt"] == prompt
 
-    seen, real = [], generation.generate_stream
-    monkeypatch.setattr(generation, "generate_stream", lambda m, prompts, *a, **k: seen.append(prompts[0].tolist())
+    seen, real = [], chat.generate_stream
+    monkeypatch.setattr(chat, "generate_stream", lambda m, prompts, *a, **k: seen.append(prompts[0].tolist())
                         or real(m, prompts, *a, **k))
     args = dict(checkpoint_dir=checkpoint, lora_path=tmp_path / "out" / "lit_lora_finetuned.pth",
                 prompt="What is 5 + 1?", max_new_tokens=3, temperature=0.0)
@@ -230,15 +230,15 @@ def test_a_finetune_records_its_format_and_generate_uses_it(tmp_path, monkeypatc
 
 
 def test_interactive_chat_keeps_the_conversation_resets_and_trims_it(tmp_path, monkeypatch, capsys):
-    import lit_lora.generation as generation
+    import lit_lora.chat as chat
     from generate.base import main
     from lit_lora.chat import GenerateArgs
 
     folder = chat_folder(tmp_path / "tok", "smollm2")
     checkpoint = make_checkpoint(tmp_path / "base", folder, block_size=160)
     tokenizer = Tokenizer(checkpoint)
-    seen, real = [], generation.generate_stream
-    monkeypatch.setattr(generation, "generate_stream", lambda m, prompts, *a, **k: seen.append(prompts[0].tolist())
+    seen, real = [], chat.generate_stream
+    monkeypatch.setattr(chat, "generate_stream", lambda m, prompts, *a, **k: seen.append(prompts[0].tolist())
                         or real(m, prompts, *a, **k))
     lines = iter(["Hi there.", "And then?", "/reset", "Again.", "A " * 20, "B " * 20, ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
@@ -272,5 +272,5 @@ def test_adapter_and_full_finetunes_record_the_format_too(tmp_path):
     recorded = read_adapter_file(tmp_path / "adapter" / "lit_adapter_finetuned.pth")["prompt"]
     assert recorded["style"] == "chat_template" and recorded["system_prompt"] == "Be exact."
     assert read_config(tmp_path / "full" / "model_config.json").extra["prompt"] == recorded
-    assert load_model(tmp_path / "full").prompt == recorded  # what generate/full.py generates in
-    assert load_adapter(load_model(checkpoint), tmp_path / "adapter" / "lit_adapter_finetuned.pth").prompt == recorded
+    assert load_model(tmp_path / "full").prompt_format == recorded  # what generate/full.py generates in
+    assert load_adapter(load_model(checkpoint), tmp_path / "adapter" / "lit_adapter_finetuned.pth").prompt_format == recorded

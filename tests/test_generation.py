@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_lora.generation import check_prompt_length, generate, sample, stream_text
+from lit_lora.chat import check_prompt_length
+from lit_lora.generation import generate, sample, stream_text
 from lit_lora.model import Config, LLaMA
 
 
@@ -115,7 +116,7 @@ def test_each_row_stops_at_its_own_stop_id_and_repeats_it(model):
 
 
 def test_generation_stops_at_every_stop_id_of_a_tokenizer_json(llama3_tokenizer_dir, capsys):
-    from lit_lora.generation import generate_and_print
+    from lit_lora.chat import generate_and_print
     from lit_lora.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(llama3_tokenizer_dir)
@@ -129,7 +130,7 @@ def test_generation_stops_at_every_stop_id_of_a_tokenizer_json(llama3_tokenizer_
 
 
 def test_prompt_style_formats_the_prompt_and_stops_at_its_end_of_answer(tmp_path, monkeypatch, capsys):
-    from lit_lora import generation
+    from lit_lora import chat
     from lit_lora.chat import GenerateArgs, run_generation
     from lit_lora.prompts import format_prompt
     from lit_lora.tokenizer import Tokenizer
@@ -139,13 +140,13 @@ def test_prompt_style_formats_the_prompt_and_stops_at_its_end_of_answer(tmp_path
     tokenizer = Tokenizer(folder)
     eot = tokenizer.json_tokenizer.token_to_id("<|eot_id|>")
     assert eot not in tokenizer.stop_ids  # Llama 3 base stops only at <|end_of_text|>
-    model, prompts, real_stream = model_preferring(eot, vocab_size=tokenizer.vocab_size), [], generation.generate_stream
+    model, prompts, real_stream = model_preferring(eot, vocab_size=tokenizer.vocab_size), [], chat.generate_stream
 
     def spy(model, prompt_list, *args, **kwargs):
         prompts.append(prompt_list[0].tolist())
         return real_stream(model, prompt_list, *args, **kwargs)
 
-    monkeypatch.setattr(generation, "generate_stream", spy)
+    monkeypatch.setattr(chat, "generate_stream", spy)  # what generate_and_print calls
     options = dict(prompt="Say hi.", checkpoint_dir=folder, max_new_tokens=6, temperature=0.0, precision="32-true")
     assert run_generation(model, GenerateArgs(**options, prompt_style="llama3")) == [""]  # stopped at <|eot_id|>
     assert prompts[-1] == tokenizer.encode(format_prompt("Say hi.", style="llama3"), bos=True).tolist()
@@ -217,10 +218,12 @@ def test_interactive_loop_streams_answers_until_an_empty_line(tmp_path, tokenize
     (dict(top_p=-0.1), "top_p -0.1: must be in (0, 1]"),
     (dict(top_p=1.5), "top_p 1.5: must be in (0, 1]"),
 ])
-def test_sample_refuses_settings_that_mean_nothing(options, words):
+def test_sampling_refuses_settings_that_mean_nothing(options, words):
+    """Checked once per call of generate (not per token, in sample), before anything is computed."""
     settings = dict(temperature=1.0, top_k=None, top_p=1.0) | options
+    model = LLaMA(Config.from_name("micro")).eval()
     with pytest.raises(ValueError, match=re.escape(words)):
-        sample(torch.zeros(1, 4), **settings)
+        generate(model, [torch.tensor([1, 2])], max_new_tokens=2, **settings)
 
 
 def test_top_k_keeps_exactly_k_tokens_even_when_tied():
@@ -381,11 +384,11 @@ def test_interactive_lines_that_are_not_utf8_get_an_error_and_the_session_goes_o
 def test_interactive_ctrl_c_or_a_too_long_prompt_ends_only_that_answer(quit_key, tmp_path, tokenizer_path,
                                                                        monkeypatch, capsys):
     from generate.full import FullGenerateArgs, main
-    from lit_lora import generation
+    from lit_lora import chat
     from tests.conftest import make_checkpoint
 
     checkpoint_dir = make_checkpoint(tmp_path / "model", tokenizer_path, block_size=256)
-    models, real_stream = [], generation.generate_stream
+    models, real_stream = [], chat.generate_stream
 
     def interrupted_once(model, *args, **kwargs):
         """The first answer is interrupted by Ctrl-C after two tokens; the others run as they are."""
@@ -395,7 +398,7 @@ def test_interactive_ctrl_c_or_a_too_long_prompt_ends_only_that_answer(quit_key,
                 raise KeyboardInterrupt
             yield token
 
-    monkeypatch.setattr(generation, "generate_stream", interrupted_once)
+    monkeypatch.setattr(chat, "generate_stream", interrupted_once)
     monkeypatch.setattr("builtins.input", typed(["Say hello.", "word " * 300, "Name a colour.", quit_key]))
     try:
         main(FullGenerateArgs(checkpoint_dir=checkpoint_dir, interactive=True, max_new_tokens=4, temperature=0.0))

@@ -67,3 +67,22 @@ def test_files_stay_readable_in_length(path):
     """model.py reads top to bottom in at most 350 lines; no file of lit_lora is over 400."""
     limit = 350 if path.name == "model.py" else 400
     assert len(path.read_text().splitlines()) <= limit
+
+
+COURSE = ["model.py", "lora.py", "train.py", "generation.py"]
+
+
+def test_the_course_is_at_most_1000_lines_and_starts_the_math_early():
+    """The course (model.py -> lora.py -> the loop -> sampling) reads as nanoGPT does: the checks of files and flags,
+    the printing and the timing live in the periphery that calls it; model.py reaches RMSNorm within 90 lines."""
+    lengths = {name: len((PACKAGE / name).read_text().splitlines()) for name in COURSE}
+    assert sum(lengths.values()) <= 1000, lengths
+    model_lines = (PACKAGE / "model.py").read_text().splitlines()
+    assert next(i for i, line in enumerate(model_lines, 1) if line.startswith("class RMSNorm")) <= 90
+
+
+def test_the_course_checks_no_flag_and_prints_nothing_itself():
+    """train.py does not import quantize (to check a flag) or the CLI; generation.py prints and times nothing."""
+    assert not GRAPH["train"] & {"quantize", "cli"}
+    generation = (PACKAGE / "generation.py").read_text()
+    assert "print(" not in generation and "perf_counter" not in generation

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Optional, Union
 
-from lit_lora.checkpoint import check_vocabulary, load_model
+from lit_lora.checkpoint import check_vocabulary, checked_config, load_model
 from lit_lora.convert.common import (
     NameTable,
     apply_preset,
@@ -131,7 +131,7 @@ def config_from_hf(hf_config: dict, model_name: Optional[str] = None, source: Un
         raise ValueError(f"{source} lacks {', '.join(missing)}: is this a Hugging Face LlamaForCausalLM config?")
     rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000))
     try:
-        config = Config(
+        config = checked_config(
             block_size=hf_config.get("max_position_embeddings", 2048),
             vocab_size=hf_config["vocab_size"],
             padded_vocab_size=hf_config["vocab_size"],

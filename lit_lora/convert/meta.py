@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from lit_lora.checkpoint import check_vocabulary
+from lit_lora.checkpoint import check_vocabulary, checked_config
 from lit_lora.convert.common import NameTable, apply_preset, check_converted_tensors, dtype_from_name, int_if_whole
 from lit_lora.convert.common import read_tensors, to_dtype, write_checkpoint
 from lit_lora.files import read_json
@@ -96,7 +96,7 @@ def config_from_meta(params: dict, vocab_size: int, model_size: str) -> Config:
         hidden_size = int(params["ffn_dim_multiplier"] * hidden_size)
     multiple_of = params.get("multiple_of", 256)
     intermediate_size = (hidden_size + multiple_of - 1) // multiple_of * multiple_of
-    config = Config(
+    config = checked_config(
         vocab_size=vocab_size,
         padded_vocab_size=vocab_size,
         n_layer=params["n_layers"],
