@@ -83,6 +83,7 @@ class CompareArgs:
         model_name: With --estimate_only: a Config preset (e.g. 7B) instead of checkpoint_dir's model_config.json.
         seq_length: With --estimate_only: the tokens per example to estimate for (default: the data's longest, else 256).
         quantize: QLoRA's 4-bit format: bnb.nf4-dq (NF4 with double quantization, as the QLoRA paper) or bnb.nf4.
+        overwrite: Run again in an out_dir whose method folders hold an earlier comparison's runs (they are replaced).
     """
 
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")
@@ -104,6 +105,7 @@ class CompareArgs:
     model_name: Optional[str] = None
     seq_length: Optional[int] = None
     quantize: Literal["bnb.nf4", "bnb.nf4-dq"] = "bnb.nf4-dq"
+    overwrite: bool = False
 
 
 def main(args: CompareArgs) -> dict:
@@ -117,6 +119,10 @@ def main(args: CompareArgs) -> dict:
         raise ValueError("--model_name is for --estimate_only true; a run uses checkpoint_dir's model_config.json")
     if "qlora" in args.methods and not args.estimate_only:
         require_bitsandbytes("--methods with qlora")  # before any method runs
+    earlier = [str(args.out_dir / m) for m in args.methods if (args.out_dir / m / "state.pth").is_file()]
+    if earlier and not args.estimate_only and not args.overwrite:
+        raise ValueError(f"{', '.join(earlier)} hold(s) the runs of an earlier comparison: measure again with "
+                         "--overwrite true (they are replaced), or choose another --out_dir")
     config = (Config.from_name(args.model_name) if args.model_name is not None
               else read_config(check_checkpoint_dir(args.checkpoint_dir) / "model_config.json"))
     device = "cuda" if torch.cuda.is_available() or args.estimate_only else "cpu"  # an estimate is for a GPU
@@ -189,6 +195,7 @@ def method_flags(method: str, args: CompareArgs, precision: str) -> list[str]:
         "precision": precision, "max_steps": args.max_steps, "micro_batch_size": args.micro_batch_size,
         "global_batch_size": args.global_batch_size, "seed": args.seed, "eval_interval": 0, "save_interval": 0,
         "eval_examples": args.eval_examples, "log_interval": max(1, args.max_steps // 10),
+        "overwrite": args.overwrite,
     }
     if method == "qlora":
         flags["quantize"] = args.quantize

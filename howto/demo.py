@@ -38,6 +38,7 @@ from lit_lora.lora import merge_lora  # noqa: E402
 from lit_lora.method_files import load_lora  # noqa: E402
 from lit_lora.prompts import format_prompt  # noqa: E402
 from lit_lora.report import format_bytes  # noqa: E402
+from lit_lora.resume import refuse_to_start_over  # noqa: E402
 from lit_lora.tokenizer import Tokenizer  # noqa: E402
 from lit_lora.train import loss_sum  # noqa: E402
 from prepare_data.json_data import JSONArgs  # noqa: E402
@@ -83,7 +84,7 @@ def accuracy(model, tokenizer: Tokenizer, records: list[dict]) -> tuple[float, l
 
 def main(out_dir: Path = Path("out/demo"), seed: int = 42, pretrain_steps: int = 2000, pretrain_learning_rate: float = 1e-3,
          lora_steps: int = 300, lora_learning_rate: float = 1e-2, lora_r: int = 8, train_examples: int = 4000,
-         eval_examples: int = 100, resume: Union[bool, Literal["auto"]] = False) -> dict:
+         eval_examples: int = 100, resume: Union[bool, Literal["auto"]] = False, overwrite: bool = False) -> dict:
     """Run the CPU demo end to end and print the before/after table.
 
     Args:
@@ -98,10 +99,13 @@ def main(out_dir: Path = Path("out/demo"), seed: int = 42, pretrain_steps: int =
         eval_examples: Held-out puzzles for each accuracy figure.
         resume: auto: continue an interrupted demo (Ctrl-C saves the training stage's state): each training stage
             resumes from its state in out_dir, or starts if it has none; the data are made again, the same.
+        overwrite: Run the demo again from the start in an out_dir that holds an earlier demo's saved states.
     """
     torch.manual_seed(seed)
     times, rng = {}, random.Random(seed)
     out_dir = Path(out_dir)
+    for stage_dir in (out_dir / "base", out_dir / "lora"):  # before any work: a rerun never replaces them unasked
+        refuse_to_start_over(stage_dir, resume, overwrite)
 
     start = stage("1. Data: letter puzzles, a tokenizer, prepare_data/json_data.py")
     base_records = [make_record(rng.choice(BASE_TASKS), rng) for _ in range(train_examples)]
@@ -133,7 +137,7 @@ def main(out_dir: Path = Path("out/demo"), seed: int = 42, pretrain_steps: int =
         model_name="tiny", precision="32-true", seed=seed, learning_rate=pretrain_learning_rate, global_batch_size=32,
         micro_batch_size=32, max_steps=pretrain_steps, warmup_steps=30, eval_interval=0, save_interval=0,
         log_interval=max(1, pretrain_steps // 10), eval_instruction=TASKS["reverse"][0], eval_input="a b c d",
-        eval_max_new_tokens=10, resume=resume,
+        eval_max_new_tokens=10, resume=resume, overwrite=overwrite,
     ))
     times["pretrain"] = time.perf_counter() - start
 
@@ -144,7 +148,7 @@ def main(out_dir: Path = Path("out/demo"), seed: int = 42, pretrain_steps: int =
         learning_rate=lora_learning_rate, global_batch_size=32, micro_batch_size=32, max_steps=lora_steps, warmup_steps=10,
         eval_interval=0, save_interval=0, log_interval=max(1, lora_steps // 10), lora_r=lora_r,
         lora_alpha=2 * lora_r, lora_dropout=0.0, eval_instruction=TASKS[NEW_TASK][0], eval_input="a b c d",
-        eval_max_new_tokens=10, resume=resume,
+        eval_max_new_tokens=10, resume=resume, overwrite=overwrite,
     ))
     times["lora"] = time.perf_counter() - start
     lora_path = lora_dir / "lit_lora_finetuned.pth"
