@@ -224,11 +224,11 @@ class Tokenizer:
                 ids.append(specials[part])
                 offsets.append((start, start + len(part)))
             elif part:
-                pieces = self.processor.encode(part, out_type="immutable_proto").pieces
+                pieces = sentencepiece_pieces(self.processor.encode(part, out_type="serialized_proto"))
                 # begin/end are byte offsets into the UTF-8 text: turned into character offsets
                 char_at = [i for i, ch in enumerate(part) for _ in ch.encode("utf-8")] + [len(part)]
-                ids += [piece.id for piece in pieces]
-                offsets += [(start + char_at[piece.begin], start + char_at[piece.end]) for piece in pieces]
+                ids += [piece_id for piece_id, _, _ in pieces]
+                offsets += [(start + char_at[begin], start + char_at[end]) for _, begin, end in pieces]
             start += len(part)
         return ids, offsets
 
@@ -275,6 +275,44 @@ class Tokenizer:
         )
         atomic_write(Path(f"{model_prefix}.model"), lambda tmp: Path(tmp).write_bytes(model.getvalue()))
         return Tokenizer(str(model_prefix) + ".model")
+
+
+def sentencepiece_pieces(serialized: bytes) -> list[tuple[int, int, int]]:
+    """(id, begin, end) of each piece of SentencePiece's encoding, read from its serialized SentencePieceText proto
+    (out_type="serialized_proto"): begin and end are the bytes of the UTF-8 text the piece was read from.
+
+    The serialized proto is the one form of the offsets that every sentencepiece >= 0.2 returns: 0.2.0's
+    out_type="immutable_proto" is refused by later releases ("immutable_proto is deprecated"), and their
+    out_type="proto" needs the protobuf package. Its wire format is short to read: SentencePieceText's field 2 is a
+    piece, whose fields 2, 4 and 5 are id, begin and end (sentencepiece.proto)."""
+    return [(fields.get(2, 0), fields.get(4, 0), fields.get(5, 0))
+            for number, piece in proto_fields(serialized) if number == 2
+            for fields in [dict(proto_fields(piece))]]
+
+
+def proto_fields(message: bytes) -> Iterable[tuple[int, Any]]:
+    """(field number, value) of each field of a serialized protobuf message: an int for a varint, bytes otherwise."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            value, shift, i = value | (message[i] & 0x7F) << shift, shift + 7, i + 1
+            if message[i - 1] < 0x80:
+                return value, i
+
+    i = 0
+    while i < len(message):
+        key, i = varint(i)
+        wire_type = key & 7
+        if wire_type == 0:
+            value, i = varint(i)
+        elif wire_type == 2:  # length-delimited: a string or a nested message
+            length, i = varint(i)
+            value, i = message[i:i + length], i + length
+        else:  # fixed 64 (1) or 32 bits (5): a score
+            size = {1: 8, 5: 4}[wire_type]
+            value, i = message[i:i + size], i + size
+        yield key >> 3, value
 
 
 def import_tokenizers(path: Path) -> Any:
