@@ -71,6 +71,7 @@ class Tokenizer:
         special_tokens: the text of BOS, EOS, padding and unknown (`bos_token`, ...), as a chat template reads them.
         chat_template: the model's own chat template (Jinja text), or None: chat_template.jinja beside the tokenizer
             file, else tokenizer_config.json's `chat_template` (lit_lora/prompts.py renders it).
+        chat_template_file: the file the chat template was read from (what an error in the template names), or None.
     """
 
     def __init__(self, path: Union[str, Path]):
@@ -109,7 +110,7 @@ class Tokenizer:
             self.pad_id = self.processor.pad_id()  # -1 for LLaMA: it has no padding token
             self.add_bos = self.bos_id >= 0  # LLaMA reads every text after <s>
             self.stop_ids = (self.eos_id,) if self.eos_id >= 0 else ()
-        self.chat_template = read_chat_template(path.parent)
+        self.chat_template, self.chat_template_file = read_chat_template(path.parent)
 
     def _read_tokenizer_json(self, path: Path) -> None:
         """tokenizer.json, and BOS, EOS, padding and the stop ids from the files beside it."""
@@ -326,13 +327,21 @@ def import_tokenizers(path: Path) -> Any:
     return JSONTokenizer
 
 
-def read_chat_template(folder: Path) -> Optional[str]:
-    """A model folder's chat template: chat_template.jinja (transformers 5), else tokenizer_config.json's
-    `chat_template` (transformers 4: a string, or a list of {name, template} whose "default" is the chat template)."""
-    if (folder / CHAT_TEMPLATE_FILE).is_file():
-        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    template = read_json(folder / "tokenizer_config.json", "download the model's tokenizer files again",
-                         missing_ok=True).get("chat_template")
+def read_chat_template(folder: Path) -> tuple[Optional[str], Optional[Path]]:
+    """A model folder's chat template and the file it is in: chat_template.jinja (transformers 5), else
+    tokenizer_config.json's `chat_template` (transformers 4: a string, or a list of {name, template} whose "default"
+    is the chat template). (None, None) if neither has one."""
+    jinja_file, config_file = folder / CHAT_TEMPLATE_FILE, folder / "tokenizer_config.json"
+    if jinja_file.is_file():
+        data = jinja_file.read_bytes()
+        try:
+            return data.decode("utf-8"), jinja_file
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            raise ValueError(f"{jinja_file}, line {line}: byte 0x{data[error.start]:02x} is not UTF-8, and a chat template "
+                             "is UTF-8 text: download the model's tokenizer files again, or re-encode the file "
+                             f"(iconv -f LATIN1 -t UTF-8)") from None
+    template = read_json(config_file, "download the model's tokenizer files again", missing_ok=True).get("chat_template")
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
-    return template if isinstance(template, str) else None
+    return (template, config_file) if isinstance(template, str) else (None, None)

@@ -1,0 +1,118 @@
+"""Chat templates and conversations that are broken or hostile: each ends in one `error:` line that names its cause
+(the template's file, the record and turn), in bounded time and memory, in prepare_data, generate and --interactive.
+
+A chat template is code from the Hub that every conversation runs; a conversation file is data from anywhere.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import lit_lora.chat_template as chat_template
+from tests.conftest import make_checkpoint, make_tokenizer_json_dir, run_command
+from tests.test_chat import SHAREGPT, SMOLLM2_TEMPLATE, write_jsonl
+
+# name: (template, words the error line says)
+BAD_TEMPLATES = {
+    "overflow": ("{{ 10.0 ** 400 }}", "OverflowError"),
+    "recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    "zero division": ("{{ 1 // 0 }}", "ZeroDivisionError"),
+    "type": ("{{ messages + 1 }}", "TypeError"),
+    "include": ("{% include 'other.jinja' %}", "no loader"),
+    "import": ("{% import 'macros.jinja' as m %}", "no loader"),
+    "extends": ("{% extends 'base.jinja' %}", "no loader"),
+    "undefined filter": ("{{ messages | shout }}", "No filter named 'shout'"),
+    "syntax": ("{% for message in messages %}", "cannot be read as Jinja"),
+    "huge product": ("{{ 'x' * 10**10 }}", "too large"),
+    "huge power": ("{{ 7 ** (10**10) }}", "too large"),
+    "doubling": ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+                 "{{ ns.s }}", "too large"),
+    "replace": ("{% set ns = namespace(s='xx') %}{% for i in range(40) %}{% set ns.s = ns.s.replace('x', ns.s) %}"
+                "{% endfor %}{{ ns.s }}", "MemoryError"),
+    "centered": ("{{ 'x' | center(10**10) }}", "too large"),
+    "nested loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "1 s"),
+    "endless output": ("{% for i in range(100000) %}{% for j in range(100000) %}{{ 'many words ' }}{% endfor %}"
+                       "{% endfor %}", "characters"),
+    "empty": ("{% if false %}{{ messages }}{% endif %}", "wrote nothing"),
+}
+
+
+@pytest.fixture
+def quick_deadline(monkeypatch):
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 1.0)
+
+
+def smollm2_folder(folder: Path, template: str, layout: str = "jinja") -> Path:
+    make_tokenizer_json_dir(folder, "smollm2")
+    if layout == "jinja":
+        (folder / "chat_template.jinja").write_text(template)
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return folder
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", BAD_TEMPLATES)
+def test_a_bad_template_is_one_line_naming_its_file_in_prepare_and_generate(tmp_path, quick_deadline, name):
+    template, words = BAD_TEMPLATES[name]
+    layout = "tokenizer_config" if name == "zero division" else "jinja"
+    folder = smollm2_folder(tmp_path / "tok", template, layout)
+    template_file = "tokenizer_config.json" if layout == "tokenizer_config" else "chat_template.jinja"
+    start = time.perf_counter()
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", SHAREGPT),
+                               "--checkpoint_dir", folder, "--destination_path", tmp_path / "data")
+    line = one_error_line(err)
+    assert code == 1 and words in line and str(folder / template_file) in line and "c.jsonl, record" in line
+    assert not (tmp_path / "data").exists() and time.perf_counter() - start < 20
+    checkpoint = make_checkpoint(tmp_path / "base", folder, block_size=64)
+    code, _, err = run_command("generate/base.py", "--checkpoint_dir", checkpoint, "--prompt", "Hi",
+                               "--prompt_style", "chat_template", "--max_new_tokens", "2")
+    line = one_error_line(err)
+    assert code == 1 and words in line and str(checkpoint / template_file) in line
+
+
+def test_the_interactive_chat_survives_a_turn_the_template_fails_on(tmp_path, monkeypatch, capsys):
+    import lit_lora.generation as generation
+    from generate.base import main
+    from lit_lora.chat import GenerateArgs
+
+    failing = "{% if messages[-1]['content'] == 'boom' %}{{ 1 // 0 }}{% endif %}" + SMOLLM2_TEMPLATE
+    checkpoint = make_checkpoint(tmp_path / "base", smollm2_folder(tmp_path / "tok", failing), block_size=128)
+    seen, real = [], generation.generate_stream
+    monkeypatch.setattr(generation, "generate_stream", lambda m, p, *a, **k: seen.append(p) or real(m, p, *a, **k))
+    lines = iter(["boom", "Hi there.", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    main(GenerateArgs(checkpoint_dir=checkpoint, interactive=True, prompt_style="chat_template", max_new_tokens=2,
+                      temperature=0.0))
+    err = capsys.readouterr().err
+    assert f"error: the chat template failed on the conversation (ZeroDivisionError: integer division or modulo by " \
+           f"zero; raised by {checkpoint / 'chat_template.jinja'})" in err
+    assert len(seen) == 1  # the next line was answered
+
+
+def test_a_chat_template_that_is_not_utf8_is_named(tmp_path):
+    folder = make_tokenizer_json_dir(tmp_path / "tok", "smollm2")
+    (folder / "chat_template.jinja").write_bytes(SMOLLM2_TEMPLATE.encode("utf-8") + b"{# caf\xe9 #}")
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", SHAREGPT),
+                               "--checkpoint_dir", folder, "--destination_path", tmp_path / "data")
+    line = one_error_line(err)
+    assert code == 1 and str(folder / "chat_template.jinja") in line and "not UTF-8" in line and "byte 0xe9" in line
+
+
+def test_a_sentencepiece_folder_names_its_template_too(tmp_path, tokenizer_path, quick_deadline):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    (folder / "chat_template.jinja").write_text("{{ 1 // 0 }}")
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", SHAREGPT),
+                               "--checkpoint_dir", folder, "--destination_path", tmp_path / "data")
+    assert code == 1 and str(folder / "chat_template.jinja") in one_error_line(err)
