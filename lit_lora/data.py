@@ -8,6 +8,7 @@ the response only -> data/<name>/{train,test}.pt -> every optimizer step's examp
 
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from lit_lora.cli import check_flag
 from lit_lora.conversations import IGNORE_INDEX, tokenize_conversation
 from lit_lora.files import atomic_folder, load_torch_file, read_json
 from lit_lora.prompts import PROMPT_STYLES, chat_message, format_prompt, prompt_style, single_token_id, template_sha256
-from lit_lora.tokenizer import Tokenizer
+from lit_lora.tokenizer import Tokenizer, check_utf8
 
 
 def prepared_prompt(data_dir: Union[str, Path]) -> dict:
@@ -32,6 +33,8 @@ def prepared_prompt(data_dir: Union[str, Path]) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizing and preparing
+
+PROGRESS_SECONDS = 10.0  # how often a preparation says how far it is
 
 
 def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True,
@@ -104,9 +107,14 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     splits = {"test": [(i, records[i]) for i in order[:n_test]], "train": [(i, records[i]) for i in order[n_test:]]}
 
     prepared, dropped, truncated, no_answer, dropped_turns = {}, 0, 0, 0, 0
+    done, shown = 0, time.perf_counter()
     for split, split_records in splits.items():
         prepared[split] = []
         for index, record in split_records:
+            if time.perf_counter() - shown >= PROGRESS_SECONDS:  # a long preparation says how far it is
+                print(f"  tokenized {done:,} of {n:,} records ({100 * done / n:.0f}%)", file=sys.stderr, flush=True)
+                shown = time.perf_counter()
+            done += 1
             if "messages" in record and record["messages"][-1]["role"] != "assistant":
                 no_answer += 1
                 continue
@@ -311,6 +319,7 @@ class PrepareArgs:
                    f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
         check_flag(self, "system_prompt", not self.system_prompt or self.prompt_style != "alpaca",
                    "the alpaca style has no system turn: leave --system_prompt out, or choose a chat style")
+        check_utf8(self.system_prompt or "", "--system_prompt")
 
 
 def prepare_records(records: list[dict], args: PrepareArgs, tokenizer: Tokenizer, source: Union[str, Path],

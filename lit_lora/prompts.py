@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from lit_lora.chat_template import MAX_RENDERED_CHARS, TooLongForContext, render_chat_template
-from lit_lora.tokenizer import Tokenizer
+from lit_lora.tokenizer import Tokenizer, check_utf8
 
 # The prompt template of Alpaca-LoRA (tloen/alpaca-lora, templates/alpaca.json): Stanford Alpaca's template
 # (Taori et al., 2023, tatsu-lab/stanford_alpaca) with a newline after "### Response:", so that the response
@@ -97,6 +97,8 @@ def render_chat(messages: list[dict], style: str, add_generation_prompt: bool,
     """A conversation as the text of a chat style (not alpaca, which has one instruction and one answer);
     chat_template needs the tokenizer, whose template it renders (lit_lora/chat_template.py). A text over max_chars
     (CHARS_PER_TOKEN per token of the context it is for) is TooLongForContext, before anything tokenizes it."""
+    for message in messages:  # a system prompt given or recorded, a line typed: named before a tokenizer meets it
+        check_utf8(message["content"], f"The {message['role']} turn")
     if style == "chat_template":
         if tokenizer is None or tokenizer.chat_template is None:
             where = tokenizer.model_path.parent if tokenizer is not None else "the checkpoint"

@@ -212,6 +212,7 @@ class Tokenizer:
         """The ids of `text`, as a chat template's text is read (transformers' apply_chat_template): the text of a
         special token (<|eot_id|>, and for SentencePiece <s> and </s>) is that token, and BOS comes first only where
         the text writes it (or `bos` and add_bos). With each token, the (start, end) of the characters it covers."""
+        check_utf8(text)
         ids, offsets = ([self.bos_id], [(0, 0)]) if bos and self.add_bos else ([], [])
         if self.processor is None:
             encoding = self.json_tokenizer.encode(text, add_special_tokens=False)

@@ -116,3 +116,83 @@ def test_a_sentencepiece_folder_names_its_template_too(tmp_path, tokenizer_path,
     code, _, err = run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", SHAREGPT),
                                "--checkpoint_dir", folder, "--destination_path", tmp_path / "data")
     assert code == 1 and str(folder / "chat_template.jinja") in one_error_line(err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversations: long ones in time linear in their turns, bad ones in one line naming the record and turn
+
+
+def counting_conversation(exchanges: int) -> list[dict]:
+    return [{"role": "system", "content": "Count."}] + [
+        message for i in range(exchanges)
+        for message in ({"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)})]
+
+
+def test_a_conversation_of_10000_turns_prepares_in_seconds_keeping_the_most_exchanges_that_fit(tmp_path):
+    from lit_lora.conversations import tokenize_conversation
+    from lit_lora.prompts import render_chat
+    from lit_lora.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(smollm2_folder(tmp_path / "tok", SMOLLM2_TEMPLATE))
+    messages = counting_conversation(5000)
+    start = time.perf_counter()
+    example = tokenize_conversation(messages, tokenizer, max_seq_length=256)
+    assert time.perf_counter() - start < 10
+    dropped = example["dropped_turns"]
+    kept = messages[:1] + messages[1 + 2 * dropped:]
+    alone = tokenize_conversation(kept, tokenizer, max_seq_length=256)
+    assert alone["dropped_turns"] == 0 and alone["input_ids"].tolist() == example["input_ids"].tolist()
+    one_more = messages[:1] + messages[1 + 2 * (dropped - 1):]  # an exchange more does not fit
+    assert len(tokenizer.encode_with_offsets(render_chat(one_more, "chat_template", False, tokenizer))[0]) > 256
+
+
+def test_a_long_preparation_shows_its_progress(tmp_path, monkeypatch):
+    import lit_lora.data
+
+    monkeypatch.setattr(lit_lora.data, "PROGRESS_SECONDS", 0.0)
+    folder = smollm2_folder(tmp_path / "tok", SMOLLM2_TEMPLATE)
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", SHAREGPT),
+                               "--checkpoint_dir", folder, "--destination_path", tmp_path / "data")
+    assert code == 0 and "tokenized 5 of 10 records (50%)" in err
+
+
+BIG = "word " * 10_000_000  # a single turn of 50 MB
+
+BAD_RECORDS = {
+    "role of the wrong type": ('{"messages": [{"role": ["user"], "content": "Hi"}, {"role": "assistant", '
+                               '"content": "Hello"}]}', "record 0 (line 1), turn 0: the role ['user'] is not one of"),
+    "content of the wrong type": ('{"messages": [{"role": "user", "content": {"text": "Hi"}}]}',
+                                  "record 0 (line 1), turn 0 (user): content must be text"),
+    "lone surrogate in a turn": ('{"messages": [{"role": "user", "content": "Hi \\ud800"}, {"role": "assistant", '
+                                 '"content": "Hello"}]}', "record 0 (line 1), turn 0 (user): content is not valid UTF-8"),
+    "lone surrogate in an instruction": ('{"instruction": "Say hi \\udc80", "output": "Hi"}',
+                                         "record 0 (line 1): field 'instruction' is not valid UTF-8"),
+    "a 50 MB turn": (json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": BIG}]}),
+                     "record 0: turn 1 (assistant) is 50,000,000 characters"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_RECORDS)
+def test_a_bad_record_is_one_line_naming_the_record_and_turn(tmp_path, name):
+    line, words = BAD_RECORDS[name]
+    (tmp_path / "c.jsonl").write_text(line)
+    folder = smollm2_folder(tmp_path / "tok", SMOLLM2_TEMPLATE)
+    start = time.perf_counter()
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", tmp_path / "c.jsonl", "--checkpoint_dir",
+                               folder, "--destination_path", tmp_path / "data", "--test_split_size", "0")
+    assert code == 1 and words in one_error_line(err) and time.perf_counter() - start < 20
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_system_prompt_that_is_not_utf8_is_named(tmp_path):
+    folder = smollm2_folder(tmp_path / "tok", SMOLLM2_TEMPLATE)
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", SHAREGPT),
+                               "--checkpoint_dir", folder, "--destination_path", tmp_path / "data",
+                               "--system_prompt", "Caf\udce9")  # the byte 0xE9 (Latin-1 é) on a UTF-8 command line
+    assert code == 2 and "--system_prompt is not valid UTF-8" in one_error_line(err)
+    from lit_lora.prompts import render_chat
+    from lit_lora.tokenizer import Tokenizer
+
+    with pytest.raises(ValueError, match="The system turn is not valid UTF-8: character 4"):  # a recorded one
+        render_chat([{"role": "system", "content": "Caf\udce9"}, {"role": "user", "content": "Hi"}], "chat_template",
+                    True, Tokenizer(folder))
