@@ -8,6 +8,10 @@ end of the conversation through turn i. Its tokens are those whose characters st
 the first end-of-turn token (the style's end, or the tokenizer's stop tokens): the assistant's words and where it
 stops, and nothing of the headers, the system prompt, the user, or what a template writes after the end-of-turn
 token. This holds for any template that renders prefixes as prefixes, which is checked, not assumed.
+
+Where a style's end of turn is not one token of the tokenizer (llama3's <|eot_id|> on a SentencePiece model) it stays
+text, and EOS follows the conversation: generation can only stop at an id. Instruction records in a chat style are
+conversations of one exchange (lit_lora/data.py), so the same rule holds for them.
 """
 
 from typing import Optional
@@ -15,7 +19,7 @@ from typing import Optional
 import torch
 
 from lit_lora.chat_template import CHARS_PER_TOKEN, MAX_RENDERED_CHARS, TooLongForContext
-from lit_lora.prompts import render_chat, response_stop_ids, template_writes_bos
+from lit_lora.prompts import prompt_style, render_chat, response_stop_ids, single_token_id, template_writes_bos
 from lit_lora.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch's cross_entropy skips them)
@@ -60,6 +64,12 @@ def tokenize_conversation(messages: list[dict], tokenizer: Tokenizer, max_seq_le
     head = messages[:users[0]] if users else messages  # the system turn: it stays
     exchanges = [messages[a:b] for a, b in zip(users, users[1:] + [len(messages)])]
     bos = not template_writes_bos(style)
+    end = prompt_style(style).response_end
+    eos_after = end is not None and single_token_id(tokenizer, end) is None  # the end of a turn is text: then EOS
+
+    def encode(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets = tokenizer.encode_with_offsets(text, bos=bos)
+        return (ids + [tokenizer.eos_id], offsets + [(len(text), len(text))]) if eos_after else (ids, offsets)
 
     def encoded(kept: int) -> Optional[tuple[str, list[int], list[tuple[int, int]]]]:
         """The text, ids and offsets of the head and the last `kept` exchanges; None if they do not fit."""
@@ -69,7 +79,7 @@ def tokenize_conversation(messages: list[dict], tokenizer: Tokenizer, max_seq_le
                                max_chars=max_chars)
         except TooLongForContext:
             return None
-        ids, offsets = tokenizer.encode_with_offsets(text, bos=bos)
+        ids, offsets = encode(text)
         return (text, ids, offsets) if len(ids) <= max_seq_length else None
 
     fitting, found = len(exchanges), None
@@ -94,8 +104,10 @@ def tokenize_conversation(messages: list[dict], tokenizer: Tokenizer, max_seq_le
                          f"once rendered: far more than max_seq_length={max_seq_length} tokens can hold (the longest "
                          f"turn: {messages.index(kept[longest])} ({kept[longest]['role']}), "
                          f"{len(kept[longest]['content']):,} characters). Shorten it, or raise --max_seq_length")
-    ids, offsets = found[1:] if found and found[0] == text else tokenizer.encode_with_offsets(text, bos=bos)
+    ids, offsets = found[1:] if found and found[0] == text else encode(text)
     labels = assistant_labels(ids, offsets, spans, set(response_stop_ids(tokenizer, style)))
+    if eos_after and kept[-1]["role"] == "assistant":  # generation can only stop at an id: the answer ends with EOS
+        labels[-1] = ids[-1]
     if not mask_inputs:
         labels = list(ids)
     truncated = len(ids) > max_seq_length

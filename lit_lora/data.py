@@ -19,7 +19,7 @@ import torch
 from lit_lora.cli import check_flag
 from lit_lora.conversations import IGNORE_INDEX, tokenize_conversation
 from lit_lora.files import atomic_folder, load_torch_file, read_json
-from lit_lora.prompts import PROMPT_STYLES, chat_message, format_prompt, prompt_style, single_token_id, template_sha256
+from lit_lora.prompts import PROMPT_STYLES, chat_message, format_prompt, prompt_style, template_sha256
 from lit_lora.tokenizer import Tokenizer, check_utf8
 
 
@@ -39,9 +39,11 @@ PROGRESS_SECONDS = 10.0  # how often a preparation says how far it is
 
 def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True,
                      style: str = "alpaca", system_prompt: Optional[str] = None) -> Optional[dict]:
-    """An instruction record {instruction, input, output}: BOS + prompt + response + EOS as input_ids; labels equal,
-    with the prompt set to -100 if mask_inputs. A conversation {messages}, or any record in the checkpoint's own
-    chat template, is lit_lora/conversations.py's: the loss on every assistant turn.
+    """An instruction record {instruction, input, output} in the alpaca style: BOS + prompt + response + EOS as
+    input_ids; labels equal, with the prompt set to -100 if mask_inputs. In a chat style (llama3, chatml,
+    chat_template) a record is a conversation: {messages}, or an instruction record as the conversation of one
+    exchange (its user turn, the instruction and input, then the answer), tokenized by lit_lora/conversations.py
+    with the loss on every assistant turn: one path and one rule for both.
 
     Prompt and response are encoded as one text, exactly as the model will read them, and the prompt alone
     tells how many tokens to mask. A too-long example is cut at max_seq_length: it loses the end of its
@@ -50,28 +52,20 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
     and Alpaca-LoRA also add EOS only when the whole response fits). An example whose prompt leaves no room
     for a response token is dropped (None): it would have nothing to learn.
 
-    BOS comes first only where the model reads texts so (`tokenizer.add_bos`). A prompt style with its own end of
-    response (llama3's <|eot_id|>) ends the response with that instead of EOS. Where the tokenizer does not read
-    it as one token (a SentencePiece model) it stays as text, followed by EOS: generation can only stop at an id.
+    BOS comes first only where the model reads texts so (`tokenizer.add_bos`).
     """
-    if "messages" in record or style == "chat_template":
+    if "messages" in record or style == "chat_template" or prompt_style(style).chat is not None:
         messages = record.get("messages") or [{"role": "user", "content": chat_message(record["instruction"],
                                                                                        record.get("input", ""))},
                                                {"role": "assistant", "content": record["output"]}]
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        end = prompt_style(style).response_end
-        if end is not None and single_token_id(tokenizer, end) is None:
-            raise ValueError(f"the {style} style ends a turn with {end}, which is not one token of "
-                             f"{tokenizer.model_path}: conversations in it need that model's tokenizer")
         return tokenize_conversation(messages, tokenizer, max_seq_length, mask_inputs, style)
     prompt = format_prompt(record["instruction"], record.get("input", ""), style, system_prompt=system_prompt)
     prompt_length = len(tokenizer.encode(prompt, bos=True, eos=False))
     if prompt_length >= max_seq_length:
         return None
-    end = prompt_style(style).response_end
-    ends_with_its_own_token = end is not None and single_token_id(tokenizer, end) is not None
-    input_ids = tokenizer.encode(prompt + record["output"] + (end or ""), bos=True, eos=not ends_with_its_own_token)
+    input_ids = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
     truncated = len(input_ids) > max_seq_length
     if truncated:  # the cut example simply ends at max_seq_length, without EOS
         input_ids = input_ids[:max_seq_length].clone()  # a copy: torch.save of a slice would save all its tokens
