@@ -77,8 +77,9 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
                 size += len(piece)
                 if size > max_chars:
                     raise TooLongForContext(
-                        f"the chat template wrote over {max_chars:,} characters for the conversation: more than the "
-                        f"context can hold at {CHARS_PER_TOKEN} characters a token ({where})")
+                        f"the chat template wrote over {max_chars:,} characters for the conversation, more than the "
+                        f"context can hold at {CHARS_PER_TOKEN} characters a token: the conversation is too long, or "
+                        f"the template writes too much ({where})")
                 if time.monotonic() > end:  # where no timer can interrupt (not in the main thread)
                     raise RenderDeadline
                 pieces.append(piece)

@@ -124,8 +124,7 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
             prepared[split].append(example)
     kept = prepared["train"] + prepared["test"]
     if not prepared["train"]:
-        raise ValueError(f"No training example fits in max_seq_length={max_seq_length} ({dropped} dropped): "
-                         "raise --max_seq_length")
+        raise ValueError(nothing_to_train_message(tokenizer, max_seq_length, dropped, no_answer, system_prompt))
     lengths = sorted(len(e["input_ids"]) for e in kept)
     loss_tokens = sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in kept)
     summary = {
@@ -152,6 +151,20 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     if not prepared["test"]:
         print(no_test_split_message(test_split_size, n, n_test))
     return summary
+
+
+def nothing_to_train_message(tokenizer: Tokenizer, max_seq_length: int, dropped: int, no_answer: int,
+                             system_prompt: Optional[str]) -> str:
+    """Why no training example is left: no conversation with an answer, a system prompt that fills the context
+    alone, or prompts too long."""
+    if no_answer and not dropped:
+        return (f"none of the {no_answer} conversations ends with an assistant turn: the last turn is the answer the "
+                "model learns to write, so a conversation without one has nothing to learn. Give each its answer")
+    system_length = len(tokenizer.encode(system_prompt, bos=False)) if system_prompt else 0
+    if system_length >= max_seq_length:
+        return (f"the system prompt alone (--system_prompt) is {system_length} tokens, and "
+                f"max_seq_length={max_seq_length}: no turn fits after it. Shorten it, or raise --max_seq_length")
+    return f"No training example fits in max_seq_length={max_seq_length} ({dropped} dropped): raise --max_seq_length"
 
 
 def no_test_split_message(test_split_size: Union[int, float], n_records: int, n_test: int) -> str:

@@ -339,10 +339,11 @@ def read_chat_template(folder: Path) -> tuple[Optional[str], Optional[Path]]:
             return data.decode("utf-8"), jinja_file
         except UnicodeDecodeError as error:
             line = data.count(b"\n", 0, error.start) + 1
-            raise ValueError(f"{jinja_file}, line {line}: byte 0x{data[error.start]:02x} is not UTF-8, and a chat template "
-                             "is UTF-8 text: download the model's tokenizer files again, or re-encode the file "
-                             f"(iconv -f LATIN1 -t UTF-8)") from None
-    template = read_json(config_file, "download the model's tokenizer files again", missing_ok=True).get("chat_template")
+            raise ValueError(f"{jinja_file}, line {line}: byte 0x{data[error.start]:02x} is not UTF-8, and a chat "
+                             "template is UTF-8 text: download the model's tokenizer files again, or re-encode the "
+                             "file (iconv -f LATIN1 -t UTF-8)") from None
+    hint = "download the model's tokenizer files again"
+    template = read_json(config_file, hint, missing_ok=True).get("chat_template")
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     return (template, config_file) if isinstance(template, str) else (None, None)

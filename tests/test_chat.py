@@ -220,7 +220,8 @@ def test_a_sentencepiece_model_with_a_chat_template_prepares_and_generates(tmp_p
     checkpoint = make_checkpoint(tmp_path / "base", folder, block_size=256)
     tokenizer = Tokenizer(checkpoint)
     text = render_chat(CONVERSATION, "chat_template", False, tokenizer)
-    assert text.startswith("<s>[INST] <<SYS>>\nAnswer in few words.\n<</SYS>>\n\nWhat is 2 + 3? [/INST] 2 + 3 = 5. </s>")
+    assert text.startswith("<s>[INST] <<SYS>>\nAnswer in few words.\n<</SYS>>\n\nWhat is 2 + 3? [/INST] "
+                           "2 + 3 = 5. </s>")
     ids, offsets = tokenizer.encode_with_offsets(text)
     # as transformers' LlamaTokenizer reads a template's text: <s> and </s> are BOS and EOS, the rest SentencePiece's
     expected = [i for part in re.split("(<s>|</s>)", text) if part

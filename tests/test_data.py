@@ -528,7 +528,8 @@ def test_a_style_whose_end_is_not_one_token_works_as_text(tokenizer, smollm2_tok
     # SmolLM2's template writes it after every turn (an instruction record is the conversation of one exchange)
     learned = [label for label in labels if label != IGNORE_INDEX]
     assert learned[-1] == smollm2.eos_id == 2 and learned.count(2) == 1 and chat[-2] == 2 and chat[-1] != 2
-    assert chat == smollm2.encode(format_prompt("Say hello.", style="chatml") + "Hello!<|im_end|>\n", bos=False).tolist()
+    expected = smollm2.encode(format_prompt("Say hello.", style="chatml") + "Hello!<|im_end|>\n", bos=False)
+    assert chat == expected.tolist()
     assert response_stop_ids(smollm2, "chatml") == (2,)
 
 
@@ -555,7 +556,8 @@ def test_an_instruction_record_is_tokenized_as_its_one_exchange_conversation(tmp
     conversation = {"messages": [{"role": "user", "content": "Add the numbers.\n\n12 and 30"},
                                  {"role": "assistant", "content": " 42 "}]}
     for system_prompt in (None, "Be exact."):
-        whole = len(tokenize_example(conversation, tokenizer, 256, style=style, system_prompt=system_prompt)["input_ids"])
+        whole = tokenize_example(conversation, tokenizer, 256, style=style, system_prompt=system_prompt)
+        whole = len(whole["input_ids"])
         for max_seq_length in (256, whole - 1):  # whole, and cut
             as_record, as_conversation = (tokenize_example(r, tokenizer, max_seq_length, style=style,
                                                            system_prompt=system_prompt) for r in (record, conversation))

@@ -164,10 +164,12 @@ BAD_RECORDS = {
     "content of the wrong type": ('{"messages": [{"role": "user", "content": {"text": "Hi"}}]}',
                                   "record 0 (line 1), turn 0 (user): content must be text"),
     "lone surrogate in a turn": ('{"messages": [{"role": "user", "content": "Hi \\ud800"}, {"role": "assistant", '
-                                 '"content": "Hello"}]}', "record 0 (line 1), turn 0 (user): content is not valid UTF-8"),
+                                 '"content": "Hello"}]}',
+                                 "record 0 (line 1), turn 0 (user): content is not valid UTF-8"),
     "lone surrogate in an instruction": ('{"instruction": "Say hi \\udc80", "output": "Hi"}',
                                          "record 0 (line 1): field 'instruction' is not valid UTF-8"),
-    "a 50 MB turn": (json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": BIG}]}),
+    "a 50 MB turn": (json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": BIG}]}),
                      "record 0: turn 1 (assistant) is 50,000,000 characters"),
 }
 
@@ -196,3 +198,33 @@ def test_a_system_prompt_that_is_not_utf8_is_named(tmp_path):
     with pytest.raises(ValueError, match="The system turn is not valid UTF-8: character 4"):  # a recorded one
         render_chat([{"role": "system", "content": "Caf\udce9"}, {"role": "user", "content": "Hi"}], "chat_template",
                     True, Tokenizer(folder))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors that name the real cause
+
+
+def test_conversations_without_any_answer_are_named_as_such(tmp_path):
+    folder = smollm2_folder(tmp_path / "tok", SMOLLM2_TEMPLATE)
+    records = [{"messages": [{"role": "user", "content": f"Question {i}?"}]} for i in range(3)]
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", records),
+                               "--checkpoint_dir", folder, "--destination_path", tmp_path / "data",
+                               "--test_split_size", "0")
+    line = one_error_line(err)
+    assert code == 1 and "none of the 3 conversations ends with an assistant turn" in line
+    assert "max_seq_length" not in line
+
+
+def test_a_system_prompt_longer_than_the_context_is_named(tmp_path, monkeypatch):
+    folder = smollm2_folder(tmp_path / "tok", SMOLLM2_TEMPLATE)
+    long_prompt = "Answer with care. " * 30  # 540 characters: a few hundred tokens
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", write_jsonl(tmp_path / "c.jsonl", SHAREGPT),
+                               "--checkpoint_dir", folder, "--destination_path", tmp_path / "data",
+                               "--system_prompt", long_prompt, "--max_seq_length", "64")
+    line = one_error_line(err)
+    assert code == 1 and "the system prompt alone (--system_prompt) is" in line and "max_seq_length=64" in line
+    checkpoint = make_checkpoint(tmp_path / "base", folder, block_size=64)
+    monkeypatch.setattr("builtins.input", lambda prompt="": "Hi")
+    code, _, err = run_command("generate/base.py", "--checkpoint_dir", checkpoint, "--interactive", "true",
+                               "--prompt_style", "chat_template", "--system_prompt", long_prompt)
+    assert code == 1 and "the system prompt alone is" in err and "the model's context is 64" in err
