@@ -199,10 +199,10 @@ def fitting_history(model: LLaMA, tokenizer: Tokenizer, style: str, system: list
                     turn: list[dict], max_new_tokens: int) -> list[dict]:
     """`history` less its oldest exchanges, as many as must go for the conversation and an answer of
     max_new_tokens to fit in the context (said when it happens)."""
-    dropped = 0
+    dropped, max_chars = 0, CHARS_PER_TOKEN * model.config.block_size
     while history:
         try:
-            text = render_chat(system + history + turn, style, True, tokenizer, CHARS_PER_TOKEN * model.config.block_size)
+            text = render_chat(system + history + turn, style, True, tokenizer, max_chars)
             if len(encode_prompt(tokenizer, text, style)) + max_new_tokens <= model.config.block_size:
                 break
         except TooLongForContext:  # far too long: it does not fit either
