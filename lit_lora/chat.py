@@ -14,6 +14,7 @@ from typing import Collection, Iterator, Literal, Optional
 
 import torch
 
+from lit_lora.chat_template import CHARS_PER_TOKEN, TooLongForContext
 from lit_lora.cli import check_flag, config_flags
 from lit_lora.devices import default_precision, dtype_from_precision
 from lit_lora.generation import check_sampling, generate_stream, stream_text
@@ -161,6 +162,13 @@ def interactive_chat(model: LLaMA, tokenizer: Tokenizer, style: Optional[str], s
     chat = style not in (None, "alpaca")
     system = [{"role": "system", "content": system_prompt}] if chat and system_prompt else []
     history: list[dict] = []
+    max_chars = CHARS_PER_TOKEN * model.config.block_size  # a rendered prompt longer than this cannot fit
+    if system:  # a system prompt that fills the context would fail every line: said once, naming it
+        check_utf8(system_prompt, "The system prompt")
+        system_length = len(tokenizer.encode(system_prompt, bos=False))
+        if system_length >= model.config.block_size:
+            raise ValueError(f"the system prompt alone is {system_length} tokens, and the model's context is "
+                             f"{model.config.block_size}: give a shorter one with --system_prompt ('' for none)")
     if chat:
         print("A conversation in the model's chat format: /reset starts a new one; an empty line quits.",
               file=sys.stderr)
@@ -184,7 +192,7 @@ def interactive_chat(model: LLaMA, tokenizer: Tokenizer, style: Optional[str], s
                 generate_and_print(model, tokenizer, prompt, **options)
                 continue
             history = fitting_history(model, tokenizer, style, system, history, turn, options["max_new_tokens"])
-            prompt = render_chat(system + history + turn, style, add_generation_prompt=True, tokenizer=tokenizer)
+            prompt = render_chat(system + history + turn, style, True, tokenizer, max_chars)
             answer = generate_and_print(model, tokenizer, prompt, **{**options, "num_samples": 1})[0]
             history += turn + [{"role": "assistant", "content": answer}]
         except ValueError as error:  # a line that cannot be answered: say why, and read the next one
@@ -198,11 +206,14 @@ def fitting_history(model: LLaMA, tokenizer: Tokenizer, style: str, system: list
                     turn: list[dict], max_new_tokens: int) -> list[dict]:
     """`history` less its oldest exchanges, as many as must go for the conversation and an answer of
     max_new_tokens to fit in the context (said when it happens)."""
-    dropped = 0
+    dropped, max_chars = 0, CHARS_PER_TOKEN * model.config.block_size
     while history:
-        text = render_chat(system + history + turn, style, add_generation_prompt=True, tokenizer=tokenizer)
-        if len(encode_prompt(tokenizer, text, style)) + max_new_tokens <= model.config.block_size:
-            break
+        try:
+            text = render_chat(system + history + turn, style, True, tokenizer, max_chars)
+            if len(encode_prompt(tokenizer, text, style)) + max_new_tokens <= model.config.block_size:
+                break
+        except TooLongForContext:  # far too long: it does not fit either
+            pass
         history, dropped = history[2:], dropped + 1  # a user turn and its answer
     if dropped:
         print(f"(The oldest {dropped} exchange(s) no longer fit in the context: left out.)", file=sys.stderr)

@@ -8,6 +8,7 @@ the response only -> data/<name>/{train,test}.pt -> every optimizer step's examp
 
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ import torch
 from lit_lora.cli import check_flag
 from lit_lora.conversations import IGNORE_INDEX, tokenize_conversation
 from lit_lora.files import atomic_folder, load_torch_file, read_json
-from lit_lora.prompts import PROMPT_STYLES, chat_message, format_prompt, prompt_style, single_token_id, template_sha256
-from lit_lora.tokenizer import Tokenizer
+from lit_lora.prompts import PROMPT_STYLES, chat_message, format_prompt, prompt_style, template_sha256
+from lit_lora.tokenizer import Tokenizer, check_utf8
 
 
 def prepared_prompt(data_dir: Union[str, Path]) -> dict:
@@ -33,12 +34,16 @@ def prepared_prompt(data_dir: Union[str, Path]) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizing and preparing
 
+PROGRESS_SECONDS = 10.0  # how often a preparation says how far it is
+
 
 def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool = True,
                      style: str = "alpaca", system_prompt: Optional[str] = None) -> Optional[dict]:
-    """An instruction record {instruction, input, output}: BOS + prompt + response + EOS as input_ids; labels equal,
-    with the prompt set to -100 if mask_inputs. A conversation {messages}, or any record in the checkpoint's own
-    chat template, is lit_lora/conversations.py's: the loss on every assistant turn.
+    """An instruction record {instruction, input, output} in the alpaca style: BOS + prompt + response + EOS as
+    input_ids; labels equal, with the prompt set to -100 if mask_inputs. In a chat style (llama3, chatml,
+    chat_template) a record is a conversation: {messages}, or an instruction record as the conversation of one
+    exchange (its user turn, the instruction and input, then the answer), tokenized by lit_lora/conversations.py
+    with the loss on every assistant turn: one path and one rule for both.
 
     Prompt and response are encoded as one text, exactly as the model will read them, and the prompt alone
     tells how many tokens to mask. A too-long example is cut at max_seq_length: it loses the end of its
@@ -47,28 +52,20 @@ def tokenize_example(record: dict, tokenizer: Tokenizer, max_seq_length: int, ma
     and Alpaca-LoRA also add EOS only when the whole response fits). An example whose prompt leaves no room
     for a response token is dropped (None): it would have nothing to learn.
 
-    BOS comes first only where the model reads texts so (`tokenizer.add_bos`). A prompt style with its own end of
-    response (llama3's <|eot_id|>) ends the response with that instead of EOS. Where the tokenizer does not read
-    it as one token (a SentencePiece model) it stays as text, followed by EOS: generation can only stop at an id.
+    BOS comes first only where the model reads texts so (`tokenizer.add_bos`).
     """
-    if "messages" in record or style == "chat_template":
+    if "messages" in record or style == "chat_template" or prompt_style(style).chat is not None:
         messages = record.get("messages") or [{"role": "user", "content": chat_message(record["instruction"],
                                                                                        record.get("input", ""))},
                                                {"role": "assistant", "content": record["output"]}]
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        end = prompt_style(style).response_end
-        if end is not None and single_token_id(tokenizer, end) is None:
-            raise ValueError(f"the {style} style ends a turn with {end}, which is not one token of "
-                             f"{tokenizer.model_path}: conversations in it need that model's tokenizer")
         return tokenize_conversation(messages, tokenizer, max_seq_length, mask_inputs, style)
     prompt = format_prompt(record["instruction"], record.get("input", ""), style, system_prompt=system_prompt)
     prompt_length = len(tokenizer.encode(prompt, bos=True, eos=False))
     if prompt_length >= max_seq_length:
         return None
-    end = prompt_style(style).response_end
-    ends_with_its_own_token = end is not None and single_token_id(tokenizer, end) is not None
-    input_ids = tokenizer.encode(prompt + record["output"] + (end or ""), bos=True, eos=not ends_with_its_own_token)
+    input_ids = tokenizer.encode(prompt + record["output"], bos=True, eos=True)
     truncated = len(input_ids) > max_seq_length
     if truncated:  # the cut example simply ends at max_seq_length, without EOS
         input_ids = input_ids[:max_seq_length].clone()  # a copy: torch.save of a slice would save all its tokens
@@ -104,9 +101,14 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     splits = {"test": [(i, records[i]) for i in order[:n_test]], "train": [(i, records[i]) for i in order[n_test:]]}
 
     prepared, dropped, truncated, no_answer, dropped_turns = {}, 0, 0, 0, 0
+    done, shown = 0, time.perf_counter()
     for split, split_records in splits.items():
         prepared[split] = []
         for index, record in split_records:
+            if time.perf_counter() - shown >= PROGRESS_SECONDS:  # a long preparation says how far it is
+                print(f"  tokenized {done:,} of {n:,} records ({100 * done / n:.0f}%)", file=sys.stderr, flush=True)
+                shown = time.perf_counter()
+            done += 1
             if "messages" in record and record["messages"][-1]["role"] != "assistant":
                 no_answer += 1
                 continue
@@ -122,8 +124,7 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
             prepared[split].append(example)
     kept = prepared["train"] + prepared["test"]
     if not prepared["train"]:
-        raise ValueError(f"No training example fits in max_seq_length={max_seq_length} ({dropped} dropped): "
-                         "raise --max_seq_length")
+        raise ValueError(nothing_to_train_message(tokenizer, max_seq_length, dropped, no_answer, system_prompt))
     lengths = sorted(len(e["input_ids"]) for e in kept)
     loss_tokens = sum(int((e["labels"][1:] != IGNORE_INDEX).sum()) for e in kept)
     summary = {
@@ -150,6 +151,20 @@ def prepare(records: list[dict], tokenizer: Tokenizer, destination_path: Union[s
     if not prepared["test"]:
         print(no_test_split_message(test_split_size, n, n_test))
     return summary
+
+
+def nothing_to_train_message(tokenizer: Tokenizer, max_seq_length: int, dropped: int, no_answer: int,
+                             system_prompt: Optional[str]) -> str:
+    """Why no training example is left: no conversation with an answer, a system prompt that fills the context
+    alone, or prompts too long."""
+    if no_answer and not dropped:
+        return (f"none of the {no_answer} conversations ends with an assistant turn: the last turn is the answer the "
+                "model learns to write, so a conversation without one has nothing to learn. Give each its answer")
+    system_length = len(tokenizer.encode(system_prompt, bos=False)) if system_prompt else 0
+    if system_length >= max_seq_length:
+        return (f"the system prompt alone (--system_prompt) is {system_length} tokens, and "
+                f"max_seq_length={max_seq_length}: no turn fits after it. Shorten it, or raise --max_seq_length")
+    return f"No training example fits in max_seq_length={max_seq_length} ({dropped} dropped): raise --max_seq_length"
 
 
 def no_test_split_message(test_split_size: Union[int, float], n_records: int, n_test: int) -> str:
@@ -311,6 +326,7 @@ class PrepareArgs:
                    f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
         check_flag(self, "system_prompt", not self.system_prompt or self.prompt_style != "alpaca",
                    "the alpaca style has no system turn: leave --system_prompt out, or choose a chat style")
+        check_utf8(self.system_prompt or "", "--system_prompt")
 
 
 def prepare_records(records: list[dict], args: PrepareArgs, tokenizer: Tokenizer, source: Union[str, Path],

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lit_lora.files import atomic_write, file_sha256, json_loads
+from lit_lora.tokenizer import check_utf8
 
 
 def load_records(path: Union[str, Path], instruction_key: str = "instruction", input_key: str = "input",
@@ -51,6 +52,7 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
                                  f"Give the record its {field}, or remove the record")
             if not isinstance(value, str):
                 raise ValueError(f"{path}, {where}: field {key!r} must be a string, found {type(value).__name__}")
+            check_utf8(value, f"{path}, {where}: field {key!r}")
             out[field] = value
         records.append(out)
     return records
@@ -71,13 +73,14 @@ def conversation(record: dict, where: str) -> list[dict]:
     messages = []
     for i, turn in enumerate(turns):
         role = turn.get(role_key) if isinstance(turn, dict) else None
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or a dict cannot even be looked up
             raise ValueError(f"{where}, turn {i}: the role {role!r} is not one of {', '.join(ROLES)} (the turn is "
                              f"{json.dumps(turn)[:80]})")
         text = turn.get(text_key)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{where}, turn {i} ({role}): {text_key} must be text, not {json.dumps(text)[:40]}: "
                              "give the turn its text, or remove the turn")
+        check_utf8(text, f"{where}, turn {i} ({role}): {text_key}")
         messages.append({"role": ROLES[role], "content": text})
     return messages
 

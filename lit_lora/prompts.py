@@ -15,15 +15,13 @@ A conversation is a list of messages {"role": "system" | "user" | "assistant", "
 OpenAI's API and of most chat datasets.
 """
 
-import functools
 import hashlib
-import json
-from datetime import datetime
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from lit_lora.tokenizer import Tokenizer
+from lit_lora.chat_template import MAX_RENDERED_CHARS, TooLongForContext, render_chat_template
+from lit_lora.tokenizer import Tokenizer, check_utf8
 
 # The prompt template of Alpaca-LoRA (tloen/alpaca-lora, templates/alpaca.json): Stanford Alpaca's template
 # (Taori et al., 2023, tatsu-lab/stanford_alpaca) with a newline after "### Response:", so that the response
@@ -95,24 +93,32 @@ def chat_message(instruction: str, input: str) -> str:
 
 
 def render_chat(messages: list[dict], style: str, add_generation_prompt: bool,
-                tokenizer: Optional[Tokenizer] = None) -> str:
+                tokenizer: Optional[Tokenizer] = None, max_chars: int = MAX_RENDERED_CHARS) -> str:
     """A conversation as the text of a chat style (not alpaca, which has one instruction and one answer);
-    chat_template needs the tokenizer, whose template it renders."""
+    chat_template needs the tokenizer, whose template it renders (lit_lora/chat_template.py). A text over max_chars
+    (CHARS_PER_TOKEN per token of the context it is for) is TooLongForContext, before anything tokenizes it."""
+    for message in messages:  # a system prompt given or recorded, a line typed: named before a tokenizer meets it
+        check_utf8(message["content"], f"The {message['role']} turn")
     if style == "chat_template":
         if tokenizer is None or tokenizer.chat_template is None:
             where = tokenizer.model_path.parent if tokenizer is not None else "the checkpoint"
             raise ValueError(f"{where} has no chat template (chat_template.jinja, or chat_template in "
                              "tokenizer_config.json): choose one of the styles alpaca, llama3, chatml")
-        return render_chat_template(tokenizer.chat_template, messages, add_generation_prompt, tokenizer.special_tokens)
+        return render_chat_template(tokenizer.chat_template, messages, add_generation_prompt, tokenizer.special_tokens,
+                                    tokenizer.chat_template_file, max_chars)
     chat = prompt_style(style).chat
     if chat is None:
         raise ValueError(f"The {style} style is one instruction and one answer, not a conversation of several "
                          "turns or with a system prompt: use a chat style (chat_template, llama3, chatml)")
-    return chat(messages, add_generation_prompt)
+    text = chat(messages, add_generation_prompt)
+    if len(text) > max_chars:
+        raise TooLongForContext(f"the conversation in the {style} style is over {max_chars:,} characters: more than "
+                                "the context can hold")
+    return text
 
 
 def format_prompt(instruction: str, input: str = "", style: str = "alpaca", tokenizer: Optional[Tokenizer] = None,
-                  system_prompt: Optional[str] = None) -> str:
+                  system_prompt: Optional[str] = None, max_chars: int = MAX_RENDERED_CHARS) -> str:
     """The prompt for one instruction and its optional input, in a style of PROMPT_STYLES (chat styles: a
     conversation of one user message, after the system prompt if given)."""
     if prompt_style(style).chat is None and style != "chat_template":
@@ -120,7 +126,8 @@ def format_prompt(instruction: str, input: str = "", style: str = "alpaca", toke
             raise ValueError(f"The {style} style has no system turn: leave the system prompt out, or use a chat style")
         return alpaca_prompt(instruction, input)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return render_chat([*system, {"role": "user", "content": chat_message(instruction, input)}], style, True, tokenizer)
+    return render_chat([*system, {"role": "user", "content": chat_message(instruction, input)}], style, True, tokenizer,
+                       max_chars)
 
 
 def template_writes_bos(style: str) -> bool:
@@ -150,62 +157,6 @@ def response_stop_ids(tokenizer: Tokenizer, style: str = "alpaca") -> tuple[int,
     end = prompt_style(style).response_end
     end_id = None if end is None else single_token_id(tokenizer, end)
     return tuple(tokenizer.stop_ids) + ((end_id,) if end_id is not None and end_id not in tokenizer.stop_ids else ())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The checkpoint's own chat template, rendered as transformers renders it
-
-
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
-                         special_tokens: Optional[dict] = None) -> str:
-    """A chat template's text for `messages`, exactly as transformers' apply_chat_template renders it: jinja2's
-    sandbox (a template from the Hub is untrusted code: it cannot reach Python's internals), blocks trimmed as
-    transformers trims them, and the globals templates use (raise_exception, strftime_now, tojson) and the special
-    tokens' text (bos_token, ...). A template that raises (raise_exception: "Conversation roles must alternate",
-    say) or cannot be read is a ValueError with its message."""
-    import jinja2  # here: only this style needs it
-
-    try:
-        return compiled_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                  tools=None, documents=None, **(special_tokens or {}))
-    except jinja2.TemplateError as error:
-        raise ValueError(f"the chat template refused the conversation: {error}") from None
-
-
-@functools.lru_cache(maxsize=8)
-def compiled_template(template: str):
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(Extension):
-        """{% generation %}...{% endgeneration %}, which some templates put around the assistant's answer (for
-        transformers' return_assistant_tokens_mask): renders its content unchanged."""
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # transformers' filter
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[GenerationBlock, loopcontrols])
-    environment.filters["tojson"] = tojson
-    environment.globals["raise_exception"] = raise_exception
-    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
-    try:
-        return environment.from_string(template)
-    except jinja2.TemplateError as error:  # a syntax error in the template
-        raise ValueError(f"the chat template cannot be read as Jinja ({error})") from None
 
 
 def template_sha256(template: Optional[str]) -> Optional[str]:

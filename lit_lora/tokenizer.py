@@ -71,6 +71,7 @@ class Tokenizer:
         special_tokens: the text of BOS, EOS, padding and unknown (`bos_token`, ...), as a chat template reads them.
         chat_template: the model's own chat template (Jinja text), or None: chat_template.jinja beside the tokenizer
             file, else tokenizer_config.json's `chat_template` (lit_lora/prompts.py renders it).
+        chat_template_file: the file the chat template was read from (what an error in the template names), or None.
     """
 
     def __init__(self, path: Union[str, Path]):
@@ -109,7 +110,7 @@ class Tokenizer:
             self.pad_id = self.processor.pad_id()  # -1 for LLaMA: it has no padding token
             self.add_bos = self.bos_id >= 0  # LLaMA reads every text after <s>
             self.stop_ids = (self.eos_id,) if self.eos_id >= 0 else ()
-        self.chat_template = read_chat_template(path.parent)
+        self.chat_template, self.chat_template_file = read_chat_template(path.parent)
 
     def _read_tokenizer_json(self, path: Path) -> None:
         """tokenizer.json, and BOS, EOS, padding and the stop ids from the files beside it."""
@@ -211,6 +212,7 @@ class Tokenizer:
         """The ids of `text`, as a chat template's text is read (transformers' apply_chat_template): the text of a
         special token (<|eot_id|>, and for SentencePiece <s> and </s>) is that token, and BOS comes first only where
         the text writes it (or `bos` and add_bos). With each token, the (start, end) of the characters it covers."""
+        check_utf8(text)
         ids, offsets = ([self.bos_id], [(0, 0)]) if bos and self.add_bos else ([], [])
         if self.processor is None:
             encoding = self.json_tokenizer.encode(text, add_special_tokens=False)
@@ -224,11 +226,11 @@ class Tokenizer:
                 ids.append(specials[part])
                 offsets.append((start, start + len(part)))
             elif part:
-                pieces = self.processor.encode(part, out_type="immutable_proto").pieces
+                pieces = sentencepiece_pieces(self.processor.encode(part, out_type="serialized_proto"))
                 # begin/end are byte offsets into the UTF-8 text: turned into character offsets
                 char_at = [i for i, ch in enumerate(part) for _ in ch.encode("utf-8")] + [len(part)]
-                ids += [piece.id for piece in pieces]
-                offsets += [(start + char_at[piece.begin], start + char_at[piece.end]) for piece in pieces]
+                ids += [piece_id for piece_id, _, _ in pieces]
+                offsets += [(start + char_at[begin], start + char_at[end]) for _, begin, end in pieces]
             start += len(part)
         return ids, offsets
 
@@ -277,6 +279,44 @@ class Tokenizer:
         return Tokenizer(str(model_prefix) + ".model")
 
 
+def sentencepiece_pieces(serialized: bytes) -> list[tuple[int, int, int]]:
+    """(id, begin, end) of each piece of SentencePiece's encoding, read from its serialized SentencePieceText proto
+    (out_type="serialized_proto"): begin and end are the bytes of the UTF-8 text the piece was read from.
+
+    The serialized proto is the one form of the offsets that every sentencepiece >= 0.2 returns: 0.2.0's
+    out_type="immutable_proto" is refused by later releases ("immutable_proto is deprecated"), and their
+    out_type="proto" needs the protobuf package. Its wire format is short to read: SentencePieceText's field 2 is a
+    piece, whose fields 2, 4 and 5 are id, begin and end (sentencepiece.proto)."""
+    return [(fields.get(2, 0), fields.get(4, 0), fields.get(5, 0))
+            for number, piece in proto_fields(serialized) if number == 2
+            for fields in [dict(proto_fields(piece))]]
+
+
+def proto_fields(message: bytes) -> Iterable[tuple[int, Any]]:
+    """(field number, value) of each field of a serialized protobuf message: an int for a varint, bytes otherwise."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            value, shift, i = value | (message[i] & 0x7F) << shift, shift + 7, i + 1
+            if message[i - 1] < 0x80:
+                return value, i
+
+    i = 0
+    while i < len(message):
+        key, i = varint(i)
+        wire_type = key & 7
+        if wire_type == 0:
+            value, i = varint(i)
+        elif wire_type == 2:  # length-delimited: a string or a nested message
+            length, i = varint(i)
+            value, i = message[i:i + length], i + length
+        else:  # fixed 64 (1) or 32 bits (5): a score
+            size = {1: 8, 5: 4}[wire_type]
+            value, i = message[i:i + size], i + size
+        yield key >> 3, value
+
+
 def import_tokenizers(path: Path) -> Any:
     """The `tokenizers` library's Tokenizer class, imported only when a tokenizer.json is read: it is an optional
     dependency, and SentencePiece models do not need it."""
@@ -288,13 +328,22 @@ def import_tokenizers(path: Path) -> Any:
     return JSONTokenizer
 
 
-def read_chat_template(folder: Path) -> Optional[str]:
-    """A model folder's chat template: chat_template.jinja (transformers 5), else tokenizer_config.json's
-    `chat_template` (transformers 4: a string, or a list of {name, template} whose "default" is the chat template)."""
-    if (folder / CHAT_TEMPLATE_FILE).is_file():
-        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    template = read_json(folder / "tokenizer_config.json", "download the model's tokenizer files again",
-                         missing_ok=True).get("chat_template")
+def read_chat_template(folder: Path) -> tuple[Optional[str], Optional[Path]]:
+    """A model folder's chat template and the file it is in: chat_template.jinja (transformers 5), else
+    tokenizer_config.json's `chat_template` (transformers 4: a string, or a list of {name, template} whose "default"
+    is the chat template). (None, None) if neither has one."""
+    jinja_file, config_file = folder / CHAT_TEMPLATE_FILE, folder / "tokenizer_config.json"
+    if jinja_file.is_file():
+        data = jinja_file.read_bytes()
+        try:
+            return data.decode("utf-8"), jinja_file
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            raise ValueError(f"{jinja_file}, line {line}: byte 0x{data[error.start]:02x} is not UTF-8, and a chat "
+                             "template is UTF-8 text: download the model's tokenizer files again, or re-encode the "
+                             "file (iconv -f LATIN1 -t UTF-8)") from None
+    hint = "download the model's tokenizer files again"
+    template = read_json(config_file, hint, missing_ok=True).get("chat_template")
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
-    return template if isinstance(template, str) else None
+    return (template, config_file) if isinstance(template, str) else (None, None)

@@ -8,6 +8,7 @@ tokenizer_config.json hold them; the tokenizers are small ones of those families
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,16 @@ SMOLLM2_TEMPLATE = (
     "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}")
 TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "smollm2": SMOLLM2_TEMPLATE}
+# Llama-2-7b-chat-hf's template (tokenizer_config.json): a SentencePiece model's, writing <s> and </s> as text
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in few words."},
@@ -194,6 +205,44 @@ def test_the_template_travels_through_conversion_and_export(tmp_path, family_fol
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATES[family]
     assert "chat_template.jinja" in hf_files_to_download(["config.json", "model.safetensors", "tokenizer.json",
                                                           "tokenizer_config.json", "chat_template.jinja"])
+
+
+def sentencepiece_chat_folder(folder: Path, tokenizer_path: Path) -> Path:
+    """A folder with the SentencePiece tokenizer.model trained in conftest.py and Llama 2 chat's template."""
+    folder.mkdir(parents=True)
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    (folder / "chat_template.jinja").write_text(LLAMA2_TEMPLATE)
+    return folder
+
+
+def test_a_sentencepiece_model_with_a_chat_template_prepares_and_generates(tmp_path, tokenizer_path):
+    folder = sentencepiece_chat_folder(tmp_path / "tok", tokenizer_path)
+    checkpoint = make_checkpoint(tmp_path / "base", folder, block_size=256)
+    tokenizer = Tokenizer(checkpoint)
+    text = render_chat(CONVERSATION, "chat_template", False, tokenizer)
+    assert text.startswith("<s>[INST] <<SYS>>\nAnswer in few words.\n<</SYS>>\n\nWhat is 2 + 3? [/INST] "
+                           "2 + 3 = 5. </s>")
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    # as transformers' LlamaTokenizer reads a template's text: <s> and </s> are BOS and EOS, the rest SentencePiece's
+    expected = [i for part in re.split("(<s>|</s>)", text) if part
+                for i in ({"<s>": [1], "</s>": [2]}.get(part) or tokenizer.processor.encode(part))]
+    assert ids == expected and len(offsets) == len(ids)
+    for token_id, (start, end) in zip(ids, offsets):  # each token covers the characters it was read from
+        piece = tokenizer.processor.id_to_piece(token_id).replace("\u2581", " ")
+        assert text[start:end] in ("", piece) or piece.startswith("<0x")
+
+    data_file = write_jsonl(tmp_path / "chats.jsonl", SHAREGPT)
+    code, _, err = run_command("prepare_data/json_data.py", "--data_file", data_file, "--checkpoint_dir", checkpoint,
+                               "--destination_path", tmp_path / "data", "--test_split_size", "2")
+    assert code == 0, err
+    train, _, config = load_prepared(tmp_path / "data", tokenizer)
+    assert config["prompt_style"] == "chat_template" and len(train) == 8
+    example = train[0]
+    answers = tokenizer.decode(example["labels"][example["labels"] != IGNORE_INDEX].tolist())
+    assert re.fullmatch(r"\d+ +\d+", answers.strip()) and example["labels"][-1] == tokenizer.eos_id  # 2 answers, </s>
+    code, out, err = run_command("generate/base.py", "--checkpoint_dir", checkpoint, "--prompt", "What is 2 + 3?",
+                                 "--prompt_style", "chat_template", "--max_new_tokens", "3", "--temperature", "0")
+    assert code == 0 and "error" not in err, err
 
 
 def test_a_finetune_records_its_format_and_generate_uses_it(tmp_path, monkeypatch, capsys):

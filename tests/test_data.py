@@ -522,10 +522,57 @@ def test_a_style_whose_end_is_not_one_token_works_as_text(tokenizer, smollm2_tok
     assert response_stop_ids(tokenizer, "llama3") == tokenizer.stop_ids == (tokenizer.eos_id,)
 
     smollm2 = Tokenizer(smollm2_tokenizer_dir)  # <|im_end|> is SmolLM2-Instruct's EOS: one token, ending the answer once
-    chat = tokenize_example(record, smollm2, max_seq_length=256, style="chatml")["input_ids"].tolist()
-    assert chat[-1] == smollm2.eos_id == 2 and chat[-2] != 2
-    assert chat == smollm2.encode(format_prompt("Say hello.", style="chatml") + "Hello!<|im_end|>", bos=False).tolist()
+    example = tokenize_example(record, smollm2, max_seq_length=256, style="chatml")
+    chat, labels = example["input_ids"].tolist(), example["labels"].tolist()
+    # the answer ends with <|im_end|> once, and is learned through it; the newline after it is the template's, as
+    # SmolLM2's template writes it after every turn (an instruction record is the conversation of one exchange)
+    learned = [label for label in labels if label != IGNORE_INDEX]
+    assert learned[-1] == smollm2.eos_id == 2 and learned.count(2) == 1 and chat[-2] == 2 and chat[-1] != 2
+    expected = smollm2.encode(format_prompt("Say hello.", style="chatml") + "Hello!<|im_end|>\n", bos=False)
+    assert chat == expected.tolist()
     assert response_stop_ids(smollm2, "chatml") == (2,)
+
+
+@pytest.mark.parametrize("family, style", [("sentencepiece", "llama3"), ("sentencepiece", "chat_template"),
+                                           ("llama3", "llama3"), ("smollm2", "chatml"), ("smollm2", "chat_template")])
+def test_an_instruction_record_is_tokenized_as_its_one_exchange_conversation(tmp_path, tokenizer_path, family, style):
+    """One path, one rule: an instruction record in a chat style is the conversation of its user turn and answer,
+    whatever the tokenizer (a SentencePiece model reads <|eot_id|> as text, followed by EOS), answer trimmed or not
+    as the style trims it."""
+    import shutil
+
+    from tests.conftest import make_tokenizer_json_dir
+    from tests.test_chat import LLAMA2_TEMPLATE, SMOLLM2_TEMPLATE
+
+    folder = tmp_path / family
+    if family == "sentencepiece":
+        folder.mkdir()
+        shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    else:
+        make_tokenizer_json_dir(folder, family)
+    (folder / "chat_template.jinja").write_text(LLAMA2_TEMPLATE if family == "sentencepiece" else SMOLLM2_TEMPLATE)
+    tokenizer = Tokenizer(folder)
+    record = {"instruction": "Add the numbers.", "input": "12 and 30", "output": " 42 "}
+    conversation = {"messages": [{"role": "user", "content": "Add the numbers.\n\n12 and 30"},
+                                 {"role": "assistant", "content": " 42 "}]}
+    for system_prompt in (None, "Be exact."):
+        whole = tokenize_example(conversation, tokenizer, 256, style=style, system_prompt=system_prompt)
+        whole = len(whole["input_ids"])
+        for max_seq_length in (256, whole - 1):  # whole, and cut
+            as_record, as_conversation = (tokenize_example(r, tokenizer, max_seq_length, style=style,
+                                                           system_prompt=system_prompt) for r in (record, conversation))
+            assert as_record["truncated"] == as_conversation["truncated"] == (max_seq_length < whole)
+            assert as_record["input_ids"].tolist() == as_conversation["input_ids"].tolist()
+            assert as_record["labels"].tolist() == as_conversation["labels"].tolist()
+    if family == "sentencepiece" and style == "llama3":  # the end of a turn is text: EOS ends the conversation
+        example = tokenize_example(counting_conversation(), tokenizer, 256, style=style)
+        assert example["input_ids"][-1] == example["labels"][-1] == tokenizer.eos_id
+        assert tokenizer.decode(example["labels"][example["labels"] != IGNORE_INDEX]).count("<|eot_id|>") == 2
+
+
+def counting_conversation() -> dict:
+    return {"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"},
+                         {"role": "user", "content": "And 2 + 2?"}, {"role": "assistant", "content": "4"}]}
 
 
 def test_prepare_records_the_style_and_finetuning_reads_it(tmp_path, llama3_tokenizer_dir):
