@@ -83,6 +83,8 @@ class GenerateArgs:
     def __post_init__(self):
         """Refuse a value that means nothing while the flags are parsed, before the model is loaded."""
         check_utf8(self.prompt, "--prompt")
+        if self.system_prompt is not None:
+            check_utf8(self.system_prompt, "--system_prompt")
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1")
         check_sampling(self.temperature, self.top_k, self.top_p, flag_prefix="--")
         check_flag(self, "num_samples", self.num_samples >= 1, "must be at least 1")
@@ -145,10 +147,13 @@ def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", default_st
     stop_ids = tokenizer.stop_ids if style is None else response_stop_ids(tokenizer, style)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, stop_ids=stop_ids, style=style)
+    check_system_prompt(model, tokenizer, system_prompt)
     if args.interactive:
         interactive_chat(model, tokenizer, style, system_prompt, input, options)
         return []
-    prompt = args.prompt if style is None else format_prompt(args.prompt, input, style, tokenizer, system_prompt)
+    max_chars = CHARS_PER_TOKEN * model.config.block_size  # a rendered prompt longer than this cannot fit
+    prompt = args.prompt if style is None else format_prompt(args.prompt, input, style, tokenizer, system_prompt,
+                                                             max_chars)
     return generate_and_print(model, tokenizer, prompt, show_prompt=style is None, **options)
 
 
@@ -163,12 +168,6 @@ def interactive_chat(model: LLaMA, tokenizer: Tokenizer, style: Optional[str], s
     system = [{"role": "system", "content": system_prompt}] if chat and system_prompt else []
     history: list[dict] = []
     max_chars = CHARS_PER_TOKEN * model.config.block_size  # a rendered prompt longer than this cannot fit
-    if system:  # a system prompt that fills the context would fail every line: said once, naming it
-        check_utf8(system_prompt, "The system prompt")
-        system_length = len(tokenizer.encode(system_prompt, bos=False))
-        if system_length >= model.config.block_size:
-            raise ValueError(f"the system prompt alone is {system_length} tokens, and the model's context is "
-                             f"{model.config.block_size}: give a shorter one with --system_prompt ('' for none)")
     if chat:
         print("A conversation in the model's chat format: /reset starts a new one; an empty line quits.",
               file=sys.stderr)
@@ -200,6 +199,20 @@ def interactive_chat(model: LLaMA, tokenizer: Tokenizer, style: Optional[str], s
         except KeyboardInterrupt:  # Ctrl-C during an answer: the turn is left out of the conversation
             print(flush=True)
             print("Answer stopped (Ctrl-C). Ctrl-C or Ctrl-D at the prompt quits.", file=sys.stderr)
+
+
+def check_system_prompt(model: LLaMA, tokenizer: Tokenizer, system_prompt: Optional[str]) -> None:
+    """A system prompt (given, or recorded with the model) that fills the context alone would fail every prompt:
+    said once, before the first, naming it rather than the prompt. Only what could fit is tokenized."""
+    if not system_prompt:
+        return
+    check_utf8(system_prompt, "The system prompt")
+    block_size = model.config.block_size
+    length = len(tokenizer.encode(system_prompt[:CHARS_PER_TOKEN * block_size], bos=False))
+    if length >= block_size:
+        at_least = "at least " if len(system_prompt) > CHARS_PER_TOKEN * block_size else ""
+        raise ValueError(f"the system prompt alone is {at_least}{length} tokens, and the model's context is "
+                         f"{block_size}: give a shorter one with --system_prompt ('' for none)")
 
 
 def fitting_history(model: LLaMA, tokenizer: Tokenizer, style: str, system: list[dict], history: list[dict],

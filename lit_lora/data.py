@@ -23,7 +23,7 @@ from lit_lora.prompts import PROMPT_STYLES, chat_message, format_prompt, prompt_
 from lit_lora.tokenizer import Tokenizer, check_utf8
 
 
-def prepared_prompt(data_dir: Union[str, Path]) -> dict:
+def prepared_prompt_format(data_dir: Union[str, Path]) -> dict:
     """The prompt format a prepared dataset was made in: its style (alpaca for data prepared before there were
     styles), system prompt and, for chat_template, the template's sha256. What a finetune records and generates in."""
     config = read_prepare_config(data_dir)

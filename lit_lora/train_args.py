@@ -10,7 +10,7 @@ from typing import Literal, Optional, Union
 from lightning.fabric import Fabric
 
 from lit_lora.cli import check_flag, config_flags
-from lit_lora.data import IGNORE_INDEX, load_prepared, prepared_prompt
+from lit_lora.data import IGNORE_INDEX, load_prepared, prepared_prompt_format
 from lit_lora.quantize import check_quantize
 from lit_lora.resume import refuse_to_start_over
 from lit_lora.tokenizer import Tokenizer
@@ -150,4 +150,4 @@ def load_training_data(fabric: Fabric, args: TrainArgs, tokenizer: Tokenizer,
                          f"within {max_seq_length} tokens and are left out")
     if not kept_test:
         fabric.print(f"Note: {args.data_dir} has no test examples: no validation loss will be computed")
-    return kept_train, kept_test, max_seq_length, prepared_prompt(args.data_dir)
+    return kept_train, kept_test, max_seq_length, prepared_prompt_format(args.data_dir)

@@ -576,7 +576,7 @@ def counting_conversation() -> dict:
 
 
 def test_prepare_records_the_style_and_finetuning_reads_it(tmp_path, llama3_tokenizer_dir):
-    from lit_lora.data import prepared_prompt
+    from lit_lora.data import prepared_prompt_format
     from prepare_data.inspect_data import main as inspect
     from prepare_data.json_data import JSONArgs, main
 
@@ -584,7 +584,7 @@ def test_prepare_records_the_style_and_finetuning_reads_it(tmp_path, llama3_toke
     main(JSONArgs(data_file=data_file, checkpoint_dir=llama3_tokenizer_dir, destination_path=tmp_path / "d",
                   test_split_size=2, prompt_style="llama3"))
     train, _, config = load_prepared(tmp_path / "d", Tokenizer(llama3_tokenizer_dir))
-    assert config["prompt_style"] == prepared_prompt(tmp_path / "d")["style"] == "llama3"
+    assert config["prompt_style"] == prepared_prompt_format(tmp_path / "d")["style"] == "llama3"
     text = inspect(data_dir=tmp_path / "d", index=0)
     assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>") and text.endswith("<|eot_id|>]]")
     (tmp_path / "d" / "prepare_config.json").write_text(json.dumps(config | {"prompt_style": "vicuna"}))
@@ -592,7 +592,7 @@ def test_prepare_records_the_style_and_finetuning_reads_it(tmp_path, llama3_toke
         load_prepared(tmp_path / "d")
     del config["prompt_style"]  # data prepared before there were styles
     (tmp_path / "d" / "prepare_config.json").write_text(json.dumps(config))
-    assert prepared_prompt(tmp_path / "d")["style"] == "alpaca"
+    assert prepared_prompt_format(tmp_path / "d")["style"] == "alpaca"
 
 
 def test_collate_right_pads():

@@ -228,3 +228,18 @@ def test_a_system_prompt_longer_than_the_context_is_named(tmp_path, monkeypatch)
     code, _, err = run_command("generate/base.py", "--checkpoint_dir", checkpoint, "--interactive", "true",
                                "--prompt_style", "chat_template", "--system_prompt", long_prompt)
     assert code == 1 and "the system prompt alone is" in err and "the model's context is 64" in err
+
+
+def test_a_system_prompt_longer_than_the_context_is_named_in_one_shot_generation(tmp_path):
+    """generate/*.py --prompt: the system prompt is named, not "the prompt is N tokens: shorten the prompt"."""
+    folder = smollm2_folder(tmp_path / "tok", SMOLLM2_TEMPLATE)
+    checkpoint = make_checkpoint(tmp_path / "base", folder, block_size=64)
+    for long_prompt in ("Answer with care. " * 30, "word " * 100_000):  # a few hundred tokens; far beyond
+        code, _, err = run_command("generate/base.py", "--checkpoint_dir", checkpoint, "--prompt", "Hi",
+                                   "--prompt_style", "chat_template", "--system_prompt", long_prompt)
+        line = one_error_line(err)
+        assert code == 1 and "the system prompt alone is" in line and "the model's context is 64" in line
+        assert "shorten the prompt" not in line
+    code, _, err = run_command("generate/base.py", "--checkpoint_dir", checkpoint, "--prompt", "Hi",
+                               "--prompt_style", "chat_template", "--system_prompt", "caf\udce9")  # argv of the byte 0xE9
+    assert code == 2 and "--system_prompt is not valid UTF-8" in one_error_line(err)
