@@ -146,7 +146,9 @@ def apply_lora(model: LLaMA, r: int = 8, alpha: float = 16, dropout: float = 0.0
     if r > smallest:  # B A of a d_out x d_in matrix has rank min(d_in, d_out) at most
         raise ConfigError("r", r, f"must be at most {smallest}, the smallest side of the targeted matrices")
     for parent, name, linear in linears:
-        lora_class = getattr(linear, "lora_class", LoRALinear)  # a 4-bit linear (quantize.py) names its own
+        # QLoRA: a 4-bit W0 (lit_lora/quantize.py's Linear4bit) names its own LoRA layer, LoRALinear4bit: this class,
+        # whose W0 x is the 4-bit product (super().forward) and which refuses to merge into 4 bits
+        lora_class = getattr(linear, "lora_class", LoRALinear)
         setattr(parent, name, lora_class(linear, r, alpha, dropout))
     model.lora_config = config
     return model

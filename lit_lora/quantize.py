@@ -198,6 +198,11 @@ class Linear4bit(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_4bit(x, self.weight)
 
+    @property
+    def lora_class(self) -> type:
+        """The layer lit_lora/lora.py's apply_lora wraps this one in (it asks every linear for its `lora_class`)."""
+        return LoRALinear4bit
+
 
 class LoRALinear4bit(LoRALinear, Linear4bit):
     """LoRA on a 4-bit W0 (QLoRA): LoRALinear's forward, whose `super().forward` is Linear4bit's 4-bit product, and
@@ -211,9 +216,6 @@ class LoRALinear4bit(LoRALinear, Linear4bit):
         raise ValueError("Cannot merge LoRA into a 4-bit W0 (QLoRA): W0 + dW rounded to 4 bits again would lose "
                          "most of dW. Keep LoRA unmerged (generate/lora.py does on a 4-bit base), or load the "
                          "unquantized base to merge.")
-
-
-Linear4bit.lora_class = LoRALinear4bit  # the layer apply_lora wraps a Linear4bit in
 
 
 def quantize_blocks(model: LLaMA, mode: str, device=None, dtype: Optional[torch.dtype] = None,
