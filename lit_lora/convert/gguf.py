@@ -297,11 +297,13 @@ def check_output_path(output_path: Path, checkpoint_dir: Path, lora_path: Union[
     if output_path.is_dir():
         raise ValueError(f"{output_path} is a folder: name the .gguf file to write in it, e.g. "
                          f"{output_path / 'model.gguf'}")
-    inputs = [checkpoint_dir / name for name in CHECKPOINT_INPUTS] + ([Path(lora_path)] if lora_path else [])
-    for source in inputs:
+    inputs = {checkpoint_dir / name: f"the {name} of the checkpoint {checkpoint_dir}" for name in CHECKPOINT_INPUTS}
+    if lora_path is not None:
+        inputs[Path(lora_path)] = "the LoRA file"
+    for source, role in inputs.items():
         inside = source.resolve() in output_path.resolve().parents
         if inside or same_file(source, output_path):
-            raise ValueError(f"{output_path} is {'inside ' if inside else ''}{source}, which the export reads: write "
+            raise ValueError(f"{output_path} is {'inside ' if inside else ''}{role}, which the export reads: write "
                              "the .gguf file elsewhere")
 
 
