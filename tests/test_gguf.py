@@ -141,24 +141,29 @@ def test_a_lora_is_merged_into_the_export(tmp_path, tokenizer_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def rewrite(source: Path, destination: Path, architecture: str = "llama", values: dict = None, drop: tuple = (),
-            tensor_type: dict = None) -> Path:
-    """A copy of a GGUF file with some metadata changed (`values`) or left out (`drop`), another architecture, or a
-    tensor stored in another type (`tensor_type`: name -> type, zeros of that type)."""
+            tensor_type: dict = None, typed: dict = None, rename: dict = None) -> Path:
+    """A copy of a GGUF file with some metadata changed (`values`), changed or added with another type (`typed`:
+    key -> (value, GGUFValueType, the item type of an array or None)) or left out (`drop`), another architecture, a
+    tensor stored in another type (`tensor_type`: name -> type, zeros of that type) or renamed (`rename`)."""
     reader = gguf.GGUFReader(str(source))
     writer = gguf.GGUFWriter(str(destination), architecture)
+    typed = typed or {}
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop or key in typed:
             continue
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, (values or {}).get(key, field.contents()), value_type, sub_type=sub_type)
+    for key, (value, value_type, sub_type) in typed.items():
+        writer.add_key_value(key, value, value_type, sub_type=sub_type)
     for tensor in reader.tensors:
         kind = (tensor_type or {}).get(tensor.name)
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        name = (rename or {}).get(tensor.name, tensor.name)
         if kind is None:
-            writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+            writer.add_tensor(name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
         else:
-            writer.add_tensor(tensor.name, np.zeros(shape, dtype=np.int8), raw_dtype=kind)
+            writer.add_tensor(name, np.zeros(shape, dtype=np.int8), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

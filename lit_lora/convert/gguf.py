@@ -17,16 +17,20 @@ token types). Importing writes the files our Tokenizer reads (tokenizer.json, or
 them back into metadata.
 """
 
+import os
+import re
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
 
-from lit_lora.checkpoint import check_vocabulary, load_model
+from lit_lora.checkpoint import CHECKSUMS, check_vocabulary, load_model
 from lit_lora.convert.common import NameTable, check_converted_tensors, int_if_whole, to_dtype, write_checkpoint
+from lit_lora.convert.gguf_file import GGUFFile, import_gguf
 from lit_lora.convert.gguf_tokenizer import add_tokenizer_metadata, tokenizer_files_from_gguf
 from lit_lora.convert.meta import permute_meta_qk
 from lit_lora.files import atomic_write
@@ -34,7 +38,7 @@ from lit_lora.lora import merge_lora
 from lit_lora.method_files import load_lora, read_lora_file
 from lit_lora.model import Config, ConfigError, llama3_scaled_frequencies
 from lit_lora.report import format_bytes, peak_memory_bytes
-from lit_lora.tokenizer import Tokenizer
+from lit_lora.tokenizer import TOKENIZER_JSON_COMPANIONS, Tokenizer
 
 GGUF_NAMES = NameTable(
     format_name="GGUF",
@@ -53,16 +57,6 @@ GGUF_NAMES = NameTable(
     },
     ignored=("rope_freqs.weight",),  # Llama 3's RoPE scaling as per-frequency factors: read into the config
 )
-INSTALL_HINT = "pip install -e '.[gguf]'"
-
-
-def import_gguf():
-    """The `gguf` package (llama.cpp's), or an ImportError saying which extra installs it."""
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(f"Reading and writing GGUF files needs the gguf package: {INSTALL_HINT}") from None
-    return gguf
 
 
 def interleave_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -76,47 +70,16 @@ def interleave_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 # GGUF -> lit
 # ---------------------------------------------------------------------------------------------------------------
 
-class GGUFFile:
-    """A GGUF file's metadata and tensors, read with the gguf package; every problem is one error naming the file."""
-
-    def __init__(self, path: Union[str, Path]):
-        gguf = import_gguf()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"No GGUF file at {self.path}")
-        try:
-            self.reader = gguf.GGUFReader(str(self.path))
-        except Exception as error:  # truncated, not GGUF, a version it cannot read
-            raise ValueError(f"{self.path} cannot be read as a GGUF file ({type(error).__name__}: {str(error)[:200]}). "
-                             "It may be incomplete or damaged: download or export it again.") from None
-        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
-
-    def get(self, key: str, default: Any = ...) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
-            if default is ...:
-                raise ValueError(f"{self.path} lacks the metadata {key}, which a llama GGUF file holds: it is not a "
-                                 "whole llama.cpp model file")
-            return default
-        return field.contents()
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, dequantized to float32, in our shape (ggml lists dimensions innermost first)."""
-        gguf = import_gguf()
-        info = self.tensors[name]
-        try:
-            data = gguf.quants.dequantize(info.data.view(np.uint8), info.tensor_type)  # as bytes: BF16 comes typed
-        except NotImplementedError:
-            raise ValueError(f"{self.path}: the tensor {name} is of type {info.tensor_type.name}, which the gguf "
-                             "package cannot dequantize: convert the model again with another type (F16, Q8_0, Q4_K "
-                             "...)") from None
-        shape = tuple(int(d) for d in reversed(info.shape.tolist()))
-        return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the file is read-only
+# The longest context lit-lora accepts: the model keeps RoPE tables (cos and sin, each context x head size floats)
+# for its whole context, so a context of 10**12 positions would never fit. Llama 3.1's is 2**17 positions.
+MAX_CONTEXT = 2**20
 
 
 def config_from_gguf(file: GGUFFile) -> Config:
-    """Our Config from a GGUF file's llama.* metadata; a value no model can have is an error naming the key."""
-    architecture = file.get("general.architecture")
+    """Our Config from a GGUF file's llama.* metadata, checked against the tensors the file holds before anything
+    that grows with it (the blocks, the context, the shapes) is built; a value no model can have is an error naming
+    the key."""
+    architecture = file.get("general.architecture", kind=str)
     if architecture != "llama":
         raise ValueError(f"{file.path}: general.architecture is {architecture!r}: lit-lora converts files of the "
                          "llama architecture only (LLaMA, Llama 2 and 3, TinyLlama, SmolLM2, ...)")
@@ -125,25 +88,71 @@ def config_from_gguf(file: GGUFFile) -> Config:
             "n_query_groups": "llama.attention.head_count_kv", "norm_eps": "llama.attention.layer_norm_rms_epsilon",
             "rope_base": "llama.rope.freq_base", "vocab_size": "llama.vocab_size"}
     required = ("block_size", "n_layer", "n_embd", "intermediate_size", "n_head")  # llama.cpp needs them too
-    values = {field: file.get(key) if field in required else file.get(key, None) for field, key in keys.items()}
-    values["vocab_size"] = values["vocab_size"] or len(file.get("tokenizer.ggml.tokens"))
+    values = {field: file.get(key, ... if field in required else None,
+                              kind=float if field in ("norm_eps", "rope_base") else int) for field, key in keys.items()}
+    check_block_count(file, values["n_layer"])
+    if values["block_size"] > MAX_CONTEXT:
+        raise file.error("llama.context_length", f"is {values['block_size']:,}, more than the {MAX_CONTEXT:,} "
+                                                 "positions lit-lora accepts (it keeps RoPE tables for the whole context)")
+    tokens = file.get("tokenizer.ggml.tokens", kind=str, array=True)
+    values["vocab_size"] = values["vocab_size"] or len(tokens)
     values["n_query_groups"] = values["n_query_groups"] or values["n_head"]
     values["rope_base"] = values["rope_base"] or 10000
     if values["norm_eps"] is not None:  # stored in float32: 1e-05 reads 9.99999975e-06; keep its shortest spelling
         values["norm_eps"] = float(str(np.float32(values["norm_eps"])))
     values["rope_base"] = int_if_whole(float(str(np.float32(values["rope_base"]))))
     try:
-        config = Config(name=file.get("general.name", "") or file.path.stem, padded_vocab_size=values["vocab_size"],
-                        tie_embeddings="output.weight" not in file.tensors,
-                        rope_scaling=rope_scaling_from_factors(file, values), **values)
+        config = Config(name=file.get("general.name", "", kind=str) or file.path.stem,
+                        padded_vocab_size=values["vocab_size"], tie_embeddings="output.weight" not in file.tensors,
+                        **values)
     except ConfigError as error:
         raise ValueError(f"{file.path}: {keys.get(error.field, error.field)} is {error.value!r}, which no model can "
                          f"have: {error.requirement}") from None
-    rope_dimension = file.get("llama.rope.dimension_count", config.head_size)
+    check_tensor_shapes(file, config)
+    rope_dimension = file.get("llama.rope.dimension_count", config.head_size, kind=int)
     if rope_dimension != config.head_size:
         raise ValueError(f"{file.path}: llama.rope.dimension_count is {rope_dimension}, not the head size "
                          f"{config.head_size}: RoPE on part of each head is not LLaMA's")
-    return config
+    if len(tokens) > config.vocab_size:
+        raise file.error("tokenizer.ggml.tokens", f"holds {len(tokens):,} tokens, more than the model's vocabulary "
+                                                  f"of {config.vocab_size:,} (token_embd.weight's rows)")
+    return replace(config, rope_scaling=rope_scaling_from_factors(file, config))
+
+
+def check_block_count(file: GGUFFile, block_count: int) -> None:
+    """llama.block_count against the blocks whose tensors the file holds (blk.N.*), before anything loops over it."""
+    blocks = {int(match.group(1)) for name in file.tensors if (match := re.match(r"blk\.(\d+)\.", name))}
+    if len(blocks) != block_count or (blocks and max(blocks) != block_count - 1):
+        held = f"blk.{min(blocks)} to blk.{max(blocks)}, {len(blocks)} of them" if blocks else "none"
+        raise file.error("llama.block_count", f"is {block_count:,}, but the file holds the tensors of blocks {held}")
+
+
+def check_tensor_shapes(file: GGUFFile, config: Config) -> None:
+    """Every tensor the config makes, of its shape, and no other, checked on the tensor table before any tensor is
+    read or rearranged (q and k rows are permuted head by head: rows the head count does not divide would not
+    split). The shapes are computed, not read off a model: a damaged file's sizes could overflow even a model built
+    on the meta device. (check_converted_tensors compares them with the model's after conversion.)"""
+    n, kv, ff = config.n_embd, config.n_query_groups * config.head_size, config.intermediate_size
+    block = {"attn_norm.weight": (n,), "attn_q.weight": (n, n), "attn_k.weight": (kv, n), "attn_v.weight": (kv, n),
+             "attn_output.weight": (n, n), "ffn_norm.weight": (n,), "ffn_gate.weight": (ff, n),
+             "ffn_up.weight": (ff, n), "ffn_down.weight": (n, ff)}
+    expected = {"token_embd.weight": (config.padded_vocab_size, n), "output_norm.weight": (n,),
+                **({} if config.tie_embeddings else {"output.weight": (config.padded_vocab_size, n)}),
+                **{f"blk.{i}.{name}": shape for i in range(config.n_layer) for name, shape in block.items()}}
+    for name in file.tensors:
+        shape = (config.head_size // 2,) if name == "rope_freqs.weight" else expected.get(name)
+        if shape is None:
+            raise ValueError(f"{file.path}: tensor {name} is not one of a llama model's, which are "
+                             f"{', '.join(GGUF_NAMES.top)}, rope_freqs.weight and "
+                             f"blk.N.{{{', '.join(GGUF_NAMES.layer)}}} for N below llama.block_count ({config.n_layer})")
+        if file.shape(name) != shape:
+            raise file.error(f"tensor {name}", f"({GGUF_NAMES.to_lit(name) or 'RoPE scaling'}) has shape "
+                                               f"{file.shape(name)}, but the metadata (llama.embedding_length, "
+                                               f"feed_forward_length, vocab_size, head counts) gives it {shape}")
+    missing = [name for name in expected if name not in file.tensors]
+    if missing:
+        raise ValueError(f"{file.path} lacks tensor {missing[0]} ({len(missing)} missing), which a llama model of its "
+                         "metadata holds: it is not a whole model file")
 
 
 # Llama 3.1 and 3.2's RoPE scaling (lit_lora/model.py's rope_scaling), which llama.cpp stores as per-frequency factors
@@ -151,14 +160,13 @@ KNOWN_ROPE_SCALINGS = [dict(factor=factor, low_freq_factor=1.0, high_freq_factor
                        for factor in (8.0, 32.0)]
 
 
-def rope_scaling_from_factors(file: GGUFFile, values: dict) -> Optional[dict]:
+def rope_scaling_from_factors(file: GGUFFile, config: Config) -> Optional[dict]:
     """The rope_scaling whose factors the file's rope_freqs.weight holds (theta / scaled theta, per frequency), or
     None without that tensor. Factors of another scaling are refused."""
     if "rope_freqs.weight" not in file.tensors:
         return None
     factors = file.tensor("rope_freqs.weight")
-    head_size = values["n_embd"] // values["n_head"]
-    theta = 1.0 / (values["rope_base"] ** (torch.arange(0, head_size, 2).float() / head_size))
+    theta = 1.0 / (config.rope_base ** (torch.arange(0, config.head_size, 2).float() / config.head_size))
     for scaling in KNOWN_ROPE_SCALINGS:
         if torch.allclose(theta / llama3_scaled_frequencies(theta, **scaling), factors, rtol=1e-4):
             return scaling
@@ -168,32 +176,36 @@ def rope_scaling_from_factors(file: GGUFFile, values: dict) -> Optional[dict]:
 
 def convert_gguf_checkpoint(gguf_path: Union[str, Path], output_dir: Union[str, Path],
                             dtype: Optional[str] = None) -> Path:
-    """A GGUF file of the llama architecture -> a lit-lora checkpoint folder, the same layout as convert_hf's: each
-    tensor dequantized as it is read (to float32, or `dtype`), q and k back in rotate-half order, the tokenizer as
-    the files our Tokenizer reads, the chat template beside it."""
+    """A GGUF file of the llama architecture -> a lit-lora checkpoint folder, the same layout as convert_hf's: the
+    metadata and the tokenizer checked first, then each tensor dequantized as it is read (to float32, or `dtype`),
+    q and k back in rotate-half order, the tokenizer as the files our Tokenizer reads, the chat template beside it."""
     from lit_lora.convert.common import dtype_from_name
 
     file, output_dir, torch_dtype = GGUFFile(gguf_path), Path(output_dir), dtype_from_name(dtype)
     config = config_from_gguf(file)
-    config.extra["gguf"] = {"source": str(file.path.resolve()), "pre": file.get("tokenizer.ggml.pre", None)}
-    start, state_dict = time.perf_counter(), {}
-    for name in file.tensors:
-        lit_name = GGUF_NAMES.to_lit(name)
-        if lit_name is None:
-            continue
-        tensor = file.tensor(name)
-        if lit_name.endswith("attn.q_proj.weight"):
-            tensor = permute_meta_qk(tensor, config.n_head)
-        elif lit_name.endswith("attn.k_proj.weight"):
-            tensor = permute_meta_qk(tensor, config.n_query_groups)
-        state_dict[lit_name] = to_dtype(tensor, torch_dtype)
-    if config.tie_embeddings:
-        state_dict["lm_head.weight"] = state_dict["embed.weight"]
-    print(f"Read {len(file.tensors)} tensors of {file.path.name} in {time.perf_counter() - start:.1f} s")
-    check_converted_tensors(state_dict, config, str(file.path))
+    config.extra["gguf"] = {"source": str(file.path.resolve()), "pre": file.get("tokenizer.ggml.pre", None, kind=str)}
     with tempfile.TemporaryDirectory() as folder:
         tokenizer_files = tokenizer_files_from_gguf(file, Path(folder))
-        check_vocabulary(config, Path(folder))
+        try:
+            check_vocabulary(config, Path(folder))
+        except ValueError as error:  # said of the GGUF file: the temporary folder is gone when the error is read
+            raise ValueError(f"{file.path}: its tokenizer metadata (tokenizer.ggml.*) makes no tokenizer lit-lora "
+                             f"reads: {str(error).replace(folder + os.sep, '')}") from None
+        start, state_dict = time.perf_counter(), {}
+        for name in file.tensors:
+            lit_name = GGUF_NAMES.to_lit(name)
+            if lit_name is None:
+                continue
+            tensor = file.tensor(name)
+            if lit_name.endswith("attn.q_proj.weight"):
+                tensor = permute_meta_qk(tensor, config.n_head)
+            elif lit_name.endswith("attn.k_proj.weight"):
+                tensor = permute_meta_qk(tensor, config.n_query_groups)
+            state_dict[lit_name] = to_dtype(tensor, torch_dtype)
+        if config.tie_embeddings:
+            state_dict["lm_head.weight"] = state_dict["embed.weight"]
+        print(f"Read {len(file.tensors)} tensors of {file.path.name} in {time.perf_counter() - start:.1f} s")
+        check_converted_tensors(state_dict, config, str(file.path))
         return write_checkpoint(output_dir, state_dict, config, tokenizer_files, file.path)
 
 
@@ -214,6 +226,7 @@ def export_gguf_checkpoint(checkpoint_dir: Union[str, Path], output_path: Union[
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     output_path = Path(output_path)
+    check_output_path(output_path, Path(checkpoint_dir), lora_path)
     model = load_model(checkpoint_dir, verify=True)  # memory-mapped; checked against the checksum it was written with
     if lora_path is not None:
         load_lora(model, lora_path)
@@ -271,6 +284,32 @@ def export_gguf_checkpoint(checkpoint_dir: Union[str, Path], output_path: Union[
     print(f"Wrote {output_path} ({outtype}, {output_path.stat().st_size / 1e6:.1f} MB, {len(tensors)} tensors); "
           f"peak memory {format_bytes(peak_memory_bytes())}")
     return output_path
+
+
+# The files of a checkpoint folder that an export reads (those of them it has)
+CHECKPOINT_INPUTS = ("lit_model.pth", "model_config.json", CHECKSUMS, "tokenizer.model", "tokenizer.json",
+                     *TOKENIZER_JSON_COMPANIONS)
+
+
+def check_output_path(output_path: Path, checkpoint_dir: Path, lora_path: Union[str, Path, None]) -> None:
+    """Refuse, before anything is read or written, an output path that is a folder, or that is (or is inside) a file
+    the export reads: the GGUF file would replace the weights, tokenizer or LoRA file it is being made from."""
+    if output_path.is_dir():
+        raise ValueError(f"{output_path} is a folder: name the .gguf file to write in it, e.g. "
+                         f"{output_path / 'model.gguf'}")
+    inputs = {checkpoint_dir / name: f"the {name} of the checkpoint {checkpoint_dir}" for name in CHECKPOINT_INPUTS}
+    if lora_path is not None:
+        inputs[Path(lora_path)] = "the LoRA file"
+    for source, role in inputs.items():
+        inside = source.resolve() in output_path.resolve().parents
+        if inside or same_file(source, output_path):
+            raise ValueError(f"{output_path} is {'inside ' if inside else ''}{role}, which the export reads: write "
+                             "the .gguf file elsewhere")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """The same file: the same path once links are followed, or a hard link."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def say_what_is_merged(lora_path: Union[str, Path], model) -> None:
