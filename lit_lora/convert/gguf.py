@@ -21,14 +21,14 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
 
-from lit_lora.checkpoint import CHECKSUMS, check_vocabulary, load_model
+from lit_lora.checkpoint import CHECKSUMS, check_vocabulary, checked_config, load_model
 from lit_lora.convert.common import NameTable, check_converted_tensors, int_if_whole, to_dtype, write_checkpoint
 from lit_lora.convert.gguf_file import GGUFFile, import_gguf
 from lit_lora.convert.gguf_tokenizer import add_tokenizer_metadata, tokenizer_files_from_gguf
@@ -102,9 +102,9 @@ def config_from_gguf(file: GGUFFile) -> Config:
         values["norm_eps"] = float(str(np.float32(values["norm_eps"])))
     values["rope_base"] = int_if_whole(float(str(np.float32(values["rope_base"]))))
     try:
-        config = Config(name=file.get("general.name", "", kind=str) or file.path.stem,
-                        padded_vocab_size=values["vocab_size"], tie_embeddings="output.weight" not in file.tensors,
-                        **values)
+        config = checked_config(name=file.get("general.name", "", kind=str) or file.path.stem,
+                                padded_vocab_size=values["vocab_size"],
+                                tie_embeddings="output.weight" not in file.tensors, **values)
     except ConfigError as error:
         raise ValueError(f"{file.path}: {keys.get(error.field, error.field)} is {error.value!r}, which no model can "
                          f"have: {error.requirement}") from None
@@ -116,7 +116,10 @@ def config_from_gguf(file: GGUFFile) -> Config:
     if len(tokens) > config.vocab_size:
         raise file.error("tokenizer.ggml.tokens", f"holds {len(tokens):,} tokens, more than the model's vocabulary "
                                                   f"of {config.vocab_size:,} (token_embd.weight's rows)")
-    return replace(config, rope_scaling=rope_scaling_from_factors(file, config))
+    try:
+        return checked_config(**{**asdict(config), "rope_scaling": rope_scaling_from_factors(file, config)})
+    except ConfigError as error:
+        raise ValueError(f"{file.path}: the RoPE scaling's {error.field} is {error.value!r}: {error.requirement}") from None
 
 
 def check_block_count(file: GGUFFile, block_count: int) -> None:
@@ -319,7 +322,7 @@ def say_what_is_merged(lora_path: Union[str, Path], model) -> None:
     if quantization is not None:
         print(f"{lora_path} was trained on a {quantization} (4-bit) base: it is merged into the unquantized weights of "
               "the checkpoint folder, and the file holds no 4-bit weights (choose --outtype q8_0 for a small file)")
-    if (model.prompt or {}).get("style") == "alpaca":
+    if (model.prompt_format or {}).get("style") == "alpaca":
         print(f"{lora_path} was finetuned in the Alpaca prompt format: prompt llama.cpp and ollama in it (a raw "
               "prompt, or a Modelfile TEMPLATE: howto/gguf.md), not with the chat template in the file")
 
