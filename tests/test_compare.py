@@ -242,3 +242,15 @@ def test_compare_end_to_end(tmp_path, tokenizer_path, tokenizer, capsys):
     assert (out_dir / "results.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
     out = capsys.readouterr().out
     assert "Predicted memory of one training step" in out and "above the" in out
+
+    # Run again in the same out_dir: refused before any method runs, unless --overwrite (the earlier runs go)
+    again = dict(checkpoint_dir=checkpoint_dir, data_dir=tmp_path / "data", out_dir=out_dir, max_steps=3,
+                 micro_batch_size=2, global_batch_size=4, precision="32-true", eval_examples=4, warmup_steps=1,
+                 methods=("lora",))
+    saved = (out_dir / "lora" / "state.pth").read_bytes()
+    with pytest.raises(ValueError, match=r"compare/lora hold\(s\) the runs of an earlier comparison: measure again "
+                                         r"with --overwrite true"):
+        main(CompareArgs(**again))
+    assert (out_dir / "lora" / "state.pth").read_bytes() == saved
+    main(CompareArgs(**again, overwrite=True))
+    assert "lora" in (out_dir / "results.md").read_text().lower()
