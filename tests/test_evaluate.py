@@ -14,7 +14,7 @@ from lit_lora.evaluate import encode_pair, rolling_windows
 from lit_lora.method_files import save_lora
 from lit_lora.lora import apply_lora
 from lit_lora.tokenizer import Tokenizer
-from tests.conftest import make_checkpoint
+from tests.conftest import logged, lora_args, make_checkpoint, run_command
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the tasks' data are local files: never the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,3 +155,142 @@ def test_rolling_windows_are_the_harness_windows(length):
     expected = [lm_eval_utils.make_disjoint_window(w)
                 for w in lm_eval_utils.get_rolling_token_windows(tokens, prefix_token=1, max_seq_len=8, context_len=1)]
     assert rolling_windows(tokens, 1, 8) == expected
+
+
+def test_test_split_loss_equals_trainings_evaluation_loss(setup):
+    """evaluate/lora.py --data_dir: the loss over the whole test split is the validation loss training logged."""
+    from finetune.lora import main as finetune
+
+    checkpoint_dir, data_dir, tmp_path = setup
+    finetune(lora_args(checkpoint_dir, data_dir, tmp_path / "out", max_steps=2, eval_interval=0, save_interval=0))
+    val_loss = logged(tmp_path / "out", "val_loss")[-1]
+    code, out, err = run_command("evaluate/lora.py", "--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir,
+                                 "--lora_path", tmp_path / "out" / "lit_lora_finetuned.pth", "--precision", "32-true",
+                                 "--output_path", tmp_path / "eval.json", "--batch_size", 3)
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval.json").read_text())["test_split"]
+    assert result["examples"] == 4
+    assert result["loss"] == pytest.approx(val_loss, abs=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(val_loss), rel=1e-4)
+
+
+def test_text_perplexity_is_the_cross_entropy_of_the_text(tmp_path, tokenizer_path, tokenizer):
+    """--text_file: each token predicted once from BOS and the text before it; a text that fits the context is one
+    forward pass, a longer one is read in windows."""
+    from lit_lora.evaluate_data import text_perplexity
+
+    checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path, block_size=64)
+    model = load_model(checkpoint, dtype=torch.float32).eval()
+    short = tmp_path / "short.txt"
+    short.write_text("The quick brown fox jumps over the lazy dog: 12 + 34 = 46.")
+    ids = tokenizer.encode(short.read_text(), bos=True)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(ids[None, :-1])[0], ids[1:]).item()
+    result = text_perplexity(model, tokenizer, short, batch_size=2)
+    assert result["windows"] == 1 and result["tokens"] == len(ids) - 1
+    assert result["loss"] == pytest.approx(expected, abs=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    long = tmp_path / "long.txt"
+    long.write_text(short.read_text() * 8)
+    assert text_perplexity(model, tokenizer, long, batch_size=2)["windows"] > 1
+
+
+def test_answers_compare_after_normalising_and_numbers_as_numbers():
+    import re
+
+    from lit_lora.evaluate_data import final_answer, normalise
+
+    assert normalise("  The  Cat sat.") == normalise("the cat sat")
+    gsm8k = re.compile(r"#### (\-?[0-9.,]+)")
+    assert final_answer(gsm8k, "so 1000 in all.\n#### 1,000") == final_answer(gsm8k, "#### 1000.0") == 1000.0
+    assert final_answer(gsm8k, "I do not know") is None
+
+
+def test_script_runs_a_local_task_counts_truncated_contexts_and_writes_lm_evals_layout(tmp_path, tokenizer_path,
+                                                                                      monkeypatch):
+    """evaluate/base.py --include_path --tasks: lm-eval's results JSON, written whole; a context longer than the
+    model's is truncated from the left, and the script says how many were."""
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
+    skip_builtin_tasks(monkeypatch)
+    checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path, block_size=64)
+    tasks_dir = write_tasks(tmp_path / "tasks", long_question=True)
+    output = tmp_path / "results" / "base.json"
+    code, out, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--include_path", tasks_dir,
+                                 "--tasks", "capitals_mc", "--limit", 5, "--output_path", output, "--precision",
+                                 "32-true")
+    assert code == 0, err
+    assert "4 context(s) longer than the model's 64 tokens were truncated from the left" in err  # 4 choices, 1 doc
+    results = json.loads(output.read_text())
+    assert 0 <= results["results"]["capitals_mc"]["acc,none"] <= 1 and results["truncated_contexts"] == 4
+    assert results["n-samples"]["capitals_mc"]["effective"] == 5
+    assert "capitals_mc" in out  # lm-eval's table
+
+
+def skip_builtin_tasks(monkeypatch):
+    """The harness's own thousands of task YAMLs take seconds to index: these tests need only theirs."""
+    import functools
+
+    import lm_eval.tasks
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                        include_defaults=False))
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_unknown_task_is_one_line_saying_how_to_list_tasks(tmp_path, tokenizer_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
+    skip_builtin_tasks(monkeypatch)
+    checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path)
+    output = tmp_path / "out.json"
+    code, _, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--tasks", "capitals_mcq",
+                               "--include_path", write_tasks(tmp_path / "tasks"), "--output_path", output)
+    assert code == 1
+    assert "unknown task(s): capitals_mcq" in one_error_line(err) and "lm-eval ls tasks" in err
+    assert not output.exists() and not list(tmp_path.glob(".out.json*"))
+
+
+def test_limit_0_is_refused_while_parsing(tmp_path, tokenizer_path):
+    checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path)
+    code, _, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--tasks", "arc_easy",
+                               "--limit", 0, "--output_path", tmp_path / "out.json")
+    assert code == 2 and "--limit 0.0: must be above 0" in one_error_line(err)
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_lora_file_of_another_base_model_is_one_line(setup, tokenizer_path):
+    checkpoint_dir, data_dir, tmp_path = setup
+    other = make_checkpoint(tmp_path / "other", tokenizer_path, block_size=256, n_embd=64)  # another shape
+    model = load_model(other)
+    apply_lora(model, r=4, targets=("q", "v"))
+    save_lora(model, tmp_path / "other_lora.pth")
+    code, _, err = run_command("evaluate/lora.py", "--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir,
+                               "--lora_path", tmp_path / "other_lora.pth", "--output_path", tmp_path / "out.json")
+    line = one_error_line(err)
+    assert code == 1 and "other_lora.pth was trained on another base model" in line and "n_embd" in line
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_reference_without_a_numeric_answer_under_answer_pattern_is_one_line(setup):
+    """The references of the test split are words: GSM8K's pattern finds no number in them, named with the
+    example, before any answer is generated; nothing is written."""
+    checkpoint_dir, data_dir, tmp_path = setup
+    code, _, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir,
+                               "--generate", "true", "--answer_pattern", r"#### (\-?[0-9.,]+)",
+                               "--output_path", tmp_path / "out.json")
+    line = one_error_line(err)
+    assert code == 1 and "test.pt example 1" in line and "--answer_pattern" in line
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_generated_answers_are_scored_against_the_references(setup):
+    checkpoint_dir, data_dir, tmp_path = setup
+    code, out, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir,
+                                 "--generate", "true", "--max_new_tokens", 4, "--output_path", tmp_path / "out.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "out.json").read_text())["test_split"]
+    assert result["answers"] == 4 and 0 <= result["exact_match"] <= 1 and math.isfinite(result["loss"])
