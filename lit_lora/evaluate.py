@@ -213,7 +213,7 @@ def harness_model(model: LLaMA, tokenizer: Tokenizer, batch_size: int):
             return answers
 
         def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-            return render_chat(chat_history, "chat_template", add_generation_prompt, tokenizer)
+            return chat_text(tokenizer, chat_history, add_generation_prompt)
 
         @property
         def tokenizer_name(self) -> str:
@@ -223,6 +223,20 @@ def harness_model(model: LLaMA, tokenizer: Tokenizer, batch_size: int):
             return tokenizer.chat_template if chat_template else None
 
     return LitLoRALM()
+
+
+def chat_text(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """A conversation in the checkpoint's chat template, as the harness's HF model renders it: without a generation
+    prompt, the last message is left open to be continued (transformers' continue_final_message: the text ends
+    where its content ends, not at the template's end of turn; found by a tag put after the content)."""
+    tag = "CONTINUE_FINAL_MESSAGE_TAG "
+    if not add_generation_prompt and messages:
+        messages = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + tag}]
+    text = render_chat(messages, "chat_template", add_generation_prompt, tokenizer)
+    if not add_generation_prompt and messages:
+        at = text.rindex(tag.strip())
+        text = text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()  # a template may strip spaces
+    return text
 
 
 def generation_settings(gen_kwargs: dict) -> tuple[list[str], int, float]:

@@ -77,8 +77,9 @@ def max_loglikelihood_difference(ours: list, reference: list) -> float:
                for a, b in zip(doc_a, doc_b, strict=True))
 
 
-def evaluate_both(lit_model, hf_dir: Path, tokenizer: Tokenizer, tasks_dir: Path, tasks: list[str]):
-    """simple_evaluate on lit-lora's model and on lm-eval's HF model over the exported folder, samples logged."""
+def evaluate_both(lit_model, hf_dir: Path, tokenizer: Tokenizer, tasks_dir: Path, tasks: list[str], **options):
+    """simple_evaluate (with `options`) on lit-lora's model and on lm-eval's HF model over the exported folder,
+    samples logged."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -87,9 +88,9 @@ def evaluate_both(lit_model, hf_dir: Path, tokenizer: Tokenizer, tasks_dir: Path
 
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)  # not the thousands of built-in tasks
     ours = evaluator.simple_evaluate(model=harness_model(lit_model.eval(), tokenizer, batch_size=5), tasks=tasks,
-                                     task_manager=manager, log_samples=True)
+                                     task_manager=manager, log_samples=True, **options)
     hf = HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=5, device="cpu")
-    reference = evaluator.simple_evaluate(model=hf, tasks=tasks, task_manager=manager, log_samples=True)
+    reference = evaluator.simple_evaluate(model=hf, tasks=tasks, task_manager=manager, log_samples=True, **options)
     return ours, reference
 
 
@@ -119,7 +120,7 @@ def test_harness_figures_equal_lm_eval_hf_model_on_the_export(tmp_path, tokenize
     tasks_dir = write_tasks(tmp_path / "tasks", long_question=True)
     tokenizer = Tokenizer(checkpoint)
     tasks = ["capitals_mc", "capitals_gen", "capitals_ppl"]
-    ours, reference = evaluate_both(model, tmp_path / "hf", tokenizer, tasks_dir, tasks)
+    ours, reference = evaluate_both(model, tmp_path / "hf", tokenizer, tasks_dir, tasks, limit=8)  # the long one first
 
     for task, metric in [("capitals_mc", "acc,none"), ("capitals_mc", "acc_norm,none"),
                          ("capitals_gen", "exact_match,none")]:
@@ -137,6 +138,43 @@ def test_harness_figures_equal_lm_eval_hf_model_on_the_export(tmp_path, tokenize
     # byte by byte and Hugging Face's tokenizer.json as one U+FFFD per byte of the run: compared with tokenizer.json.
     if lora:  # tokenizer.json on both sides
         assert ours_resps["capitals_gen"] == reference_resps["capitals_gen"]
+
+
+REAL_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2"  # where .ci/run fetches it
+
+
+@pytest.fixture(scope="module")
+def real_model_hf_export(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct exported in fp32 to a Hugging Face folder (its chat template with it)."""
+    if not (REAL_MODEL / "lit_model.pth").is_file():
+        pytest.skip("SmolLM2-135M-Instruct is not in checkpoints/smollm2: python checkpoints/fetch_smollm2_gguf.py")
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e .[eval]")
+    pytest.importorskip("transformers", reason="the reference is lm-eval's Hugging Face model")
+    from lit_lora.convert.hf import export_hf_checkpoint
+
+    folder = tmp_path_factory.mktemp("smollm2-hf") / "hf"
+    export_hf_checkpoint(REAL_MODEL, folder, dtype="float32")
+    return folder
+
+
+def test_real_model_figures_equal_lm_eval_hf_model(real_model_hf_export, tmp_path, capsys):
+    """SmolLM2-135M-Instruct, a capital question in its chat template (--apply_chat_template): the same
+    accuracies, greedy answers and log-likelihoods (within 1e-4) as lm-eval's HF model on its export. (One: on a
+    shared CPU core a forward pass of this model over a batch of questions takes seconds.)"""
+    model = load_model(REAL_MODEL, dtype=torch.float32)
+    tasks_dir = write_tasks(tmp_path / "tasks")
+    ours, reference = evaluate_both(model, real_model_hf_export, Tokenizer(REAL_MODEL), tasks_dir,
+                                    ["capitals_mc", "capitals_gen"], limit=1, apply_chat_template=True)
+    for task, metric in [("capitals_mc", "acc,none"), ("capitals_mc", "acc_norm,none"),
+                         ("capitals_gen", "exact_match,none")]:
+        assert ours["results"][task][metric] == reference["results"][task][metric], (task, metric)
+    ours_resps, reference_resps = responses(ours), responses(reference)
+    difference = max_loglikelihood_difference(ours_resps["capitals_mc"], reference_resps["capitals_mc"])
+    with capsys.disabled():  # the figures the report quotes
+        print(f"SmolLM2-135M-Instruct: max |log-likelihood difference| {difference:.2e}, "
+              f"answers {[r[0][0] for r in ours_resps['capitals_gen']]}")
+    assert difference < 1e-4
+    assert ours_resps["capitals_gen"] == reference_resps["capitals_gen"]
 
 
 def test_context_and_continuation_tokens_split_as_the_harness_splits_them(tokenizer):
