@@ -274,8 +274,9 @@ def run_harness(model: LLaMA, tokenizer: Tokenizer, tasks: list[str], include_pa
                                             task_manager=manager, apply_chat_template=apply_chat_template,
                                             batch_size=batch_size, log_samples=False)
     except (ConnectionError, TimeoutError) as error:
-        raise OSError(f"a task's data could not be downloaded ({error}): tasks {', '.join(tasks)} need their "
-                      "dataset on disk or a network") from None
+        raise OSError(f"a task's data could not be downloaded ({error}): the task(s) {', '.join(tasks)} need their "
+                      "dataset on disk (in the Hugging Face cache, or local files in the task's YAML) or a "
+                      "network") from None
     if lm.truncated_contexts:
         print(f"{lm.truncated_contexts} context(s) longer than the model's {model.config.block_size} tokens were "
               "truncated from the left, as lm-eval does", file=sys.stderr)

@@ -292,6 +292,25 @@ def test_unknown_task_is_one_line_saying_how_to_list_tasks(tmp_path, tokenizer_p
     assert not output.exists() and not list(tmp_path.glob(".out.json*"))
 
 
+def test_task_whose_data_needs_a_download_is_one_line_naming_it(tmp_path, tokenizer_path, monkeypatch):
+    """No network (HF_DATASETS_OFFLINE=1, set above): a task reading a dataset of the Hugging Face Hub."""
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e .[eval]")
+    skip_builtin_tasks(monkeypatch)
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: lit-lora-tests/no-such-dataset\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: 0\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    output = tmp_path / "out.json"
+    checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path)
+    code, _, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--include_path", tasks_dir,
+                               "--tasks", "hub_task", "--output_path", output)
+    line = one_error_line(err)
+    assert code == 1 and "could not be downloaded" in line and "lit-lora-tests/no-such-dataset" in line
+    assert "hub_task" in line and not output.exists()
+
+
 def test_limit_0_is_refused_while_parsing(tmp_path, tokenizer_path):
     checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path)
     code, _, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--tasks", "arc_easy",
