@@ -351,3 +351,26 @@ def test_generated_answers_are_scored_against_the_references(setup):
     assert code == 0, err
     result = json.loads((tmp_path / "out.json").read_text())["test_split"]
     assert result["answers"] == 4 and 0 <= result["exact_match"] <= 1 and math.isfinite(result["loss"])
+
+
+@pytest.mark.parametrize("script", ["base", "lora", "adapter", "full"])
+def test_every_evaluate_script_loads_its_model_and_evaluates_a_text(setup, script):
+    """evaluate/{base,lora,adapter,full}.py --text_file: each loads its method as generate/* does, and the LoRA and
+    adapter files (gates and B at zero: no change yet) give the base model's perplexity."""
+    from lit_lora.adapter import apply_adapter
+    from lit_lora.method_files import save_adapter
+
+    checkpoint_dir, _, tmp_path = setup
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog: 12 + 34 = 46. " * 3)
+    flags = {"lora": ["--lora_path", tmp_path / "lora.pth"], "adapter": ["--adapter_path", tmp_path / "adapter.pth"]}
+    save_lora(apply_lora(load_model(checkpoint_dir), r=4, targets=("q", "v")), tmp_path / "lora.pth")
+    save_adapter(apply_adapter(load_model(checkpoint_dir), prompt_length=4, start_layer=0), tmp_path / "adapter.pth")
+    results = []
+    for name in ["base", script]:
+        code, _, err = run_command(f"evaluate/{name}.py", "--checkpoint_dir", checkpoint_dir, "--text_file", text,
+                                   "--precision", "32-true", "--output_path", tmp_path / f"{name}.json",
+                                   *flags.get(name, []))
+        assert code == 0, err
+        results.append(json.loads((tmp_path / f"{name}.json").read_text())["text_file"])
+    assert results[1]["perplexity"] == pytest.approx(results[0]["perplexity"], rel=1e-5)
