@@ -114,11 +114,10 @@ def score_continuations(model: LLaMA, pairs: list[tuple[list[int], list[int]]],
             idx[row, :len(ids)] = torch.tensor(ids)
             scored[row, len(ids) - len(pairs[i][1]):len(ids)] = True
         logits = model(idx.to(device), logits_at=scored.to(device))  # (N, vocab), row after row
-        log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
         offset = 0
-        for i in batch:
-            continuation = torch.tensor(pairs[i][1])
-            row_log_probs = log_probs[offset:offset + len(continuation)]
+        for i in batch:  # one row's log-probabilities at a time: no second (N, vocab) tensor
+            continuation = torch.tensor(pairs[i][1], device=device)
+            row_log_probs = F.log_softmax(logits[offset:offset + len(continuation)].float(), dim=-1)
             offset += len(continuation)
             total = float(row_log_probs.gather(1, continuation[:, None]).sum())
             results[i] = (total, bool((row_log_probs.argmax(dim=-1) == continuation).all()))
