@@ -80,6 +80,7 @@ class EvaluateArgs:
         check_flag(self, "batch_size", self.batch_size >= 1, "must be at least 1")
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be at least 1")
         check_flag(self, "generate", not self.generate or self.data_dir, "needs --data_dir (its test split)")
+        check_flag(self, "include_path", self.include_path is None or self.tasks, "needs --tasks (the tasks to run)")
         check_flag(self, "answer_pattern", not self.answer_pattern or self.generate,
                    "needs --generate true (it scores generated answers)")
         if self.answer_pattern:
@@ -142,7 +143,7 @@ def evaluate_test_split(model: LLaMA, tokenizer: Tokenizer, args: EvaluateArgs) 
     result = {"examples": len(test), "response_tokens": count, "loss": loss, "perplexity": math.exp(min(loss, 50))}
     if args.generate:
         stop_ids = response_stop_ids(tokenizer, config.get("prompt_style", "alpaca"))
-        result.update(score_answers(model, tokenizer, test, args, stop_ids, max_seq_length))
+        result.update(score_answers(model, tokenizer, test, args, stop_ids))
     return result
 
 
@@ -150,7 +151,7 @@ def last_answer(example: dict, stop_ids: tuple) -> tuple[list[int], list[int]]:
     """(prompt ids, reference answer ids) of a prepared example: its last response (the label tokens at its end),
     and everything before it; the end-of-answer token left out of the reference."""
     labelled = (example["labels"] != IGNORE_INDEX).tolist()
-    end = max(i for i, is_label in enumerate(labelled) if is_label) + 1
+    end = max((i for i, is_label in enumerate(labelled) if is_label), default=-1) + 1
     start = end
     while start > 0 and labelled[start - 1]:
         start -= 1
@@ -158,13 +159,15 @@ def last_answer(example: dict, stop_ids: tuple) -> tuple[list[int], list[int]]:
     return example["input_ids"][:start].tolist(), reference
 
 
-def score_answers(model: LLaMA, tokenizer: Tokenizer, test: list, args: EvaluateArgs, stop_ids: tuple,
-                  max_seq_length: int) -> dict:
+def score_answers(model: LLaMA, tokenizer: Tokenizer, test: list, args: EvaluateArgs, stop_ids: tuple) -> dict:
     """Greedy answers to the test split's prompts, compared with the references: the exact-match share."""
     pattern = re.compile(args.answer_pattern) if args.answer_pattern else None
     pairs = [last_answer(example, stop_ids) for example in test]
     references = []
-    for number, (_, reference) in enumerate(pairs, 1):
+    for number, (prompt, reference) in enumerate(pairs, 1):
+        if not prompt:
+            raise ValueError(f"{args.data_dir}/test.pt example {number} has no prompt before its answer (or no "
+                             "answer): prepare the data again (see howto/prepare_dataset.md)")
         text = tokenizer.decode(reference)
         answer = normalise(text) if pattern is None else final_answer(pattern, text)
         if answer is None:
@@ -175,7 +178,8 @@ def score_answers(model: LLaMA, tokenizer: Tokenizer, test: list, args: Evaluate
     correct = 0
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
-        prompts = [pairs[i][0][-(max_seq_length - 1):] for i in batch]
+        # data prepared for a longer context than this model's: the prompt's oldest tokens cut, room for one answer
+        prompts = [pairs[i][0][-(model.config.block_size - 1):] for i in batch]
         new_tokens = min(args.max_new_tokens, model.config.block_size - max(map(len, prompts)))
         texts = generate_texts(model, tokenizer, prompts, [], new_tokens, stop_ids=stop_ids)
         for i, text in zip(batch, texts):
