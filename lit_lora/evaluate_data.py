@@ -95,25 +95,27 @@ class EvaluateArgs:
 
 
 def run_evaluation(model: LLaMA, args: EvaluateArgs, merge: bool = False) -> dict:
-    """What every evaluate script does once its model is built: the harness's tasks, the test split, the text, as
+    """What every evaluate script does once its model is built: the test split, the text, the harness's tasks, as
     asked; each printed, and all written to --output_path at the end."""
     model = prepare_for_generation(model, args.precision, merge=merge, fused=False)  # the layers of model.py
     tokenizer = Tokenizer(args.checkpoint_dir)
     results: dict = {}
-    task_names = [name.strip() for name in (args.tasks or "").split(",") if name.strip()]
-    if task_names:
-        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-        results = run_harness(model, tokenizer, task_names, args.include_path, args.num_fewshot, limit,
-                              args.batch_size, args.apply_chat_template)
-        from lm_eval.utils import make_table
-
-        print(make_table(results))
+    # the quick ones first: a bad --data_dir or --text_file is said before the harness's tasks take their time
     if args.data_dir is not None:
         results["test_split"] = evaluate_test_split(model, tokenizer, args)
         print(f"{args.data_dir} test split: {results['test_split']}")
     if args.text_file is not None:
         results["text_file"] = text_perplexity(model, tokenizer, args.text_file, args.batch_size)
         print(f"{args.text_file}: {results['text_file']}")
+    task_names = [name.strip() for name in (args.tasks or "").split(",") if name.strip()]
+    if task_names:
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        harness = run_harness(model, tokenizer, task_names, args.include_path, args.num_fewshot, limit,
+                              args.batch_size, args.apply_chat_template)
+        from lm_eval.utils import make_table
+
+        print(make_table(harness))
+        results = {**harness, **results}  # lm-eval's layout, with this run's own figures beside its keys
     if args.output_path is not None:
         write_results(results, args.output_path)
         print(f"Wrote {args.output_path}", file=sys.stderr)

@@ -253,15 +253,18 @@ def test_script_runs_a_local_task_counts_truncated_contexts_and_writes_lm_evals_
     checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path, block_size=64)
     tasks_dir = write_tasks(tmp_path / "tasks", long_question=True)
     output = tmp_path / "results" / "base.json"
+    text = tmp_path / "text.txt"
+    text.write_text("The capital of France is Paris.")
     code, out, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--include_path", tasks_dir,
                                  "--tasks", "capitals_mc", "--limit", 5, "--output_path", output, "--precision",
-                                 "32-true")
+                                 "32-true", "--text_file", text)
     assert code == 0, err
     assert "4 context(s) longer than the model's 64 tokens were truncated from the left" in err  # 4 choices, 1 doc
     results = json.loads(output.read_text())
     assert 0 <= results["results"]["capitals_mc"]["acc,none"] <= 1 and results["truncated_contexts"] == 4
     assert results["n-samples"]["capitals_mc"]["effective"] == 5
     assert "capitals_mc" in out  # lm-eval's table
+    assert results["text_file"]["tokens"] > 0  # and this run's own figures beside lm-eval's
 
 
 def skip_builtin_tasks(monkeypatch):
