@@ -314,6 +314,15 @@ def test_task_whose_data_needs_a_download_is_one_line_naming_it(tmp_path, tokeni
     assert "hub_task" in line and not output.exists()
 
 
+def test_chat_template_asked_of_a_checkpoint_without_one_is_one_line(tmp_path, tokenizer_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e .[eval]")
+    skip_builtin_tasks(monkeypatch)
+    checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path)
+    code, _, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--tasks", "capitals_mc",
+                               "--include_path", write_tasks(tmp_path / "tasks"), "--apply_chat_template", "true")
+    assert code == 1 and "--apply_chat_template" in one_error_line(err) and "has no chat template" in err
+
+
 def test_limit_0_is_refused_while_parsing(tmp_path, tokenizer_path):
     checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path)
     code, _, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--tasks", "arc_easy",
