@@ -3,7 +3,6 @@ lm-eval's Hugging Face model on the exported folder; the test split's loss is tr
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,24 @@ import torch
 
 from lit_lora.checkpoint import load_model
 from lit_lora.evaluate import encode_pair, rolling_windows
-from lit_lora.method_files import save_lora
 from lit_lora.lora import apply_lora
+from lit_lora.method_files import save_lora
 from lit_lora.tokenizer import Tokenizer
 from tests.conftest import logged, lora_args, make_checkpoint, run_command
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the tasks' data are local files: never the network
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """The tasks' data are local files: never the network (HF_DATASETS_OFFLINE=1, also where datasets was imported
+    before, having read the variable then)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets.config
+    except ImportError:
+        return
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 COUNTRIES = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
              ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Cuba", "Havana"),
@@ -296,7 +306,7 @@ def test_unknown_task_is_one_line_saying_how_to_list_tasks(tmp_path, tokenizer_p
 
 
 def test_task_whose_data_needs_a_download_is_one_line_naming_it(tmp_path, tokenizer_path, monkeypatch):
-    """No network (HF_DATASETS_OFFLINE=1, set above): a task reading a dataset of the Hugging Face Hub."""
+    """No network (no_network, above): a task reading a dataset of the Hugging Face Hub."""
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e .[eval]")
     skip_builtin_tasks(monkeypatch)
     tasks_dir = tmp_path / "tasks"
