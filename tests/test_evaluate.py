@@ -16,6 +16,8 @@ from lit_lora.tokenizer import Tokenizer
 from tests.conftest import logged, lora_args, make_checkpoint, run_command
 
 
+NO_LM_EVAL = "lm-eval is an optional extra: pip install -e '.[eval]'"
+
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
@@ -109,7 +111,7 @@ def test_harness_figures_equal_lm_eval_hf_model_on_the_export(tmp_path, tokenize
                                                               capsys):
     """The same tasks on the same weights: lit-lora's model (LoRA unmerged) and `lm_eval --model hf` on the
     Hugging Face export (LoRA merged) give the same accuracies, answers and log-likelihoods (within 1e-4)."""
-    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
     pytest.importorskip("transformers", reason="the reference is lm-eval's Hugging Face model")
     from lit_lora.convert.hf import export_hf_checkpoint
 
@@ -158,7 +160,7 @@ def real_model_hf_export(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct exported in fp32 to a Hugging Face folder (its chat template with it)."""
     if not (REAL_MODEL / "lit_model.pth").is_file():
         pytest.skip("SmolLM2-135M-Instruct is not in checkpoints/smollm2: python checkpoints/fetch_smollm2_gguf.py")
-    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e .[eval]")
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
     pytest.importorskip("transformers", reason="the reference is lm-eval's Hugging Face model")
     from lit_lora.convert.hf import export_hf_checkpoint
 
@@ -198,7 +200,7 @@ def test_context_and_continuation_tokens_split_as_the_harness_splits_them(tokeni
 
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 20, 33])
 def test_rolling_windows_are_the_harness_windows(length):
-    lm_eval_utils = pytest.importorskip("lm_eval.utils", reason="lm-eval is an optional extra: pip install -e .[eval]")
+    lm_eval_utils = pytest.importorskip("lm_eval.utils", reason=NO_LM_EVAL)
     tokens = list(range(100, 100 + length))
     expected = [lm_eval_utils.make_disjoint_window(w)
                 for w in lm_eval_utils.get_rolling_token_windows(tokens, prefix_token=1, max_seq_len=8, context_len=1)]
@@ -258,7 +260,7 @@ def test_script_runs_a_local_task_counts_truncated_contexts_and_writes_lm_evals_
                                                                                       monkeypatch):
     """evaluate/base.py --include_path --tasks: lm-eval's results JSON, written whole; a context longer than the
     model's is truncated from the left, and the script says how many were."""
-    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
     skip_builtin_tasks(monkeypatch)
     checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path, block_size=64)
     tasks_dir = write_tasks(tmp_path / "tasks", long_question=True)
@@ -294,7 +296,7 @@ def one_error_line(err: str) -> str:
 
 
 def test_unknown_task_is_one_line_saying_how_to_list_tasks(tmp_path, tokenizer_path, monkeypatch):
-    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[eval]'")
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
     skip_builtin_tasks(monkeypatch)
     checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path)
     output = tmp_path / "out.json"
@@ -307,7 +309,7 @@ def test_unknown_task_is_one_line_saying_how_to_list_tasks(tmp_path, tokenizer_p
 
 def test_task_whose_data_needs_a_download_is_one_line_naming_it(tmp_path, tokenizer_path, monkeypatch):
     """No network (no_network, above): a task reading a dataset of the Hugging Face Hub."""
-    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e .[eval]")
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
     skip_builtin_tasks(monkeypatch)
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
@@ -325,7 +327,7 @@ def test_task_whose_data_needs_a_download_is_one_line_naming_it(tmp_path, tokeni
 
 
 def test_chat_template_asked_of_a_checkpoint_without_one_is_one_line(tmp_path, tokenizer_path, monkeypatch):
-    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e .[eval]")
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
     skip_builtin_tasks(monkeypatch)
     checkpoint = make_checkpoint(tmp_path / "lit", tokenizer_path)
     code, _, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint, "--tasks", "capitals_mc",
