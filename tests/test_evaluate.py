@@ -152,30 +152,38 @@ def test_harness_figures_equal_lm_eval_hf_model_on_the_export(tmp_path, tokenize
         assert ours_resps["capitals_gen"] == reference_resps["capitals_gen"]
 
 
-REAL_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2"  # where .ci/run fetches it
+SMOLLM2_GGUF = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def real_model_hf_export(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct exported in fp32 to a Hugging Face folder (its chat template with it)."""
-    if not (REAL_MODEL / "lit_model.pth").is_file():
-        pytest.skip("SmolLM2-135M-Instruct is not in checkpoints/smollm2: python checkpoints/fetch_smollm2_gguf.py")
+def real_model(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF file .ci/run fetches (checkpoints/fetch_smollm2_gguf.py)."""
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"the real model is not here ({SMOLLM2_GGUF}): python checkpoints/fetch_smollm2_gguf.py fetches it")
     pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
+    from lit_lora.convert.gguf import convert_gguf_checkpoint
+
+    return convert_gguf_checkpoint(SMOLLM2_GGUF, tmp_path_factory.mktemp("smollm2") / "lit")
+
+
+@pytest.fixture(scope="module")
+def real_model_hf_export(real_model, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct exported in fp32 to a Hugging Face folder (its chat template with it)."""
     pytest.importorskip("transformers", reason="the reference is lm-eval's Hugging Face model")
     from lit_lora.convert.hf import export_hf_checkpoint
 
     folder = tmp_path_factory.mktemp("smollm2-hf") / "hf"
-    export_hf_checkpoint(REAL_MODEL, folder, dtype="float32")
+    export_hf_checkpoint(real_model, folder, dtype="float32")
     return folder
 
 
-def test_real_model_figures_equal_lm_eval_hf_model(real_model_hf_export, tmp_path, capsys):
+def test_real_model_figures_equal_lm_eval_hf_model(real_model, real_model_hf_export, tmp_path, capsys):
     """SmolLM2-135M-Instruct, a capital question in its chat template (--apply_chat_template): the same
     accuracies, greedy answers and log-likelihoods (within 1e-4) as lm-eval's HF model on its export. (One: on a
     shared CPU core a forward pass of this model over a batch of questions takes seconds.)"""
-    model = load_model(REAL_MODEL, dtype=torch.float32)
+    model = load_model(real_model, dtype=torch.float32)
     tasks_dir = write_tasks(tmp_path / "tasks")
-    ours, reference = evaluate_both(model, real_model_hf_export, Tokenizer(REAL_MODEL), tasks_dir,
+    ours, reference = evaluate_both(model, real_model_hf_export, Tokenizer(real_model), tasks_dir,
                                     ["capitals_mc", "capitals_gen"], limit=1, apply_chat_template=True)
     for task, metric in [("capitals_mc", "acc,none"), ("capitals_mc", "acc_norm,none"),
                          ("capitals_gen", "exact_match,none")]:

@@ -81,14 +81,14 @@ def test_a_bad_template_is_one_line_naming_its_file_in_prepare_and_generate(tmp_
 
 
 def test_the_interactive_chat_survives_a_turn_the_template_fails_on(tmp_path, monkeypatch, capsys):
-    import lit_lora.generation as generation
+    import lit_lora.chat as chat
     from generate.base import main
     from lit_lora.chat import GenerateArgs
 
     failing = "{% if messages[-1]['content'] == 'boom' %}{{ 1 // 0 }}{% endif %}" + SMOLLM2_TEMPLATE
     checkpoint = make_checkpoint(tmp_path / "base", smollm2_folder(tmp_path / "tok", failing), block_size=128)
-    seen, real = [], generation.generate_stream
-    monkeypatch.setattr(generation, "generate_stream", lambda m, p, *a, **k: seen.append(p) or real(m, p, *a, **k))
+    seen, real = [], chat.generate_stream
+    monkeypatch.setattr(chat, "generate_stream", lambda m, p, *a, **k: seen.append(p) or real(m, p, *a, **k))
     lines = iter(["boom", "Hi there.", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     main(GenerateArgs(checkpoint_dir=checkpoint, interactive=True, prompt_style="chat_template", max_new_tokens=2,
