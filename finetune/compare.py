@@ -22,7 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -177,13 +177,19 @@ def data_facts(args: CompareArgs, config: Config) -> dict:
 
 def training_setup(method: str, args: CompareArgs, precision: str, device: str, data: dict) -> TrainingSetup:
     """The estimate's inputs, with each method's hyperparameters (LoRA r, targets, ...) as its script's defaults."""
-    defaults = METHOD_ARGS[method]()
+    defaults = script_defaults(method)
     hyperparameters = ("lora_r", "lora_targets", "lora_dropout", "adapter_prompt_length", "adapter_start_layer")
     return TrainingSetup(
         method=method, precision=precision, micro_batch_size=args.micro_batch_size, seq_length=data["seq_length"],
         label_fraction=data["label_fraction"], device=device, quantize=args.quantize,
-        **{name: getattr(defaults, name) for name in hyperparameters if hasattr(defaults, name)},
+        **{name: defaults[name] for name in hyperparameters if name in defaults},
     )
+
+
+def script_defaults(method: str) -> dict:
+    """The default of every flag of the method's script, read from its dataclass: not an instance of it, whose checks
+    would look at the default --out_dir (which may hold a run of the user's, none of this comparison's business)."""
+    return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(METHOD_ARGS[method])}
 
 
 def method_flags(method: str, args: CompareArgs, precision: str) -> list[str]:
@@ -204,7 +210,7 @@ def method_flags(method: str, args: CompareArgs, precision: str) -> list[str]:
         flags["learning_rate"] = learning_rate
     if args.warmup_steps is not None:
         flags["warmup_steps"] = args.warmup_steps
-        if METHOD_ARGS[method]().warmup_epochs is not None:  # the adapter counts warmup in epochs by default
+        if script_defaults(method)["warmup_epochs"] is not None:  # the adapter counts warmup in epochs by default
             flags["warmup_epochs"] = "null"
     if args.max_seq_length is not None:
         flags["max_seq_length"] = args.max_seq_length

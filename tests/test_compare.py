@@ -254,3 +254,16 @@ def test_compare_end_to_end(tmp_path, tokenizer_path, tokenizer, capsys):
     assert (out_dir / "lora" / "state.pth").read_bytes() == saved
     main(CompareArgs(**again, overwrite=True))
     assert "lora" in (out_dir / "results.md").read_text().lower()
+
+
+def test_compare_reads_the_scripts_defaults_without_checking_their_default_out_dirs(tmp_path, monkeypatch):
+    """A saved run in a script's default out_dir (out/lora/alpaca after README's finetune) is that run's business:
+    compare.py only reads the scripts' default hyperparameters, and runs in its own --out_dir."""
+    from finetune.compare import CompareArgs, main
+
+    monkeypatch.chdir(tmp_path)
+    for method in ("lora", "adapter", "full"):
+        (tmp_path / "out" / method / "alpaca").mkdir(parents=True)
+        (tmp_path / "out" / method / "alpaca" / "state.pth").write_bytes(b"a saved run")
+    result = main(CompareArgs(estimate_only=True, model_name="7B", data_dir="no/such/dir"))
+    assert result["estimates"]["lora"].setup.lora_r == 8
