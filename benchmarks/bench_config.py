@@ -1,10 +1,13 @@
 """What the benchmark scripts share: their fixed CPU model, LLaMA's shape at 8 layers of width 512 (8 heads, the
 32,000-token vocabulary), 60M parameters (not a published model, so not among lit_lora/model.py's presets); and
 what tells a figure measured on a busy machine from one measured on a quiet one; and the measurements the decoding
-benchmarks share (the bandwidth, the best of repeats, Hugging Face's generate on the same weights)."""
+benchmarks share (the bandwidth, the best of repeats, Hugging Face's generate on the same weights); and the real
+model they measure, SmolLM2-135M-Instruct, made from the GGUF file checkpoints/fetch_smollm2_gguf.py brings."""
 
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,6 +15,20 @@ import torch
 from lit_lora.chat import time_tokens
 from lit_lora.generation import generate_stream
 from lit_lora.model import Config, LLaMA
+
+
+SMOLLM2_GGUF = Path(__file__).resolve().parents[1] / "checkpoints/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_checkpoint(checkpoint_dir: Path) -> Path:
+    """checkpoint_dir, converted to lit-lora's fp32 checkpoint from the fetched GGUF file when it is not there yet."""
+    from lit_lora.convert.gguf import convert_gguf_checkpoint
+
+    if not (Path(checkpoint_dir) / "lit_model.pth").is_file():
+        if not SMOLLM2_GGUF.is_file():
+            sys.exit(f"error: {SMOLLM2_GGUF} is not here: run python checkpoints/fetch_smollm2_gguf.py")
+        convert_gguf_checkpoint(SMOLLM2_GGUF, checkpoint_dir)
+    return Path(checkpoint_dir)
 
 
 def bench_config() -> Config:

@@ -48,6 +48,7 @@ from benchmarks.bench_config import (  # noqa: E402
     machine_load,
     memory_reads,
     same,
+    smollm2_checkpoint,
 )
 from lit_lora.checkpoint import load_model  # noqa: E402
 from lit_lora.cli import cli  # noqa: E402
@@ -56,7 +57,6 @@ from lit_lora.inference import compile_decoding, fuse_for_inference  # noqa: E40
 from lit_lora.prompts import encode_prompt, format_prompt  # noqa: E402
 from lit_lora.tokenizer import Tokenizer  # noqa: E402
 
-GGUF = ROOT / "checkpoints/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the capital of France? Answer in one sentence, then name two famous sights there."
 
 
@@ -135,12 +135,9 @@ def llama_cpp_run(gguf_path: Path, prompt: torch.Tensor, new_tokens: int, repeat
 
 def prepare(checkpoint_dir: Path, llama_cpp: bool) -> Path:
     """The fp32 checkpoint folder (converted from the fetched GGUF when absent) and the F32 GGUF llama.cpp reads."""
-    from lit_lora.convert.gguf import convert_gguf_checkpoint, export_gguf_checkpoint
+    from lit_lora.convert.gguf import export_gguf_checkpoint
 
-    if not (checkpoint_dir / "lit_model.pth").is_file():
-        if not GGUF.is_file():
-            sys.exit(f"error: {GGUF.relative_to(ROOT)} is not here: run python checkpoints/fetch_smollm2_gguf.py")
-        convert_gguf_checkpoint(GGUF, checkpoint_dir)
+    smollm2_checkpoint(checkpoint_dir)
     f32_gguf = ROOT / "out/bench/smollm2-f32.gguf"
     if llama_cpp and not f32_gguf.is_file():
         export_gguf_checkpoint(checkpoint_dir, f32_gguf, outtype="f32")

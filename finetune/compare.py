@@ -1,4 +1,4 @@
-"""Compare LoRA, QLoRA, LLaMA-Adapter and full finetuning on the same model and data: memory, time, loss.
+"""Compare LoRA, QLoRA, LLaMA-Adapter and full finetuning on the same model and data: memory, time, quality.
 
     python finetune/compare.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca
     python finetune/compare.py --estimate_only true --model_name 7B --precision bf16-true --methods [lora,qlora,adapter,full]
@@ -10,7 +10,12 @@ its own: CUDA's max_memory_allocated on a GPU, the peak resident set size (RSS) 
 Python, torch and Lightning hold before training starts (reported as the baseline). Before anything runs, the
 memory each method should need is worked out by lit_lora/memory.py and printed beside what was measured.
 
-Written to out_dir: <method>/ (each run's weights and logs), results.csv, results.md, and results.png
+Then the base model and each finetune are evaluated on the same items, each by its evaluate script in its own
+process (evaluate/base.py, lora.py, adapter.py, full.py): the loss and perplexity over the whole test split, and with
+--tasks the accuracy on lm-eval-harness tasks (pip install -e ".[eval]").
+
+Written to out_dir: <method>/ (each run's weights, logs and evaluation.json), base/evaluation.json, results.csv,
+results.md, and results.png
 when matplotlib is installed (pip install -e ".[plot]"). See howto/compare.md.
 """
 
@@ -54,7 +59,8 @@ from lit_lora.report import format_bytes, peak_memory_bytes  # noqa: E402
 Method = Literal["lora", "qlora", "adapter", "full"]
 SCRIPTS = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "full": "full"}  # QLoRA: finetune/lora.py --quantize
 METHOD_ARGS = {"lora": LoRAArgs, "qlora": LoRAArgs, "adapter": AdapterArgs, "full": FullArgs}
-NAMES = {"lora": "LoRA", "qlora": "QLoRA", "adapter": "LLaMA-Adapter", "full": "Full finetuning"}
+NAMES = {"lora": "LoRA", "qlora": "QLoRA", "adapter": "LLaMA-Adapter", "full": "Full finetuning",
+         "base": "Base model"}
 
 
 @dataclass
@@ -84,6 +90,11 @@ class CompareArgs:
         seq_length: With --estimate_only: the tokens per example to estimate for (default: the data's longest, else 256).
         quantize: QLoRA's 4-bit format: bnb.nf4-dq (NF4 with double quantization, as the QLoRA paper) or bnb.nf4.
         overwrite: Run again in an out_dir whose method folders hold an earlier comparison's runs (they are replaced).
+        evaluate: After the runs, evaluate the base model and each finetune on the whole test split (and --tasks).
+        tasks: With --evaluate: lm-eval-harness tasks, comma-separated, whose accuracy joins the quality table
+            (evaluate/*.py --tasks); null: the test split only.
+        include_path: A folder of your own task YAML files for --tasks.
+        limit: At most this many examples per task (null: all).
     """
 
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")
@@ -106,6 +117,10 @@ class CompareArgs:
     seq_length: Optional[int] = None
     quantize: Literal["bnb.nf4", "bnb.nf4-dq"] = "bnb.nf4-dq"
     overwrite: bool = False
+    evaluate: bool = True
+    tasks: Optional[str] = None
+    include_path: Optional[Path] = None
+    limit: Optional[float] = None
 
 
 def main(args: CompareArgs) -> dict:
@@ -152,9 +167,10 @@ def main(args: CompareArgs) -> dict:
             "run_time_s": summary["time_s"], "predicted_flops_per_step": flops, "precision": precision,
             "device": device,
         })
-    write_results(args.out_dir, results, estimates)
-    print_comparison(results)
-    return {"estimates": estimates, "results": results}
+    quality = evaluate_all(args, precision) if args.evaluate else []
+    write_results(args.out_dir, results, estimates, quality)
+    print_comparison(results, quality)
+    return {"estimates": estimates, "results": results, "quality": quality}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -275,6 +291,51 @@ def loop_timing(run_dir: Path) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Quality: the base model and each finetune on the same items
+
+
+def evaluate_all(args: CompareArgs, precision: str) -> list[dict]:
+    """Run the evaluate script of the base model and of each method's result, each in its own process, and read
+    back a row each: the test split's loss and perplexity, and each task's first metric (acc, exact_match, ...)."""
+    flags = ["--checkpoint_dir", str(args.checkpoint_dir), "--data_dir", str(args.data_dir),
+             "--precision", precision if precision.endswith("-true") else "32-true"]  # evaluation is not mixed
+    for name, value in (("tasks", args.tasks), ("include_path", args.include_path), ("limit", args.limit)):
+        flags += [f"--{name}", str(value)] if value is not None else []
+    rows = []
+    for method in ("base", *args.methods):
+        run_dir = args.out_dir / method
+        own = {"lora": ["--lora_path", str(run_dir / "lit_lora_finetuned.pth")],
+               "qlora": ["--lora_path", str(run_dir / "lit_lora_finetuned.pth"), "--quantize", args.quantize],
+               "adapter": ["--adapter_path", str(run_dir / "lit_adapter_finetuned.pth")],
+               "full": ["--checkpoint_dir", str(run_dir)]}.get(method, [])  # full: its own checkpoint folder
+        script = {"qlora": "lora", "base": "base"}.get(method, SCRIPTS.get(method))
+        command = [sys.executable, str(ROOT / "evaluate" / f"{script}.py"), *flags, *own,
+                   "--output_path", str(run_dir / "evaluation.json")]
+        print(f"\n=== Evaluating {NAMES[method]}: python evaluate/{script}.py {' '.join(command[2:])}", flush=True)
+        if subprocess.run(command).returncode != 0:
+            raise RuntimeError(f"Evaluating {NAMES[method]} failed: its output is above. Run it alone with: "
+                               f"python evaluate/{script}.py {' '.join(command[2:])}")
+        evaluation = json.loads((run_dir / "evaluation.json").read_text())
+        row = {"method": method, "test_loss": evaluation["test_split"]["loss"],
+               "test_perplexity": evaluation["test_split"]["perplexity"]}
+        for task, metrics in evaluation.get("results", {}).items():
+            metric = next((m for m in metrics if "," in m and "_stderr" not in m), None)  # "acc,none"
+            if metric is not None and isinstance(metrics[metric], (int, float)):
+                row[f"{task} {metric.split(',')[0]}"] = metrics[metric]
+        rows.append(row)
+    return rows
+
+
+def quality_table(quality: list[dict]) -> str:
+    columns = [c for c in quality[0] if c != "method"]
+    lines = ["| model | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row in quality:
+        lines.append(f"| {NAMES[row['method']]} | " + " | ".join(
+            f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Results
 
 
@@ -299,12 +360,18 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, results: list[dict], estimates: dict[str, MemoryEstimate]) -> None:
+def write_results(out_dir: Path, results: list[dict], estimates: dict[str, MemoryEstimate],
+                  quality: list[dict]) -> None:
+    """results.csv (a row per method, and the base model's row when evaluated), results.md, results.png."""
     r0 = results[0]
+    by_method = {row["method"]: row for row in quality}
+    quality_columns = [c for c in (quality[0] if quality else {}) if c != "method"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS) + quality_columns)
     writer.writeheader()
-    writer.writerows(results)
+    writer.writerows([{**by_method.get(r["method"], {}), **r} for r in results])
+    if "base" in by_method:
+        writer.writerow(by_method["base"])
     atomic_write(out_dir / "results.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
     memory_note = ("peak resident memory (RSS) of each run's process; `above baseline` subtracts what the "
                    "process held after importing Python, torch and Lightning" if r0["device"] == "cpu"
@@ -314,6 +381,9 @@ def write_results(out_dir: Path, results: list[dict], estimates: dict[str, Memor
             "loop's steps 2.. (no evaluation, no checkpoint). Val loss: after the run.\n\n"
             + markdown_table(results) + "\n\n## Predicted memory (lit_lora/memory.py)\n\n"
             + format_estimates({NAMES[m]: e for m, e in estimates.items()}) + "\n")
+    if quality:
+        text += ("\n## Quality (evaluate/*.py: the loss and perplexity over the whole test split; task metrics from "
+                 "lm-eval-harness)\n\n" + quality_table(quality) + "\n")
     atomic_write(out_dir / "results.md", lambda tmp: Path(tmp).write_text(text))
     try:
         plot(out_dir / "results.png", results)
@@ -349,8 +419,10 @@ def plot(path: Path, results: list[dict]) -> None:
     plt.close(fig)
 
 
-def print_comparison(results: list[dict]) -> None:
+def print_comparison(results: list[dict], quality: list[dict]) -> None:
     print("\n" + markdown_table(results) + "\n")
+    if quality:
+        print(quality_table(quality) + "\n")
     full = next((r for r in results if r["method"] == "full"), None)
     for r in results:
         measured = r["peak_memory_bytes"] - r["baseline_memory_bytes"]

@@ -15,9 +15,10 @@ moved onto the continuation first ("Answer:" + " Paris", not "Answer: " + "Paris
 tokenized as in running text. An empty context is the BOS token (else EOS). A context too long for the model is
 truncated from the left, keeping the continuation, as the harness truncates.
 
-Scoring is a forward pass per batch of right-padded rows (no attention mask needed: causal attention never looks
-forward), with logits computed only at the positions that predict a continuation token, as training computes them
-only where there is a label.
+Scoring is a forward pass per batch of right-padded rows, with logits computed only at the positions that predict a
+continuation token, as training computes them only where there is a label. A context shared by several continuations
+(a multiple-choice question and its choices) is read once, into the KV cache that decoding uses, and each choice then
+reads only its own tokens.
 """
 
 import json
@@ -95,15 +96,45 @@ def score_continuations(model: LLaMA, pairs: list[tuple[list[int], list[int]]],
     """For each (context ids, continuation ids): (log P(continuation | context), whether greedy decoding writes the
     continuation), and how many contexts were truncated from the left to fit the model's context.
 
-    Longest first, so that rows of a batch have similar lengths and little padding; results in the given order."""
-    block_size, device = model.config.block_size, model.lm_head.weight.device
+    A context shared by several continuations (the choices of a multiple-choice question) is read once
+    (score_shared_contexts); the others are scored whole, a row each (score_rows)."""
+    block_size = model.config.block_size
     for context, continuation in pairs:
         if not continuation or len(continuation) > block_size:
             raise ValueError(f"A continuation of {len(continuation)} tokens cannot be scored by a model with a "
                              f"context of {block_size}: it must be 1 to {block_size} tokens")
+    truncated = sum(len(context) + len(continuation) > block_size + 1 for context, continuation in pairs)
+    by_context: dict[tuple, list[int]] = {}
+    for i, (context, _) in enumerate(pairs):
+        by_context.setdefault(tuple(context), []).append(i)
+    shared = [members for context, members in by_context.items()
+              if len(members) > 1 and len(context) + max(len(pairs[i][1]) for i in members) <= block_size]
+    alone = sorted(set(range(len(pairs))) - {i for members in shared for i in members})
+    results: list = [None] * len(pairs)
+    for i, result in zip(alone, score_rows(model, [pairs[i] for i in alone], batch_size)):
+        results[i] = result
+    for members, group_results in zip(shared, score_shared_contexts(model, pairs, shared, batch_size)):
+        for i, result in zip(members, group_results):
+            results[i] = result
+    return results, truncated
+
+
+def continuation_scores(log_probs: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+    """log_probs: (len(continuation), vocab), each row the prediction of one continuation token -> (the sum of the
+    continuation's log-probabilities, whether each token is the most likely one)."""
+    targets = torch.tensor(continuation, device=log_probs.device)
+    total = float(log_probs.gather(1, targets[:, None]).sum())
+    return total, bool((log_probs.argmax(dim=-1) == targets).all())
+
+
+@torch.inference_mode()
+def score_rows(model: LLaMA, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> list[tuple[float, bool]]:
+    """Each pair as one row, context + continuation, the oldest tokens cut to fit the model (as the harness cuts
+    them). Longest first, so that rows of a batch have similar lengths and little padding; results in the given
+    order. No attention mask is needed for the right padding: causal attention never looks forward."""
+    block_size, device = model.config.block_size, model.lm_head.weight.device
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results: list = [None] * len(pairs)
-    truncated = sum(len(context) + len(continuation) > block_size + 1 for context, continuation in pairs)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         # the harness's input: context + continuation less its last token, the oldest tokens cut to fit
@@ -116,12 +147,80 @@ def score_continuations(model: LLaMA, pairs: list[tuple[list[int], list[int]]],
         logits = model(idx.to(device), logits_at=scored.to(device))  # (N, vocab), row after row
         offset = 0
         for i in batch:  # one row's log-probabilities at a time: no second (N, vocab) tensor
-            continuation = torch.tensor(pairs[i][1], device=device)
-            row_log_probs = F.log_softmax(logits[offset:offset + len(continuation)].float(), dim=-1)
-            offset += len(continuation)
-            total = float(row_log_probs.gather(1, continuation[:, None]).sum())
-            results[i] = (total, bool((row_log_probs.argmax(dim=-1) == continuation).all()))
-    return results, truncated
+            n = len(pairs[i][1])
+            results[i] = continuation_scores(F.log_softmax(logits[offset:offset + n].float(), dim=-1), pairs[i][1])
+            offset += n
+    return results
+
+
+@torch.inference_mode()
+def score_shared_contexts(model: LLaMA, pairs: list[tuple[list[int], list[int]]], groups: list[list[int]],
+                          batch_size: int) -> list[list[tuple[float, bool]]]:
+    """For each group of pairs with one context: the context is read once, into the KV cache, and each
+    continuation then reads only its own tokens from there. With k choices, a question of c context tokens and
+    n-token answers costs c + k n token positions, not k (c + n).
+
+    Per batch of groups: (1) the contexts, a row each: their keys and values cached, and the logits at each
+    context's last token (they predict every continuation's first token); (2) the cache's rows copied to one row
+    per continuation; (3) the continuations, each at the positions after its context, less their last token."""
+    device = model.lm_head.weight.device
+    order = sorted(range(len(groups)), key=lambda g: -len(pairs[groups[g][0]][0]))
+    results: list = [None] * len(groups)
+    start = 0
+    while start < len(order):
+        batch = [order[start]]  # groups while their continuations fit in batch_size rows (one group at least)
+        while (start + len(batch) < len(order)
+               and sum(len(groups[g]) for g in batch) + len(groups[order[start + len(batch)]]) <= batch_size):
+            batch.append(order[start + len(batch)])
+        start += len(batch)
+        contexts = [pairs[groups[g][0]][0] for g in batch]
+        members = [(row, i) for row, g in enumerate(batch) for i in groups[g]]  # (context row, pair) per continuation
+        extra = max(len(pairs[i][1]) for _, i in members) - 1  # continuation tokens read after the context
+        if max(map(len, contexts)) + extra > model.config.block_size:  # longer than the model: each alone
+            for g in batch:
+                results[g] = score_rows(model, [pairs[i] for i in groups[g]], batch_size)
+            continue
+        model.set_kv_cache(batch_size=len(batch), max_seq_length=max(map(len, contexts)) + extra)
+        try:
+            # (1) the contexts, right-padded; the padding's keys are never attended: each position sees only those
+            # up to its own, and each continuation overwrites the positions after its context
+            idx = torch.zeros(len(batch), max(map(len, contexts)), dtype=torch.long)
+            last = torch.zeros_like(idx, dtype=torch.bool)
+            for row, context in enumerate(contexts):
+                idx[row, :len(context)] = torch.tensor(context)
+                last[row, len(context) - 1] = True
+            positions = torch.arange(idx.size(1)).expand_as(idx)
+            first = F.log_softmax(model(idx.to(device), positions.to(device), logits_at=last.to(device)).float(), -1)
+            # (2) one cache row per continuation: a copy of its context's
+            context_rows = torch.tensor([row for row, _ in members], device=device)
+            for block in model.blocks:
+                block.attn.kv_cache.k = block.attn.kv_cache.k[context_rows]
+                block.attn.kv_cache.v = block.attn.kv_cache.v[context_rows]
+            # (3) the continuations' tokens but the last, at the positions after their contexts
+            later = None
+            if extra:
+                idx = torch.zeros(len(members), extra, dtype=torch.long)
+                scored = torch.zeros_like(idx, dtype=torch.bool)
+                positions = torch.zeros_like(idx)
+                for r, (row, i) in enumerate(members):
+                    continuation = pairs[i][1][:-1]
+                    idx[r, :len(continuation)] = torch.tensor(continuation, dtype=torch.long)
+                    scored[r, :len(continuation)] = True
+                    positions[r] = len(contexts[row]) + torch.arange(extra)
+                later = model(idx.to(device), positions.to(device), logits_at=scored.to(device))  # (N, vocab)
+        finally:
+            model.clear_kv_cache()
+        offset = 0
+        for g in batch:
+            results[g] = []
+        for r, (row, i) in enumerate(members):
+            n = len(pairs[i][1]) - 1
+            log_probs = first[row:row + 1]
+            if n:
+                log_probs = torch.cat([log_probs, F.log_softmax(later[offset:offset + n].float(), dim=-1)])
+            offset += n
+            results[batch[row]].append(continuation_scores(log_probs, pairs[i][1]))
+    return results
 
 
 def generate_texts(model: LLaMA, tokenizer: Tokenizer, prompts: list[list[int]], until: list[str],
@@ -260,7 +359,12 @@ def run_harness(model: LLaMA, tokenizer: Tokenizer, tasks: list[str], include_pa
         raise ImportError(INSTALL_HINT) from None
     if include_path is not None and not Path(include_path).is_dir():
         raise FileNotFoundError(f"--include_path {include_path}: no such folder (give the folder of your task YAMLs)")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = None
+    if include_path is not None:  # the user's own tasks are found without indexing the harness's thousands
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if any(name not in manager.all_tasks for name in tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [name for name in tasks if name not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task(s): {', '.join(unknown)}: `lm-eval ls tasks` lists the harness's tasks "

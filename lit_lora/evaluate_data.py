@@ -18,6 +18,7 @@ from lit_lora.cli import check_flag, config_flags
 from lit_lora.data import IGNORE_INDEX, collate, load_prepared
 from lit_lora.evaluate import generate_texts, prefix_token_id, rolling_windows, run_harness, score_continuations
 from lit_lora.evaluate import write_results
+from lit_lora.files import atomic_write, read_json
 from lit_lora.model import LLaMA
 from lit_lora.prompts import response_stop_ids
 from lit_lora.quantize import check_quantize
@@ -103,7 +104,8 @@ def run_evaluation(model: LLaMA, args: EvaluateArgs, merge: bool = False) -> dic
     # the quick ones first: a bad --data_dir or --text_file is said before the harness's tasks take their time
     if args.data_dir is not None:
         results["test_split"] = evaluate_test_split(model, tokenizer, args)
-        print(f"{args.data_dir} test split: {results['test_split']}")
+        figures = {name: value for name, value in results["test_split"].items() if name != "generated"}
+        print(f"{args.data_dir} test split: {figures}")
     if args.text_file is not None:
         results["text_file"] = text_perplexity(model, tokenizer, args.text_file, args.batch_size)
         print(f"{args.text_file}: {results['text_file']}")
@@ -119,6 +121,10 @@ def run_evaluation(model: LLaMA, args: EvaluateArgs, merge: bool = False) -> dic
     if args.output_path is not None:
         write_results(results, args.output_path)
         print(f"Wrote {args.output_path}", file=sys.stderr)
+        side_by_side = write_side_by_side(args.output_path) if args.generate else None
+        if side_by_side is not None:
+            print(f"Wrote {side_by_side}: the answers of each model in {side_by_side.parent} side by side",
+                  file=sys.stderr)
     return results
 
 
@@ -177,7 +183,7 @@ def score_answers(model: LLaMA, tokenizer: Tokenizer, test: list, args: Evaluate
                              f"match for --answer_pattern {args.answer_pattern!r}: fix the pattern (or the data)")
         references.append(answer)
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
-    correct = 0
+    answers: list = [None] * len(pairs)
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
         # data prepared for a longer context than this model's: the prompt's oldest tokens cut, room for one answer
@@ -186,8 +192,59 @@ def score_answers(model: LLaMA, tokenizer: Tokenizer, test: list, args: Evaluate
         texts = generate_texts(model, tokenizer, prompts, [], new_tokens, stop_ids=stop_ids)
         for i, text in zip(batch, texts):
             answer = normalise(text) if pattern is None else final_answer(pattern, text)
-            correct += answer is not None and answer == references[i]
-    return {"answers": len(pairs), "exact_match": correct / len(pairs)}
+            answers[i] = {"answer": text, "correct": answer is not None and answer == references[i]}
+    questions = prompt_contents([tokenizer.decode(prompt) for prompt, _ in pairs])
+    for answer, question, (_, reference) in zip(answers, questions, pairs):
+        answer.update(prompt=question, reference=tokenizer.decode(reference))
+    correct = sum(answer["correct"] for answer in answers)
+    return {"answers": len(pairs), "exact_match": correct / len(pairs), "generated": answers}
+
+
+def prompt_contents(prompts: list[str]) -> list[str]:
+    """What differs between the prompts: each without the lines that all of them begin and end with (a template's
+    fixed start and end: a system prompt, "### Response:", the assistant's header)."""
+    lines = [prompt.strip().splitlines() for prompt in prompts]
+    start = end = 0
+    if len(lines) > 1:
+        while all(len(l) > start and l[start] == lines[0][start] for l in lines):
+            start += 1
+        while all(len(l) > start + end and l[-1 - end] == lines[0][-1 - end] for l in lines):
+            end += 1
+    return ["\n".join(l[start:len(l) - end]).strip() for l in lines]
+
+
+def write_side_by_side(output_path: Path) -> Optional[Path]:
+    """answers.md beside output_path: the generated answers of every results file in its folder that answered the
+    same test split as this one, a column each (named by its file), prompt by prompt. None if there is only one."""
+    folder, runs = Path(output_path).parent, {}
+    mine = read_json(Path(output_path), "written just now")["test_split"]["generated"]
+    for path in sorted(folder.glob("*.json")):
+        try:
+            generated = read_json(path, "an evaluate script's --output_path").get("test_split", {}).get("generated")
+        except (ValueError, AttributeError):  # not an evaluate script's results
+            continue
+        if isinstance(generated, list) and [isinstance(a, dict) and a.get("prompt") for a in generated] == [
+                a["prompt"] for a in mine]:
+            runs[path.stem] = generated
+    if len(runs) < 2:
+        return None
+
+    def cell(text: str, limit: int = 200) -> str:
+        text = " ".join(text.split()).replace("|", "\\|")
+        return text if len(text) <= limit else text[:limit - 3] + "..."
+
+    lines = [f"# Answers side by side: {', '.join(runs)}", "",
+             f"Greedy answers to the test split's prompts; a check mark where it matches the reference.", "",
+             "| # | prompt | reference | " + " | ".join(runs) + " |", "|---:|---|---|" + "---|" * len(runs)]
+    for number, answer in enumerate(mine):
+        cells = [str(number + 1), cell(answer["prompt"][-200:]), cell(answer["reference"])]
+        cells += [cell(run[number]["answer"]) + (" ✓" if run[number]["correct"] else "") for run in runs.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    scores = ", ".join(f"{name} {sum(a['correct'] for a in run)}/{len(run)}" for name, run in runs.items())
+    path = folder / "answers.md"
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines + ["", f"Right: {scores}.", ""]),
+                                                        encoding="utf-8"))
+    return path
 
 
 def normalise(text: str) -> str:

@@ -219,7 +219,20 @@ def test_compare_end_to_end(tmp_path, tokenizer_path, tokenizer, capsys):
 
     with open(out_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["lora", "adapter", "full"] and tuple(rows[0]) == CSV_COLUMNS
+    assert [r["method"] for r in rows] == ["lora", "adapter", "full", "base"]
+    assert tuple(rows[0]) == CSV_COLUMNS + ("test_loss", "test_perplexity")
+    # Quality: each model's loss over the whole test split, as evaluate_test_split computes it on the saved weights
+    from lit_lora.checkpoint import load_model
+    from lit_lora.evaluate_data import EvaluateArgs, evaluate_test_split
+
+    for row, folder in ((rows[3], checkpoint_dir), (rows[2], out_dir / "full")):
+        expected = evaluate_test_split(load_model(folder).eval(), tokenizer,
+                                       EvaluateArgs(checkpoint_dir=folder, data_dir=tmp_path / "data"))
+        assert float(row["test_loss"]) == pytest.approx(expected["loss"], rel=1e-6)
+        assert float(row["test_perplexity"]) == pytest.approx(math.exp(expected["loss"]), rel=1e-6)
+    assert len({round(float(r["test_loss"]), 6) for r in rows}) == 4  # each model its own loss
+    base_row = rows.pop()
+    assert base_row["trainable_parameters"] == "" and base_row["peak_memory_bytes"] == ""
     for r in rows:
         for column in ("trainable_parameters", "checkpoint_bytes", "peak_memory_bytes", "predicted_memory_bytes",
                        "time_per_step_s", "tokens_per_sec", "val_loss"):
@@ -237,7 +250,8 @@ def test_compare_end_to_end(tmp_path, tokenizer_path, tokenizer, capsys):
 
     table = (out_dir / "results.md").read_text()
     for text in ("| method | trainable parameters | checkpoint size | peak memory |", "| time per step | tokens/s | val loss |",
-                 "| LoRA |", "| LLaMA-Adapter |", "| Full finetuning |", "## Predicted memory"):
+                 "| LoRA |", "| LLaMA-Adapter |", "| Full finetuning |", "## Predicted memory",
+                 "| model | test loss | test perplexity |", f"| Base model | {float(base_row['test_loss']):.4f} |"):
         assert text in table, text
     assert (out_dir / "results.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
     out = capsys.readouterr().out
@@ -246,7 +260,7 @@ def test_compare_end_to_end(tmp_path, tokenizer_path, tokenizer, capsys):
     # Run again in the same out_dir: refused before any method runs, unless --overwrite (the earlier runs go)
     again = dict(checkpoint_dir=checkpoint_dir, data_dir=tmp_path / "data", out_dir=out_dir, max_steps=3,
                  micro_batch_size=2, global_batch_size=4, precision="32-true", eval_examples=4, warmup_steps=1,
-                 methods=("lora",))
+                 methods=("lora",), evaluate=False)
     saved = (out_dir / "lora" / "state.pth").read_bytes()
     with pytest.raises(ValueError, match=r"compare/lora hold\(s\) the runs of an earlier comparison: measure again "
                                          r"with --overwrite true"):

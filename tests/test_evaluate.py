@@ -12,6 +12,7 @@ from lit_lora.checkpoint import load_model
 from lit_lora.evaluate import encode_pair, rolling_windows
 from lit_lora.lora import apply_lora
 from lit_lora.method_files import save_lora
+from lit_lora.model import Config, LLaMA
 from lit_lora.tokenizer import Tokenizer
 from tests.conftest import logged, lora_args, make_checkpoint, run_command
 
@@ -206,6 +207,44 @@ def test_context_and_continuation_tokens_split_as_the_harness_splits_them(tokeni
     assert empty_context == [tokenizer.bos_id] and continuation == tokenizer.encode("Paris", bos=False).tolist()
 
 
+@pytest.mark.parametrize("method", ["base", "lora", "adapter"])
+def test_a_shared_context_read_once_scores_as_each_pair_read_whole(method):
+    """Multiple-choice pairs share their context: read once into the KV cache, then each continuation after it,
+    the scores equal those of each pair read whole (score_rows), for every method's layers; groups larger than a
+    batch, one-token continuations, and a group too long to share its context (scored whole) included."""
+    from lit_lora.adapter import apply_adapter
+    from lit_lora.evaluate import score_continuations, score_rows
+
+    torch.manual_seed(0)
+    model = LLaMA(Config(block_size=32, vocab_size=64, n_layer=3, n_head=4, n_embd=32, n_query_groups=2))
+    if method == "lora":
+        apply_lora(model, r=4, dropout=0.0)
+    elif method == "adapter":
+        apply_adapter(model, prompt_length=3, start_layer=1)
+    for name, parameter in model.named_parameters():  # LoRA's B and the adapter's gates start at 0: not here
+        if "lora_B" in name or "gating_factor" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(1, 64, (n,), generator=generator).tolist()
+
+    pairs = []
+    groups = [(5, [1, 3, 6, 2]), (12, [3, 1]), (1, [1, 1, 4]), (9, [1, 3, 6, 2, 4, 1, 5]),
+              (28, [2, 6])]  # 28 + 6 > 32: not shared, and truncated from the left
+    for context_length, lengths in groups:
+        context = ids(context_length)
+        pairs += [(context, ids(n)) for n in lengths]
+    pairs.insert(3, (ids(6), ids(2)))  # a context of its own
+    shared, truncated = score_continuations(model, pairs, batch_size=5)
+    whole = score_rows(model, pairs, batch_size=5)
+    assert truncated == 1
+    for (ours, ours_greedy), (reference, reference_greedy) in zip(shared, whole, strict=True):
+        assert ours == pytest.approx(reference, abs=1e-5) and ours_greedy == reference_greedy
+    assert len({round(score, 3) for score, _ in whole}) > len(pairs) - 2  # the scores differ from pair to pair
+
+
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 20, 33])
 def test_rolling_windows_are_the_harness_windows(length):
     lm_eval_utils = pytest.importorskip("lm_eval.utils", reason=NO_LM_EVAL)
@@ -376,13 +415,47 @@ def test_reference_without_a_numeric_answer_under_answer_pattern_is_one_line(set
     assert not (tmp_path / "out.json").exists()
 
 
-def test_generated_answers_are_scored_against_the_references(setup):
+def test_generated_answers_are_scored_and_written_side_by_side(setup):
+    """--generate: each test example's greedy answer is kept with its prompt (what the template surrounds) and
+    reference; two models' results in one folder give answers.md, a column each, check marks where right."""
     checkpoint_dir, data_dir, tmp_path = setup
-    code, out, err = run_command("evaluate/base.py", "--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir,
-                                 "--generate", "true", "--max_new_tokens", 4, "--output_path", tmp_path / "out.json")
-    assert code == 0, err
-    result = json.loads((tmp_path / "out.json").read_text())["test_split"]
-    assert result["answers"] == 4 and 0 <= result["exact_match"] <= 1 and math.isfinite(result["loss"])
+    model = apply_lora(load_model(checkpoint_dir), r=4, targets=("q", "v"))
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # a LoRA that changes the answers
+            torch.nn.init.normal_(parameter, std=0.5)
+    save_lora(model, tmp_path / "lora.pth")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "notes.json").write_text('{"test_split": 3}')  # not a results file: left alone
+    for name, flags in [("base", []), ("lora", ["--lora_path", tmp_path / "lora.pth"])]:
+        code, _, err = run_command(f"evaluate/{name}.py", "--checkpoint_dir", checkpoint_dir, "--data_dir",
+                                   data_dir, "--generate", "true", "--max_new_tokens", 4, "--output_path",
+                                   tmp_path / "results" / f"{name}.json", *flags)
+        assert code == 0, err
+    results = {name: json.loads((tmp_path / "results" / f"{name}.json").read_text())["test_split"]
+               for name in ["base", "lora"]}
+    base, lora = results["base"], results["lora"]
+    assert base["answers"] == 4 and 0 <= base["exact_match"] <= 1 and math.isfinite(base["loss"])
+    test = torch.load(data_dir / "test.pt", weights_only=True)
+    tokenizer = Tokenizer(checkpoint_dir)
+    for example, answer in zip(test, base["generated"], strict=True):
+        prompt = tokenizer.decode(example["input_ids"][example["labels"] == -100])
+        assert answer["prompt"] in prompt and not answer["prompt"].endswith("### Response:")  # the template's end
+        assert answer["prompt"].endswith("Say the word.") or "Repeat the word twice." in answer["prompt"]
+        assert answer["reference"] in prompt + tokenizer.decode(example["input_ids"])  # the example's own output
+        assert tokenizer.decode(example["input_ids"]).rstrip().endswith(answer["reference"])
+    assert [a["answer"] for a in base["generated"]] != [a["answer"] for a in lora["generated"]]
+    table = (tmp_path / "results" / "answers.md").read_text().splitlines()
+    assert "| # | prompt | reference | base | lora |" in table
+    rows = [line for line in table if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4
+    for row, b, l in zip(rows, base["generated"], lora["generated"]):
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        assert cells[2] == " ".join(b["reference"].split())
+        assert cells[3].endswith("✓") == b["correct"] and cells[4].endswith("✓") == l["correct"]
+    right = [sum(a["correct"] for a in r["generated"]) for r in (base, lora)]
+    assert f"Right: base {right[0]}/4, lora {right[1]}/4." in table
+    assert right[0] == base["exact_match"] * 4 and right[1] == lora["exact_match"] * 4
 
 
 @pytest.mark.parametrize("script", ["base", "lora", "adapter", "full"])
