@@ -104,11 +104,18 @@ def run_evaluation(model: LLaMA, args: EvaluateArgs, merge: bool = False) -> dic
     # the quick ones first: a bad --data_dir or --text_file is said before the harness's tasks take their time
     if args.data_dir is not None:
         results["test_split"] = evaluate_test_split(model, tokenizer, args)
-        figures = {name: value for name, value in results["test_split"].items() if name != "generated"}
-        print(f"{args.data_dir} test split: {figures}")
+        split = results["test_split"]
+        line = (f"{args.data_dir} test split ({split['examples']} examples, {split['response_tokens']:,} response "
+                f"tokens): loss {split['loss']:.4f}, perplexity {split['perplexity']:.2f}")
+        if args.generate:
+            right = sum(answer["correct"] for answer in split["generated"])
+            line += f"; greedy answers right: {right} of {split['answers']} (exact match {split['exact_match']:.3f})"
+        print(line)
     if args.text_file is not None:
         results["text_file"] = text_perplexity(model, tokenizer, args.text_file, args.batch_size)
-        print(f"{args.text_file}: {results['text_file']}")
+        text = results["text_file"]
+        print(f"{args.text_file} ({text['tokens']:,} tokens, {text['windows']} window(s) of at most "
+              f"{model.config.block_size}): loss {text['loss']:.4f}, perplexity {text['perplexity']:.2f}")
     task_names = [name.strip() for name in (args.tasks or "").split(",") if name.strip()]
     if task_names:
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
