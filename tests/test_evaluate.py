@@ -15,6 +15,7 @@ from lit_lora.method_files import save_lora
 from lit_lora.model import Config, LLaMA
 from lit_lora.tokenizer import Tokenizer
 from tests.conftest import logged, lora_args, make_checkpoint, run_command
+from tests.test_quantize import needs_bitsandbytes
 
 
 NO_LM_EVAL = "lm-eval is an optional extra: pip install -e '.[eval]'"
@@ -243,6 +244,31 @@ def test_a_shared_context_read_once_scores_as_each_pair_read_whole(method):
     for (ours, ours_greedy), (reference, reference_greedy) in zip(shared, whole, strict=True):
         assert ours == pytest.approx(reference, abs=1e-5) and ours_greedy == reference_greedy
     assert len({round(score, 3) for score, _ in whole}) > len(pairs) - 2  # the scores differ from pair to pair
+
+
+@needs_bitsandbytes
+def test_a_4bit_base_with_lora_scores_through_the_shared_context_path(setup, tokenizer):
+    """evaluate/lora.py --quantize: the Blocks' linears in NF4 (bitsandbytes), LoRA unmerged on top; the shared
+    contexts read through the KV cache score as each pair read whole, and near the 16/32-bit model's scores."""
+    from lit_lora.evaluate import score_continuations, score_rows
+    from lit_lora.quantize import load_model_4bit
+
+    checkpoint_dir, _, _ = setup
+    models = [apply_lora(load(checkpoint_dir), r=4, dropout=0.0) for load in (load_model,
+                                                                            lambda c: load_model_4bit(c, "bnb.nf4"))]
+    torch.manual_seed(0)
+    b = {name: torch.randn_like(p) * 0.3 for name, p in models[0].named_parameters() if "lora_B" in name}
+    for model in models:
+        model.load_state_dict(b, strict=False)
+        model.eval()
+    context = tokenizer.encode("Question: What is the capital of France?\nAnswer:").tolist()
+    pairs = [(context, tokenizer.encode(f" {city}", bos=False).tolist()) for city in ("Paris", "Rome", "Oslo")]
+    plain, _ = score_continuations(models[0], pairs, batch_size=4)
+    shared, _ = score_continuations(models[1], pairs, batch_size=4)
+    whole = score_rows(models[1], pairs, batch_size=4)
+    assert [score for score, _ in shared] == pytest.approx([score for score, _ in whole], abs=1e-4)
+    assert [score for score, _ in shared] == pytest.approx([score for score, _ in plain], rel=0.1)  # NF4's error
+    assert [score for score, _ in shared] != pytest.approx([score for score, _ in plain], abs=1e-6)  # it is 4-bit
 
 
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 20, 33])
