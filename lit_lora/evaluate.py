@@ -107,8 +107,10 @@ def score_continuations(model: LLaMA, pairs: list[tuple[list[int], list[int]]],
     by_context: dict[tuple, list[int]] = {}
     for i, (context, _) in enumerate(pairs):
         by_context.setdefault(tuple(context), []).append(i)
-    shared = [members for context, members in by_context.items()
-              if len(members) > 1 and len(context) + max(len(pairs[i][1]) for i in members) <= block_size]
+    # shared where it saves work (the context is longer than the continuations) and fits the model uncut
+    shared = [members for context, members in by_context.items() if len(members) > 1
+              and len(context) > max(len(pairs[i][1]) for i in members)
+              and len(context) + max(len(pairs[i][1]) for i in members) <= block_size]
     alone = sorted(set(range(len(pairs))) - {i for members in shared for i in members})
     results: list = [None] * len(pairs)
     for i, result in zip(alone, score_rows(model, [pairs[i] for i in alone], batch_size)):

@@ -209,7 +209,7 @@ def test_context_and_continuation_tokens_split_as_the_harness_splits_them(tokeni
 
 
 @pytest.mark.parametrize("method", ["base", "lora", "adapter"])
-def test_a_shared_context_read_once_scores_as_each_pair_read_whole(method):
+def test_a_shared_context_read_once_scores_as_each_pair_read_whole(method, monkeypatch):
     """Multiple-choice pairs share their context: read once into the KV cache, then each continuation after it,
     the scores equal those of each pair read whole (score_rows), for every method's layers; groups larger than a
     batch, one-token continuations, and a group too long to share its context (scored whole) included."""
@@ -232,15 +232,23 @@ def test_a_shared_context_read_once_scores_as_each_pair_read_whole(method):
         return torch.randint(1, 64, (n,), generator=generator).tolist()
 
     pairs = []
-    groups = [(5, [1, 3, 6, 2]), (12, [3, 1]), (1, [1, 1, 4]), (9, [1, 3, 6, 2, 4, 1, 5]),
-              (28, [2, 6])]  # 28 + 6 > 32: not shared, and truncated from the left
+    groups = [(7, [1, 3, 6, 2]), (12, [3, 1]), (9, [1, 3, 6, 2, 4, 1, 5]),  # shared
+              (1, [1, 1, 4]),  # a context shorter than its continuations: scored whole
+              (28, [2, 6])]  # 28 + 6 > 32: scored whole, and truncated from the left
     for context_length, lengths in groups:
         context = ids(context_length)
         pairs += [(context, ids(n)) for n in lengths]
     pairs.insert(3, (ids(6), ids(2)))  # a context of its own
+    import lit_lora.evaluate
+
+    read_once = []  # the groups score_continuations reads through the KV cache
+    spy = lit_lora.evaluate.score_shared_contexts
+    monkeypatch.setattr(lit_lora.evaluate, "score_shared_contexts",
+                        lambda model, pairs, groups, batch_size: read_once.extend(groups) or spy(model, pairs,
+                                                                                                 groups, batch_size))
     shared, truncated = score_continuations(model, pairs, batch_size=5)
     whole = score_rows(model, pairs, batch_size=5)
-    assert truncated == 1
+    assert truncated == 1 and sorted(map(len, read_once)) == [2, 4, 7]
     for (ours, ours_greedy), (reference, reference_greedy) in zip(shared, whole, strict=True):
         assert ours == pytest.approx(reference, abs=1e-5) and ours_greedy == reference_greedy
     assert len({round(score, 3) for score, _ in whole}) > len(pairs) - 2  # the scores differ from pair to pair
