@@ -17,6 +17,7 @@ from tests.conftest import (
     logged,
     lora_args,
     make_checkpoint,
+    make_setup,
     weights,
 )
 
@@ -76,15 +77,28 @@ def test_lora_end_to_end(setup, capsys):
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
+INTERRUPTED_RUN = dict(lora_dropout=0.1, max_steps=4, save_interval=2, eval_interval=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokenizer_path, tokenizer):
+    """The base model, the data and the uninterrupted run of INTERRUPTED_RUN, once for every place a Ctrl-C lands;
+    each test resumes its interrupted run in its own folder and compares it with this one."""
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, folder = make_setup(tmp_path_factory.mktemp("uninterrupted"), tokenizer_path, tokenizer)
+    summary = main(lora_args(checkpoint_dir, data_dir, folder / "full", **INTERRUPTED_RUN))
+    return checkpoint_dir, data_dir, folder / "full", summary
+
+
 @pytest.mark.parametrize("where", INTERRUPTS)
-def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, where):
+def test_interrupt_and_resume_equal_an_uninterrupted_run(uninterrupted, tmp_path, monkeypatch, where):
     import importlib
 
     from finetune.lora import main
 
-    checkpoint_dir, data_dir, tmp_path = setup
-    run = dict(lora_dropout=0.1, max_steps=4, save_interval=2, eval_interval=2)
-    full = main(lora_args(checkpoint_dir, data_dir, tmp_path / "full", **run))
+    checkpoint_dir, data_dir, full_dir, full = uninterrupted
+    run = INTERRUPTED_RUN
 
     module, name, call = INTERRUPTS[where]
     real = interrupt_at(monkeypatch, importlib.import_module(module), name, call)
@@ -97,10 +111,10 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, whe
 
     resumed = main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", resume="auto", **run))
     assert resumed["steps"] == 2 and resumed["final_loss"] == full["final_loss"]
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    a, b = weights(full_dir), weights(tmp_path / "resumed")
     assert all(torch.equal(a[name], b[name]) for name in a)
     if name == "loss_sum":  # interrupted after step 2 was saved: its step file is there, whole
-        step_2 = read_lora_file(tmp_path / "full" / "step-000002" / "lit_lora_finetuned.pth")["lora"]
+        step_2 = read_lora_file(full_dir / "step-000002" / "lit_lora_finetuned.pth")["lora"]
         again = read_lora_file(tmp_path / "resumed" / "step-000002" / "lit_lora_finetuned.pth")["lora"]
         assert all(torch.equal(step_2[name], again[name]) for name in step_2)
     else:  # interrupted before step 2 was saved: the state holds step 2, but no step file was written
