@@ -1,5 +1,6 @@
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,19 @@ def test_every_process_and_step_draws_its_own_dropout_masks():
     assert step_seed(1337, 0, 7) == step_seed(1337, 0, 7)  # a pure function: a resumed run redraws the same
 
 
+FINISHED_RUN = dict(max_steps=4, save_interval=2, eval_interval=0, eval_max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tokenizer_path, tokenizer):
+    """The base model, the data and the out_dir of a finished FINISHED_RUN, made once; each test resumes a copy."""
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, folder = make_setup(tmp_path_factory.mktemp("finished"), tokenizer_path, tokenizer)
+    main(lora_args(checkpoint_dir, data_dir, folder / "out", **FINISHED_RUN))
+    return checkpoint_dir, data_dir, folder / "out"
+
+
 @pytest.mark.parametrize("flag,value,words", [
     ("seed", 7, "--seed differs from the saved run's (1337 then, 7 now)"),
     ("global_batch_size", 4, "--global_batch_size differs from the saved run's (8 then, 4 now)"),
@@ -136,17 +150,16 @@ def test_every_process_and_step_draws_its_own_dropout_masks():
     ("learning_rate", 1e-3, "--learning_rate differs"),
     ("max_steps", 5, "--max_steps differs from the saved run's (4 then, 5 now)"),
 ])
-def test_resuming_with_other_flags_is_refused(setup, flag, value, words):
+def test_resuming_with_other_flags_is_refused(finished_run, tmp_path, flag, value, words):
     from finetune.lora import main
 
-    checkpoint_dir, data_dir, tmp_path = setup
-    run = dict(max_steps=4, save_interval=2, eval_interval=0, eval_max_new_tokens=0)
-    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", **run))
+    checkpoint_dir, data_dir, saved = finished_run
+    out_dir = shutil.copytree(saved, tmp_path / "out")  # this test's copy of the saved run
     with pytest.raises(ValueError, match=re.escape(words)):
-        main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto", **{**run, flag: value}))
+        main(lora_args(checkpoint_dir, data_dir, out_dir, resume="auto", **{**FINISHED_RUN, flag: value}))
     # what only changes how the work is done (and its memory) may change
-    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto",
-                   **{**run, "micro_batch_size": 2, "activation_checkpointing": True}))
+    main(lora_args(checkpoint_dir, data_dir, out_dir, resume="auto",
+                   **{**FINISHED_RUN, "micro_batch_size": 2, "activation_checkpointing": True}))
 
 
 def test_resuming_on_other_data_or_base_weights_is_refused(setup, tokenizer, tokenizer_path):
