@@ -143,14 +143,19 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
 WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish", "moon", "rain"]
 
 
-@pytest.fixture
-def setup(tmp_path, tokenizer_path, tokenizer):
-    """A micro base model with a 256-token context and a small prepared instruction dataset."""
-    checkpoint_dir = make_checkpoint(tmp_path / "base", tokenizer_path, block_size=256)
+def make_setup(folder: Path, tokenizer_path: Path, tokenizer: Tokenizer) -> tuple[Path, Path, Path]:
+    """A micro base model with a 256-token context and a small prepared instruction dataset, in `folder`."""
+    checkpoint_dir = make_checkpoint(folder / "base", tokenizer_path, block_size=256)
     records = [{"instruction": "Repeat the word twice.", "input": w, "output": f"{w} {w}"} for w in WORDS]
     records += [{"instruction": "Say the word.", "input": "", "output": w} for w in WORDS]
-    prepare(records, tokenizer, tmp_path / "data", max_seq_length=256, test_split_size=4, seed=0)
-    return checkpoint_dir, tmp_path / "data", tmp_path
+    prepare(records, tokenizer, folder / "data", max_seq_length=256, test_split_size=4, seed=0)
+    return checkpoint_dir, folder / "data", folder
+
+
+@pytest.fixture
+def setup(tmp_path, tokenizer_path, tokenizer):
+    """make_setup in the test's tmp_path."""
+    return make_setup(tmp_path, tokenizer_path, tokenizer)
 
 
 def lora_args(checkpoint_dir, data_dir, out_dir, **overrides):

@@ -16,7 +16,7 @@ from tests.conftest import hidden_leftovers, make_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["cat", "dog", "sun", "tree", "lamp", "river", "stone", "cloud", "bird", "fish"]
 
-# A Ctrl-C at the second save (after step 4 of 6) on every process, for the resume tests: Python imports
+# A Ctrl-C at the second save (after step 2 of 3) on every process, for the resume tests: Python imports
 # sitecustomize at start-up in each process that Fabric starts, and this one patches the training loop.
 INTERRUPT_AT_SECOND_SAVE = """
 import lit_lora.train as train
@@ -54,15 +54,35 @@ def run(script, checkpoint_dir, data_dir, out_dir, devices, *flags, interrupt=Fa
     return result.stdout
 
 
-LORA = ["--max_steps", "3", "--lora_dropout", "0", "--lora_targets", "[q,v,head]", "--save_interval", "2"]
+# Saving after every step: a resume test's interrupted run has saved step 1 when the Ctrl-C comes at step 2's save.
+# Without dropout (one process and two draw different masks), so that one device and two end with equal weights.
+LORA = ["--max_steps", "3", "--lora_targets", "[q,v,head]", "--save_interval", "1"]
+NO_DROPOUT = ["--lora_dropout", "0"]
 
 
 @pytest.fixture(scope="module")
 def one_device_lora(setup):
     checkpoint_dir, data_dir, tmp_path = setup
-    output = run("lora.py", checkpoint_dir, data_dir, tmp_path / "one", 1, *LORA)
+    output = run("lora.py", checkpoint_dir, data_dir, tmp_path / "one", 1, *LORA, *NO_DROPOUT)
     assert "(4 micro batches of 2 on each of 1 devices)" in output
     return read_lora_file(tmp_path / "one" / "lit_lora_finetuned.pth")["lora"]
+
+
+@pytest.fixture(scope="module")
+def two_process_lora(setup):
+    """The two-process LoRA run of each strategy without dropout, run once for the module: the equality test checks
+    it, and the FSDP resume test (the same flags) compares its resumed run with it."""
+    checkpoint_dir, data_dir, tmp_path = setup
+    outputs = {}
+
+    def run_once(strategy: str) -> tuple[Path, str]:
+        out_dir = tmp_path / f"two_{strategy}"
+        if strategy not in outputs:
+            outputs[strategy] = run("lora.py", checkpoint_dir, data_dir, out_dir, 2, *LORA, *NO_DROPOUT,
+                                    "--strategy", strategy)
+        return out_dir, outputs[strategy]
+
+    return run_once
 
 
 def close(a: dict, b: dict, tolerance: float = 1e-5) -> bool:
@@ -70,10 +90,8 @@ def close(a: dict, b: dict, tolerance: float = 1e-5) -> bool:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_lora_on_two_processes_ends_with_the_weights_of_one(setup, one_device_lora, strategy):
-    checkpoint_dir, data_dir, tmp_path = setup
-    out_dir = tmp_path / f"two_{strategy}"
-    output = run("lora.py", checkpoint_dir, data_dir, out_dir, 2, *LORA, "--strategy", strategy)
+def test_lora_on_two_processes_ends_with_the_weights_of_one(one_device_lora, two_process_lora, strategy):
+    out_dir, output = two_process_lora(strategy)
     # the same global batch: 4 micro batches of 2 on one device, 2 on each of two
     assert "(2 micro batches of 2 on each of 2 devices)" in output
     assert output.count("step 3/3 |") == 1  # only rank 0 prints
@@ -100,20 +118,24 @@ def test_full_finetuning_sharded_on_two_processes_ends_with_the_weights_of_one(s
     assert all(not torch.equal(two[name], base[name]) for name in base)  # every weight trained, and was saved
 
 
-@pytest.mark.parametrize("strategy,flags", [
-    ("ddp", ["--lora_dropout", "0.2"]),  # each process draws its own dropout masks; all are redrawn on resume
-    ("fsdp", ["--lora_dropout", "0"]),  # an interrupt saves nothing under FSDP: resume from the step-2 save
+@pytest.mark.parametrize("strategy,dropout", [
+    ("ddp", "0.2"),  # each process draws its own dropout masks; all are redrawn on resume
+    ("fsdp", "0"),  # an interrupt saves nothing under FSDP: resume from the step-1 save
 ])
-def test_interrupted_two_process_run_resumes_exactly(setup, strategy, flags):
+def test_interrupted_two_process_run_resumes_exactly(setup, two_process_lora, strategy, dropout):
     checkpoint_dir, data_dir, tmp_path = setup
-    common = ["--max_steps", "6", "--save_interval", "2", "--strategy", strategy, *flags]
-    run("lora.py", checkpoint_dir, data_dir, tmp_path / f"straight_{strategy}", 2, *common)
+    common = [*LORA, "--lora_dropout", dropout, "--strategy", strategy]
+    if dropout == "0":  # the flags of the equality test's run: that run is the uninterrupted one
+        straight, _ = two_process_lora(strategy)
+    else:
+        straight = tmp_path / f"straight_{strategy}"
+        run("lora.py", checkpoint_dir, data_dir, straight, 2, *common)
     out_dir = tmp_path / f"resumed_{strategy}"
     run("lora.py", checkpoint_dir, data_dir, out_dir, 2, *common, interrupt=True, expect=130)
     saved_step = torch.load(out_dir / "state.pth", weights_only=True)["step"]
-    assert saved_step == (4 if strategy == "ddp" else 2)
+    assert saved_step == (2 if strategy == "ddp" else 1)  # DDP saves on the interrupt; FSDP has its last save
     output = run("lora.py", checkpoint_dir, data_dir, out_dir, 2, *common, "--resume", "auto")
     assert f"Resumed from {out_dir / 'state.pth'} after step {saved_step}" in output
-    a = read_lora_file(tmp_path / f"straight_{strategy}" / "lit_lora_finetuned.pth")["lora"]
+    a = read_lora_file(straight / "lit_lora_finetuned.pth")["lora"]
     b = read_lora_file(out_dir / "lit_lora_finetuned.pth")["lora"]
     assert all(torch.equal(a[name], b[name]) for name in a)

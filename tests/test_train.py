@@ -1,5 +1,6 @@
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from tests.conftest import (
     logged,
     lora_args,
     make_checkpoint,
+    make_setup,
     weights,
 )
 
@@ -76,15 +78,28 @@ def test_lora_end_to_end(setup, capsys):
     assert len(texts) == 1 and isinstance(texts[0], str)
 
 
+INTERRUPTED_RUN = dict(lora_dropout=0.1, max_steps=4, save_interval=2, eval_interval=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokenizer_path, tokenizer):
+    """The base model, the data and the uninterrupted run of INTERRUPTED_RUN, once for every place a Ctrl-C lands;
+    each test resumes its interrupted run in its own folder and compares it with this one."""
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, folder = make_setup(tmp_path_factory.mktemp("uninterrupted"), tokenizer_path, tokenizer)
+    summary = main(lora_args(checkpoint_dir, data_dir, folder / "full", **INTERRUPTED_RUN))
+    return checkpoint_dir, data_dir, folder / "full", summary
+
+
 @pytest.mark.parametrize("where", INTERRUPTS)
-def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, where):
+def test_interrupt_and_resume_equal_an_uninterrupted_run(uninterrupted, tmp_path, monkeypatch, where):
     import importlib
 
     from finetune.lora import main
 
-    checkpoint_dir, data_dir, tmp_path = setup
-    run = dict(lora_dropout=0.1, max_steps=4, save_interval=2, eval_interval=2)
-    full = main(lora_args(checkpoint_dir, data_dir, tmp_path / "full", **run))
+    checkpoint_dir, data_dir, full_dir, full = uninterrupted
+    run = INTERRUPTED_RUN
 
     module, name, call = INTERRUPTS[where]
     real = interrupt_at(monkeypatch, importlib.import_module(module), name, call)
@@ -97,10 +112,10 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(setup, monkeypatch, whe
 
     resumed = main(lora_args(checkpoint_dir, data_dir, tmp_path / "resumed", resume="auto", **run))
     assert resumed["steps"] == 2 and resumed["final_loss"] == full["final_loss"]
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    a, b = weights(full_dir), weights(tmp_path / "resumed")
     assert all(torch.equal(a[name], b[name]) for name in a)
     if name == "loss_sum":  # interrupted after step 2 was saved: its step file is there, whole
-        step_2 = read_lora_file(tmp_path / "full" / "step-000002" / "lit_lora_finetuned.pth")["lora"]
+        step_2 = read_lora_file(full_dir / "step-000002" / "lit_lora_finetuned.pth")["lora"]
         again = read_lora_file(tmp_path / "resumed" / "step-000002" / "lit_lora_finetuned.pth")["lora"]
         assert all(torch.equal(step_2[name], again[name]) for name in step_2)
     else:  # interrupted before step 2 was saved: the state holds step 2, but no step file was written
@@ -115,6 +130,19 @@ def test_every_process_and_step_draws_its_own_dropout_masks():
     assert step_seed(1337, 0, 7) == step_seed(1337, 0, 7)  # a pure function: a resumed run redraws the same
 
 
+FINISHED_RUN = dict(max_steps=4, save_interval=2, eval_interval=0, eval_max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tokenizer_path, tokenizer):
+    """The base model, the data and the out_dir of a finished FINISHED_RUN, made once; each test resumes a copy."""
+    from finetune.lora import main
+
+    checkpoint_dir, data_dir, folder = make_setup(tmp_path_factory.mktemp("finished"), tokenizer_path, tokenizer)
+    main(lora_args(checkpoint_dir, data_dir, folder / "out", **FINISHED_RUN))
+    return checkpoint_dir, data_dir, folder / "out"
+
+
 @pytest.mark.parametrize("flag,value,words", [
     ("seed", 7, "--seed differs from the saved run's (1337 then, 7 now)"),
     ("global_batch_size", 4, "--global_batch_size differs from the saved run's (8 then, 4 now)"),
@@ -122,17 +150,16 @@ def test_every_process_and_step_draws_its_own_dropout_masks():
     ("learning_rate", 1e-3, "--learning_rate differs"),
     ("max_steps", 5, "--max_steps differs from the saved run's (4 then, 5 now)"),
 ])
-def test_resuming_with_other_flags_is_refused(setup, flag, value, words):
+def test_resuming_with_other_flags_is_refused(finished_run, tmp_path, flag, value, words):
     from finetune.lora import main
 
-    checkpoint_dir, data_dir, tmp_path = setup
-    run = dict(max_steps=4, save_interval=2, eval_interval=0, eval_max_new_tokens=0)
-    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", **run))
+    checkpoint_dir, data_dir, saved = finished_run
+    out_dir = shutil.copytree(saved, tmp_path / "out")  # this test's copy of the saved run
     with pytest.raises(ValueError, match=re.escape(words)):
-        main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto", **{**run, flag: value}))
+        main(lora_args(checkpoint_dir, data_dir, out_dir, resume="auto", **{**FINISHED_RUN, flag: value}))
     # what only changes how the work is done (and its memory) may change
-    main(lora_args(checkpoint_dir, data_dir, tmp_path / "out", resume="auto",
-                   **{**run, "micro_batch_size": 2, "activation_checkpointing": True}))
+    main(lora_args(checkpoint_dir, data_dir, out_dir, resume="auto",
+                   **{**FINISHED_RUN, "micro_batch_size": 2, "activation_checkpointing": True}))
 
 
 def test_resuming_on_other_data_or_base_weights_is_refused(setup, tokenizer, tokenizer_path):
@@ -375,7 +402,7 @@ def test_a_crash_at_any_rename_leaves_nothing_broken_and_resumes_exactly(setup, 
     checkpoint_dir, data_dir, tmp_path = setup
 
     def run(out_dir, **overrides):
-        values = dict(max_steps=4, save_interval=2, eval_interval=0, eval_max_new_tokens=0, **overrides)
+        values = dict(max_steps=2, save_interval=1, eval_interval=0, eval_max_new_tokens=0, **overrides)
         if method == "lora":
             return finetune.lora.main(lora_args(checkpoint_dir, data_dir, out_dir, **values))
         return finetune.full.main(finetune.full.FullArgs(
@@ -390,7 +417,7 @@ def test_a_crash_at_any_rename_leaves_nothing_broken_and_resumes_exactly(setup, 
     counter = crash_at_rename(monkeypatch, call=0)  # count the renames of an uninterrupted run
     run(tmp_path / "reference")
     renames = counter["n"]
-    assert renames >= 6  # hyperparameters.json; the weights, their step folder and the state at steps 2 and 4
+    assert renames >= 6  # hyperparameters.json; the weights, their step folder and the state at steps 1 and 2
     reference = final_weights(tmp_path / "reference")
     for call in range(1, renames + 1):
         out_dir = tmp_path / f"crash{call}"
@@ -403,14 +430,14 @@ def test_a_crash_at_any_rename_leaves_nothing_broken_and_resumes_exactly(setup, 
             else:
                 load_model(step_dir)
         (out_dir / ".state.pth.killed.tmp").write_bytes(b"half a file")  # what a kill -9 would leave
-        (out_dir / ".step-000002.old-killed").mkdir()
+        (out_dir / ".step-000001.old-killed").mkdir()
         crash_at_rename(monkeypatch, call=0)
         run(out_dir, resume="auto")
         resumed = final_weights(out_dir)
         assert all(torch.equal(reference[name], resumed[name]) for name in reference), f"crash at rename {call}"
         assert not hidden_leftovers(out_dir), f"leftovers after the crash at rename {call}"
         if method == "full":
-            load_model(out_dir / "step-000002")  # the step folder of a full finetuning run is a whole checkpoint
+            load_model(out_dir / "step-000001")  # the step folder of a full finetuning run is a whole checkpoint
 
 
 def test_saving_writes_the_weights_file_without_reading_the_state_back(setup, monkeypatch):
