@@ -2,20 +2,23 @@
 the model per device (LoRA and LLaMA-Adapter, whose frozen weights fit on one GPU); or FSDP, every Block's weights,
 gradients and optimizer state split over the devices (full finetuning), with torch's `fully_shard`.
 Fabric also starts the other processes and applies the precision (lit_lora/train.py says what each means).
+
+Lightning and torch's FSDP are imported where a function uses them, not here: importing them takes seconds, which
+the scripts that only read a precision (generate/, evaluate/) need not pay.
 """
+
+from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
-from lightning.fabric import Fabric
-from lightning.fabric.loggers import CSVLogger
-from lightning.fabric.strategies import ModelParallelStrategy
-from torch.distributed._composable import checkpoint
-from torch.distributed.fsdp import FSDPModule, fully_shard
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 
 def default_precision() -> str:
@@ -41,6 +44,9 @@ def launch_fabric(args, multi_device_strategy: str = "ddp") -> Fabric:
     and Adapter, whose weights fit on one device; FSDP for full finetuning, sharding weights, gradients and
     optimizer state Block by Block.
     """
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import ModelParallelStrategy
+
     args.out_dir = Path(args.out_dir)
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise ValueError(f"--out_dir {args.out_dir} is a file, not a folder: choose another --out_dir")
@@ -92,6 +98,8 @@ def cores_busy_elsewhere(seconds: float = 0.25) -> Optional[float]:
 def shard_by_block(model: nn.Module, device_mesh) -> nn.Module:
     """FSDP (torch's `fully_shard`): each Block's parameters are split over the devices and gathered only while
     that Block computes, forward and backward; gradients are reduce-scattered back into shards."""
+    from torch.distributed.fsdp import fully_shard
+
     mesh = device_mesh["data_parallel"]
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
@@ -103,11 +111,15 @@ def checkpoint_activations(model: nn.Module) -> None:
     """Activation checkpointing: each Block keeps only its input in the forward pass and computes the rest again
     in the backward pass, so the activations inside the Blocks never stay in memory at once: less memory for one
     more forward pass of time. Apply it before the model is sharded (fabric.setup_module)."""
+    from torch.distributed._composable import checkpoint
+
     for block in model.blocks:
         checkpoint(block)
 
 
 def make_loggers(out_dir: Path) -> list:
+    from lightning.fabric.loggers import CSVLogger
+
     loggers = [CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=1)]  # logs/version_N: a resumed run adds one
     try:
         from lightning.fabric.loggers import TensorBoardLogger
@@ -119,12 +131,16 @@ def make_loggers(out_dir: Path) -> list:
 
 
 def is_sharded(fabric: Fabric) -> bool:
+    from lightning.fabric.strategies import ModelParallelStrategy
+
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
 def reshard(module: nn.Module) -> None:
     """After forward passes with no backward pass (evaluation), FSDP keeps the outermost module's weights
     gathered, expecting the backward next: split them into shards again, as training left them."""
+    from torch.distributed.fsdp import FSDPModule
+
     for submodule in module.modules():
         if isinstance(submodule, FSDPModule):
             submodule.reshard()

@@ -18,11 +18,10 @@ import signal
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
-from lightning.fabric import Fabric
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -39,6 +38,9 @@ from lit_lora.files import (
     file_sha256,
     load_torch_file,
 )
+
+if TYPE_CHECKING:  # named in annotations only: Lightning is imported by the scripts that train
+    from lightning.fabric import Fabric
 
 try:
     import fcntl  # flock: the out_dir lock (Linux, macOS)
@@ -94,7 +96,7 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(fabric: Fabric, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, run: dict,
+def save_checkpoint(fabric: "Fabric", module: nn.Module, optimizer: torch.optim.Optimizer, step: int, run: dict,
                     folder: Path, out_dir: Path, save_weights: Callable) -> None:
     """The method's file(s) in `folder`, then the resumable state out_dir/state.pth, each written whole.
 
@@ -111,7 +113,7 @@ def save_checkpoint(fabric: Fabric, module: nn.Module, optimizer: torch.optim.Op
     fabric.barrier()
 
 
-def save_on_interrupt(fabric: Fabric, module: nn.Module, optimizer: torch.optim.Optimizer, completed: int, run: dict,
+def save_on_interrupt(fabric: "Fabric", module: nn.Module, optimizer: torch.optim.Optimizer, completed: int, run: dict,
                       out_dir: Path, sharded: bool) -> None:
     """Ctrl-C: save the state after the last completed optimizer step, then exit with code 130.
 
@@ -130,7 +132,7 @@ def save_on_interrupt(fabric: Fabric, module: nn.Module, optimizer: torch.optim.
     raise SystemExit(130)
 
 
-def start_or_resume(fabric: Fabric, args, module: nn.Module, optimizer: torch.optim.Optimizer, run: dict,
+def start_or_resume(fabric: "Fabric", args, module: nn.Module, optimizer: torch.optim.Optimizer, run: dict,
                     sharded: bool) -> int:
     """Prepare out_dir (its leftovers removed, hyperparameters.json written) and, with --resume, restore the
     saved state; return the number of optimizer steps already completed (0 for a fresh run)."""

@@ -25,12 +25,11 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.fabric import Fabric
 
 from lit_lora.data import IGNORE_INDEX, collate, global_batch_indices
 from lit_lora.devices import checkpoint_activations, dtype_from_precision, is_sharded, reshard
@@ -41,12 +40,15 @@ from lit_lora.resume import interrupt_held, run_identity, save_checkpoint, save_
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_args import TrainArgs, load_training_data
 
+if TYPE_CHECKING:  # named in annotations only: Lightning is imported by the scripts that train
+    from lightning.fabric import Fabric
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
-def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
+def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
         save_weights: Callable[[nn.Module, Path, dict], None]) -> dict:
     """Train the parameters of `model` that require grad; return the run's figures.
 
@@ -116,7 +118,7 @@ def fit(fabric: Fabric, model: nn.Module, args: TrainArgs,
     return progress.summary(final_loss=loss, val_loss=val_loss, out_dir=out_dir)
 
 
-def forward_backward(fabric: Fabric, model: nn.Module, micro_batches: list, sync_every_micro_batch: bool) -> float:
+def forward_backward(fabric: "Fabric", model: nn.Module, micro_batches: list, sync_every_micro_batch: bool) -> float:
     """Accumulate the gradient of one optimizer step over its micro batches; return the step's loss.
 
     The loss is the sum of cross-entropies over the label tokens of the *global* batch divided by their
@@ -151,7 +153,7 @@ def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) ->
 
 
 @torch.no_grad()
-def evaluate(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, test_data: list, args: TrainArgs,
+def evaluate(fabric: "Fabric", model: nn.Module, tokenizer: Tokenizer, test_data: list, args: TrainArgs,
              max_seq_length: int, step: int) -> Optional[float]:
     """Validation loss and perplexity on the first `eval_examples` of test.pt (shared out over devices),
     and one sample answer to `eval_instruction` (LoRA stays unmerged: no drift of the frozen weights).
@@ -187,7 +189,7 @@ def evaluate(fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, test_data: 
 # Data, schedule, randomness
 
 
-def plan_steps(fabric: Fabric, args: TrainArgs, num_examples: int) -> tuple[int, int]:
+def plan_steps(fabric: "Fabric", args: TrainArgs, num_examples: int) -> tuple[int, int]:
     """The run's optimizer steps and warmup steps (from --epochs and --warmup_epochs unless given in steps)."""
     steps_per_epoch = num_examples / args.global_batch_size
     max_steps = args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -198,7 +200,7 @@ def plan_steps(fabric: Fabric, args: TrainArgs, num_examples: int) -> tuple[int,
     return max_steps, warmup_steps
 
 
-def micro_batches_of_step(step: int, train_data: list, args: TrainArgs, fabric: Fabric,
+def micro_batches_of_step(step: int, train_data: list, args: TrainArgs, fabric: "Fabric",
                           max_seq_length: int) -> tuple[list, int]:
     """This process's share of the step's global batch, as right-padded micro batches, and the tokens of the
     whole global batch (for tokens/s)."""

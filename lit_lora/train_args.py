@@ -5,15 +5,16 @@ means nothing stops the script while its flags are parsed, with one line naming 
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
-
-from lightning.fabric import Fabric
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from lit_lora.cli import check_flag, config_flags
 from lit_lora.data import IGNORE_INDEX, load_prepared, prepared_prompt_format
 from lit_lora.quantize import check_quantize
 from lit_lora.resume import refuse_to_start_over
 from lit_lora.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # named in annotations only: Lightning is imported by the scripts that train
+    from lightning.fabric import Fabric
 
 
 @dataclass
@@ -120,7 +121,7 @@ class TrainArgs:
                    "use one device or --strategy ddp")
 
 
-def load_training_data(fabric: Fabric, args: TrainArgs, tokenizer: Tokenizer,
+def load_training_data(fabric: "Fabric", args: TrainArgs, tokenizer: Tokenizer,
                        block_size: int) -> tuple[list, list, int, dict]:
     """train and test examples, the length they are cut to, and the prompt format they were prepared in. An example
     whose labels are all cut away (its prompt fills max_seq_length) would train nothing: it is left out, and a run
