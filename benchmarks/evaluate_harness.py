@@ -18,7 +18,6 @@ agree: the same accuracies, and log-likelihoods within 1e-4.
 """
 
 import os
-import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,14 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_config import machine_load, smollm2_checkpoint, spread_warning  # noqa: E402
 from lit_lora.cli import cli  # noqa: E402
+from lit_lora.report import peak_memory_bytes as peak_rss  # noqa: E402 (on a CPU: the peak RSS, VmHWM on Linux)
 
 TASKS = ROOT / "howto/evaluate_tasks"
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def run_side(side: str, checkpoint_dir: str, hf_dir: str, num_fewshot: int, batch_size: int, threads: int) -> dict:
