@@ -10,9 +10,10 @@ its own: CUDA's max_memory_allocated on a GPU, the peak resident set size (RSS) 
 Python, torch and Lightning hold before training starts (reported as the baseline). Before anything runs, the
 memory each method should need is worked out by lit_lora/memory.py and printed beside what was measured.
 
-Then the base model and each finetune are evaluated on the same items, each by its evaluate script in its own
-process (evaluate/base.py, lora.py, adapter.py, full.py): the loss and perplexity over the whole test split, and with
---tasks the accuracy on lm-eval-harness tasks (pip install -e ".[eval]").
+Then the base model and each finetune are evaluated on the same items, each by its evaluate script
+(evaluate/base.py, lora.py, adapter.py, full.py, run in this process: no memory is measured there): the loss and
+perplexity over the whole test split, and with --tasks the accuracy on lm-eval-harness tasks
+(pip install -e ".[eval]").
 
 Written to out_dir: <method>/ (each run's weights, logs and evaluation.json), base/evaluation.json, results.csv,
 results.md, and results.png
@@ -24,6 +25,8 @@ import importlib
 import io
 import json
 import os
+import runpy
+import signal
 import statistics
 import subprocess
 import sys
@@ -295,7 +298,8 @@ def loop_timing(run_dir: Path) -> tuple[float, float]:
 
 
 def evaluate_all(args: CompareArgs, precision: str) -> list[dict]:
-    """Run the evaluate script of the base model and of each method's result, each in its own process, and read
+    """Run the evaluate script of the base model and of each method's result, as `python evaluate/<script>.py
+    FLAGS` would (in this process: a Python start each would cost seconds, and no memory is measured here), and read
     back a row each: the test split's loss and perplexity, and each task's first metric (acc, exact_match, ...)."""
     flags = ["--checkpoint_dir", str(args.checkpoint_dir), "--data_dir", str(args.data_dir),
              "--precision", precision if precision.endswith("-true") else "32-true"]  # evaluation is not mixed
@@ -309,12 +313,21 @@ def evaluate_all(args: CompareArgs, precision: str) -> list[dict]:
                "adapter": ["--adapter_path", str(run_dir / "lit_adapter_finetuned.pth")],
                "full": ["--checkpoint_dir", str(run_dir)]}.get(method, [])  # full: its own checkpoint folder
         script = {"qlora": "lora", "base": "base"}.get(method, SCRIPTS.get(method))
-        command = [sys.executable, str(ROOT / "evaluate" / f"{script}.py"), *flags, *own,
-                   "--output_path", str(run_dir / "evaluation.json")]
-        print(f"\n=== Evaluating {NAMES[method]}: python evaluate/{script}.py {' '.join(command[2:])}", flush=True)
-        if subprocess.run(command).returncode != 0:
-            raise RuntimeError(f"Evaluating {NAMES[method]} failed: its output is above. Run it alone with: "
-                               f"python evaluate/{script}.py {' '.join(command[2:])}")
+        command = [str(ROOT / "evaluate" / f"{script}.py"), *flags, *own, "--output_path",
+                   str(run_dir / "evaluation.json")]
+        print(f"\n=== Evaluating {NAMES[method]}: python evaluate/{script}.py {' '.join(command[1:])}", flush=True)
+        argv, sigint, sys.argv = sys.argv, signal.getsignal(signal.SIGINT), command
+        try:
+            runpy.run_path(command[0], run_name="__main__")
+        except SystemExit as exit:  # the script's own one-line error is above
+            if exit.code == 130:
+                raise KeyboardInterrupt from None
+            if exit.code:
+                raise RuntimeError(f"Evaluating {NAMES[method]} failed: its output is above. Run it alone with: "
+                                   f"python evaluate/{script}.py {' '.join(command[1:])}") from None
+        finally:
+            sys.argv = argv
+            signal.signal(signal.SIGINT, sigint)  # a script done ignores Ctrl-C (lit_lora/cli.py): not compare.py
         evaluation = json.loads((run_dir / "evaluation.json").read_text())
         row = {"method": method, "test_loss": evaluation["test_split"]["loss"],
                "test_perplexity": evaluation["test_split"]["perplexity"]}

@@ -11,6 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
+import lightning.fabric  # noqa: F401 (imported here, not first inside run_command below: its logger writes to the
+# sys.stderr of its first import, which there would be a StringIO closed after the run)
 import pytest
 import torch
 

@@ -432,6 +432,9 @@ def test_compare_runs_qlora_beside_lora(setup, capsys):
     assert read_lora_file(out_dir / "qlora" / "lit_lora_finetuned.pth")["quantization"] == "bnb.nf4-dq"
     assert "| QLoRA |" in (out_dir / "results.md").read_text()
     assert "QLoRA vs LoRA:" in capsys.readouterr().out
+    # evaluate/lora.py --quantize on the QLoRA run: its own test loss, beside the base model's and LoRA's
+    assert [row["method"] for row in result["quality"]] == ["base", "lora", "qlora"]
+    assert len({round(row["test_loss"], 6) for row in result["quality"]}) == 3
 
 
 def test_a_quantized_full_finetuning_ends_the_script_with_one_line_and_exit_code_2(tmp_path):
