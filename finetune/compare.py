@@ -312,7 +312,7 @@ def evaluate_all(args: CompareArgs, precision: str) -> list[dict]:
                "qlora": ["--lora_path", str(run_dir / "lit_lora_finetuned.pth"), "--quantize", args.quantize],
                "adapter": ["--adapter_path", str(run_dir / "lit_adapter_finetuned.pth")],
                "full": ["--checkpoint_dir", str(run_dir)]}.get(method, [])  # full: its own checkpoint folder
-        script = {"qlora": "lora", "base": "base"}.get(method, SCRIPTS.get(method))
+        script = SCRIPTS.get(method, method)  # QLoRA: evaluate/lora.py --quantize; the base model: evaluate/base.py
         command = [str(ROOT / "evaluate" / f"{script}.py"), *flags, *own, "--output_path",
                    str(run_dir / "evaluation.json")]
         print(f"\n=== Evaluating {NAMES[method]}: python evaluate/{script}.py {' '.join(command[1:])}", flush=True)

@@ -128,7 +128,8 @@ def run_evaluation(model: LLaMA, args: EvaluateArgs, merge: bool = False) -> dic
     if args.output_path is not None:
         write_results(results, args.output_path)
         print(f"Wrote {args.output_path}", file=sys.stderr)
-        side_by_side = write_side_by_side(args.output_path) if args.generate else None
+        side_by_side = (write_side_by_side(args.output_path, results["test_split"]["generated"]) if args.generate
+                        else None)
         if side_by_side is not None:
             print(f"Wrote {side_by_side}: the answers of each model in {side_by_side.parent} side by side",
                   file=sys.stderr)
@@ -178,12 +179,13 @@ def score_answers(model: LLaMA, tokenizer: Tokenizer, test: list, args: Evaluate
     """Greedy answers to the test split's prompts, compared with the references: the exact-match share."""
     pattern = re.compile(args.answer_pattern) if args.answer_pattern else None
     pairs = [last_answer(example, stop_ids) for example in test]
-    references = []
+    references, reference_texts = [], []
     for number, (prompt, reference) in enumerate(pairs, 1):
         if not prompt:
             raise ValueError(f"{args.data_dir}/test.pt example {number} has no prompt before its answer (or no "
                              "answer): prepare the data again (see howto/prepare_dataset.md)")
         text = tokenizer.decode(reference)
+        reference_texts.append(text)
         answer = normalise(text) if pattern is None else final_answer(pattern, text)
         if answer is None:
             raise ValueError(f"{args.data_dir}/test.pt example {number}: the reference answer {text[:80]!r} has no "
@@ -201,8 +203,8 @@ def score_answers(model: LLaMA, tokenizer: Tokenizer, test: list, args: Evaluate
             answer = normalise(text) if pattern is None else final_answer(pattern, text)
             answers[i] = {"answer": text, "correct": answer is not None and answer == references[i]}
     questions = prompt_contents([tokenizer.decode(prompt) for prompt, _ in pairs])
-    for answer, question, (_, reference) in zip(answers, questions, pairs):
-        answer.update(prompt=question, reference=tokenizer.decode(reference))
+    for answer, question, reference in zip(answers, questions, reference_texts):
+        answer.update(prompt=question, reference=reference)
     correct = sum(answer["correct"] for answer in answers)
     return {"answers": len(pairs), "exact_match": correct / len(pairs), "generated": answers}
 
@@ -220,11 +222,11 @@ def prompt_contents(prompts: list[str]) -> list[str]:
     return ["\n".join(l[start:len(l) - end]).strip() for l in lines]
 
 
-def write_side_by_side(output_path: Path) -> Optional[Path]:
-    """answers.md beside output_path: the generated answers of every results file in its folder that answered the
-    same test split as this one, a column each (named by its file), prompt by prompt. None if there is only one."""
+def write_side_by_side(output_path: Path, mine: list[dict]) -> Optional[Path]:
+    """answers.md beside output_path: the generated answers (`mine`: this run's, written to output_path) of every
+    results file in its folder that answered the same test split, a column each (named by its file), prompt by
+    prompt. None if there is only one."""
     folder, runs = Path(output_path).parent, {}
-    mine = read_json(Path(output_path), "written just now")["test_split"]["generated"]
     for path in sorted(folder.glob("*.json")):
         try:
             generated = read_json(path, "an evaluate script's --output_path").get("test_split", {}).get("generated")
@@ -241,7 +243,7 @@ def write_side_by_side(output_path: Path) -> Optional[Path]:
         return text if len(text) <= limit else text[:limit - 3] + "..."
 
     lines = [f"# Answers side by side: {', '.join(runs)}", "",
-             f"Greedy answers to the test split's prompts; a check mark where it matches the reference.", "",
+             "Greedy answers to the test split's prompts; a check mark where it matches the reference.", "",
              "| # | prompt | reference | " + " | ".join(runs) + " |", "|---:|---|---|" + "---|" * len(runs)]
     for number, answer in enumerate(mine):
         cells = [str(number + 1), cell(answer["prompt"][-200:]), cell(answer["reference"])]
