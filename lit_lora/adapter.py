@@ -90,8 +90,9 @@ class AdapterAttention(CausalSelfAttention):
             self.kv_cache.adapter_kv = self.compute_prompt_kv()
         return self.kv_cache.adapter_kv
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        y = super().attend(q, k, v, mask)  # (B, n_head, T, hs): the base model's attention, unchanged
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               lengths: Optional[list[int]] = None) -> torch.Tensor:
+        y = super().attend(q, k, v, mask, lengths)  # (B, n_head, T, hs): the base model's attention, unchanged
         prompt_k, prompt_v = self.prompt_kv()  # (1, n_query_groups, K, hs)
         prompt_k, prompt_v = repeat_kv(prompt_k, self.n_head), repeat_kv(prompt_v, self.n_head)  # (1, n_head, K, hs)
         B = q.size(0)

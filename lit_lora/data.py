@@ -377,3 +377,19 @@ def collate(examples: list[dict], max_seq_length: int) -> tuple[torch.Tensor, to
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = example["labels"][:length]
     return input_ids, labels
+
+
+def pack(examples: list[dict], max_seq_length: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A micro batch as one row, its examples end to end: (1, N) input_ids and labels, N the sum of their lengths,
+    and those lengths, which the model needs to keep each example's positions and attention to itself.
+
+    The same label tokens as `collate`, none of its padding: a right-padded batch of examples of 90 and 250
+    tokens computes 2 x 250 positions, this row 340. The first token of each example gets no label (-100): it
+    would be the target of the previous example's last position, which in a padded row predicts nothing.
+    """
+    rows = [(e["input_ids"][:max_seq_length], e["labels"][:max_seq_length]) for e in examples]
+    first = torch.tensor([IGNORE_INDEX])
+    input_ids = torch.cat([torch.as_tensor(ids) for ids, _ in rows]).unsqueeze(0)  # (1, N)
+    labels = torch.cat([torch.cat([first, torch.as_tensor(labels[1:])]) for _, labels in rows]).unsqueeze(0)
+    return input_ids, labels, [len(ids) for ids, _ in rows]
+

@@ -22,10 +22,37 @@ if TYPE_CHECKING:
 
 
 def default_precision() -> str:
-    """bf16 weights on a GPU that supports bfloat16, fp32 otherwise (CPU)."""
+    """The precision a run gets without --precision: what the hardware multiplies fastest.
+
+    A GPU that supports bfloat16: bf16-true (bf16 weights: a 7B model's take half of fp32's, so LoRA on it fits a
+    24 GB card). A CPU that multiplies bf16 natively (AVX512-BF16 or AMX on x86): bf16-mixed, products in bf16
+    with fp32 master weights (howto/finetune_lora.md measures it against fp32). Any other CPU: fp32, as bf16
+    products there are emulated, many times slower (the run's summary prints the measured speed of its products)."""
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-true"
+    if cpu_multiplies_bf16():
+        return "bf16-mixed"
     return "32-true"
+
+
+def cpu_multiplies_bf16() -> str:
+    """The CPU's native bf16 instructions ("AMX", "AVX512-BF16"), or "" where it has none (or torch cannot tell)."""
+    cpu = getattr(torch, "cpu", None)
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return ""
+
+
+def precision_line(precision: str, device_type: str) -> str:
+    """The one line a run starts with when --precision was left out: the precision chosen, and why."""
+    if device_type == "cuda":
+        return f"Precision {precision}: this GPU {'supports' if precision == 'bf16-true' else 'has no'} bf16"
+    if precision == "bf16-mixed":
+        return (f"Precision bf16-mixed: this CPU multiplies bf16 natively ({cpu_multiplies_bf16()}); fp32 master "
+                "weights (--precision 32-true for fp32 products)")
+    return "Precision 32-true: this CPU has no native bf16 products (AVX512-BF16, AMX), where bf16 is slower than fp32"
 
 
 def dtype_from_precision(precision: str) -> torch.dtype:
@@ -50,6 +77,7 @@ def launch_fabric(args, multi_device_strategy: str = "ddp") -> Fabric:
     args.out_dir = Path(args.out_dir)
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise ValueError(f"--out_dir {args.out_dir} is a file, not a folder: choose another --out_dir")
+    chosen = args.precision is None
     args.precision = args.precision or default_precision()  # recorded as run, in hyperparameters.json and state.pth
     strategy = args.strategy
     if strategy == "auto" and args.devices * args.num_nodes > 1:
@@ -60,6 +88,8 @@ def launch_fabric(args, multi_device_strategy: str = "ddp") -> Fabric:
     fabric = Fabric(devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
                     loggers=make_loggers(args.out_dir))
     fabric.launch()
+    if chosen:
+        fabric.print(precision_line(args.precision, fabric.device.type))
     if fabric.device.type == "cpu":
         fabric.print(busy_machine_warning() or "", end="")
     fabric.seed_everything(args.seed)  # the same initialisation (LoRA's A, the adapter's prompts) on every process

@@ -1,6 +1,12 @@
 """How much compute a finetuning step takes, worked out before running it: the time column of finetune/compare.py
-(its memory: lit_lora/memory.py). Arithmetic on a `Config`, like the memory estimate.
+(its memory: lit_lora/memory.py). Arithmetic on a `Config`, like the memory estimate. And how close a run comes to
+the machine's limit: the FLOPs of its real tokens per second, against the speed of a matrix product measured in the run.
 """
+
+import time
+from dataclasses import replace
+
+import torch
 
 from lit_lora.memory import TrainingSetup, block_linear_parameters, linear_shapes
 from lit_lora.model import Config
@@ -48,3 +54,49 @@ def step_flops(config: Config, setup: TrainingSetup) -> dict[str, float]:
         backward_weight = R * L * lora_in_blocks + N * lora.get("head", 0)  # dA and dB
     return {"forward": forward, "backward_input": backward_input, "backward_weight": backward_weight,
             "total": forward + backward_input + backward_weight}
+
+
+def run_setup(args, precision: str) -> TrainingSetup:
+    """The setup of a finetuning run from its flags (LoRAArgs, AdapterArgs, FullArgs): its method and its
+    hyperparameters, for the FLOPs of its examples."""
+    method = type(args).__name__.removesuffix("Args").lower()  # LoRAArgs -> lora
+    method = "qlora" if method == "lora" and getattr(args, "quantize", None) else method
+    hyperparameters = ("lora_r", "lora_targets", "lora_dropout", "adapter_prompt_length", "adapter_start_layer")
+    return TrainingSetup(method=method, precision=precision, micro_batch_size=1,
+                         **{name: getattr(args, name) for name in hyperparameters if hasattr(args, name)})
+
+
+def example_flops(config: Config, setup: TrainingSetup, tokens: int, label_tokens: int) -> float:
+    """Matmul FLOPs of one example's forward and backward as if alone in its row: its real tokens only, what a
+    packed row computes (padding adds the FLOPs of positions that carry nothing)."""
+    one = replace(setup, micro_batch_size=1, seq_length=tokens, label_fraction=label_tokens / max(1, tokens))
+    return step_flops(config, one)["total"]
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of a precision's matrix products (on a CPU, Fabric's 16-mixed is bf16)."""
+    if precision.startswith("bf16") or (precision == "16-mixed" and device.type == "cpu"):
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else torch.float32
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
+    """The FLOP/s of this device multiplying two square matrices in `dtype`, measured now: the ceiling that the
+    matrix products of a training step can approach. The best of three products after a warm-up one (only the
+    warm-up where one product takes long: bf16 on a CPU without native bf16)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def seconds() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    best = seconds()
+    if best < 0.5:
+        best = min(seconds() for _ in range(3))
+    return 2 * n ** 3 / best

@@ -79,7 +79,8 @@ class FusedAttention(CausalSelfAttention):
         self.register_buffer("rope_sign", torch.tensor([-1.0] * half + [1.0] * half, dtype=weight.dtype,
                                                        device=weight.device), persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, input_pos=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, input_pos=None,
+                lengths=None) -> torch.Tensor:
         B, T, C = x.shape
         n_qk = self.n_head + self.n_query_groups  # query heads, then key heads, then value heads
         qkv = self.qkv(x).view(B, T, n_qk + self.n_query_groups, self.head_size)  # one product instead of three
@@ -88,7 +89,7 @@ class FusedAttention(CausalSelfAttention):
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_groups, T, hs)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, C)
+        y = self.attend(q, k, v, mask, lengths).transpose(1, 2).reshape(B, T, C)
         return self.o(y)
 
 

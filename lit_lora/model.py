@@ -123,7 +123,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                input_pos: Optional[torch.Tensor] = None, lengths: Optional[list[int]] = None) -> torch.Tensor:
         B, T, C = x.shape  # (batch, sequence, n_embd)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, n_head, T, hs)
         k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, n_groups, T, hs)
@@ -131,13 +131,17 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:  # decoding: keys and values of the earlier positions come from the cache
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_groups, max_seq_length, hs)
-        y = self.attend(q, k, v, mask)  # (B, n_head, T, hs)
+        y = self.attend(q, k, v, mask, lengths)  # (B, n_head, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               lengths: Optional[list[int]] = None) -> torch.Tensor:
         """softmax(q k^T / sqrt(hs) + causal mask) v, with each key/value head shared by a group of query heads."""
         k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)  # (B, n_head, S, hs)
+        if lengths is not None:  # a packed row (LLaMA.forward): each example attends within itself, never across
+            parts = zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
+            return torch.cat([F.scaled_dot_product_attention(*part, is_causal=True) for part in parts], dim=2)
         if mask is None:  # a whole sequence at once (training): the fused causal kernel
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -172,8 +176,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask=None, input_pos=None, lengths=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, lengths)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -208,23 +212,29 @@ class LLaMA(nn.Module):
                                               config.rope_scaling)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logits_at: Optional[torch.Tensor] = None, lengths: Optional[list[int]] = None) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, padded_vocab_size), the scores of every possible next token.
 
         Training (and any plain forward) reads the T tokens as positions 0..T-1, each attending to those before it.
+        A packed row (B = 1, `lengths` given) holds several examples one after another, as many tokens as they have
+        and no padding: each is read as if alone, its positions restarting at 0 and its attention kept inside it.
         With logits_at ((B, T) bool), only the logits where it is True are computed, returned as (N, vocab): the
         vocabulary projection is the largest matmul of a small model, and training needs it only where there is a
         label, not on the masked prompt. Decoding passes input_pos (see "Decoding with a KV cache" below)."""
         B, T = idx.shape
         if input_pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"Cannot forward a sequence of {T} tokens: the context is {self.config.block_size}")
+            if max(lengths or [T]) > self.config.block_size:
+                raise ValueError(f"Cannot forward a sequence of {max(lengths or [T])} tokens: the context is "
+                                 f"{self.config.block_size}")
             cos, sin, mask = self.cos[:T], self.sin[:T], None  # (T, hs); no mask: causal attention in the kernel
+            if lengths is not None:  # packed: positions 0..n-1 of each example
+                positions = torch.cat([torch.arange(n, device=idx.device) for n in lengths])  # (T,)
+                cos, sin = self.cos[positions], self.sin[positions]
         else:
             cos, sin, mask = self.decoding_positions(input_pos, B, T)
         x = self.embed(idx)  # (B, T, n_embd)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, input_pos)
+            x = block(x, cos, sin, mask, input_pos, lengths)
         x = self.norm(x)
         if logits_at is not None:
             x = x[logits_at]  # (N, n_embd): only the positions whose logits are wanted

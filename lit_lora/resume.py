@@ -66,10 +66,11 @@ def interrupt_held() -> Iterator[None]:
 # run's result, and resuming with another value is refused.
 RESUME_MAY_CHANGE = {"checkpoint_dir", "data_dir", "out_dir", "devices", "num_nodes", "strategy", "micro_batch_size",
                      "eval_interval", "eval_examples", "eval_instruction", "eval_input", "eval_max_new_tokens",
-                     "save_interval", "log_interval", "resume", "overwrite", "activation_checkpointing"}
+                     "save_interval", "log_interval", "resume", "overwrite", "activation_checkpointing",
+                     "packing"}
 # How a step's work is split (recorded as the run's "split"): resuming with another split goes on, but not bit for
 # bit, as the dropout masks are drawn per device and per micro batch, and the sums are added in another order
-SPLIT_FLAGS = ("micro_batch_size", "devices", "num_nodes")
+SPLIT_FLAGS = ("micro_batch_size", "devices", "num_nodes", "packing")
 
 
 def run_identity(args, model: nn.Module) -> dict:

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_lora.data import IGNORE_INDEX, collate, global_batch_indices
+from lit_lora.data import IGNORE_INDEX, collate, global_batch_indices, pack
 from lit_lora.devices import checkpoint_activations, dtype_from_precision, is_sharded, reshard
 from lit_lora.generation import generate
 from lit_lora.prompts import encode_prompt, format_prompt, response_stop_ids
@@ -70,7 +70,7 @@ def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay))
     sharded = is_sharded(fabric)
-    progress = Progress(fabric, model, max_steps, args.log_interval)
+    progress = Progress(fabric, model, args, max_steps)
     fabric.print(f"{len(train_data):,} training examples, {max_steps} optimizer steps of {args.global_batch_size} "
                  f"examples ({args.global_batch_size // fabric.world_size // args.micro_batch_size} micro batches of "
                  f"{args.micro_batch_size} on each of {fabric.world_size} devices)")
@@ -89,7 +89,7 @@ def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
             lr = learning_rate_at(step, args.learning_rate, warmup_steps, max_steps, args.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches, step_tokens = micro_batches_of_step(step, train_data, args, fabric, max_seq_length)
+            micro_batches, examples, positions = micro_batches_of_step(step, train_data, args, fabric, max_seq_length)
 
             loss = forward_backward(fabric, model, micro_batches, sync_every_micro_batch=sharded)
             if not math.isfinite(loss):
@@ -103,7 +103,7 @@ def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
                 optimizer.zero_grad(set_to_none=True)
                 completed = step + 1
 
-            progress.log(completed, loss, lr, time.perf_counter() - step_start, step_tokens)
+            progress.log(completed, loss, lr, time.perf_counter() - step_start, examples, positions)
             if args.eval_interval and completed % args.eval_interval == 0 and completed < max_steps:
                 evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, completed)
             if args.save_interval and completed % args.save_interval == 0 and completed < max_steps:
@@ -127,28 +127,29 @@ def forward_backward(fabric: "Fabric", model: nn.Module, micro_batches: list, sy
     last micro batch; FSDP must reduce-scatter after every one, or each device would hold the whole, unsharded
     gradient meanwhile.
     """
-    local_label_tokens = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro_batches)
+    local_label_tokens = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _ in micro_batches)
     label_tokens = int(fabric.all_reduce(torch.tensor(local_label_tokens, device=fabric.device), reduce_op="sum"))
     step_loss = torch.zeros((), device=fabric.device)
-    for j, (input_ids, labels) in enumerate(micro_batches):
+    for j, (input_ids, labels, lengths) in enumerate(micro_batches):
         input_ids, labels = fabric.to_device((input_ids, labels))
         last = j == len(micro_batches) - 1
         with fabric.no_backward_sync(model, enabled=not (last or sync_every_micro_batch)):
-            total = loss_sum(model, input_ids, labels)
+            total = loss_sum(model, input_ids, labels, lengths)
             fabric.backward(total * fabric.world_size / label_tokens)
         step_loss += total.detach()
     return float(fabric.all_reduce(step_loss, reduce_op="sum")) / label_tokens
 
 
-def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+             lengths: Optional[list[int]] = None) -> torch.Tensor:
     """Summed cross-entropy of predicting token t+1 from positions <= t, over label tokens (not -100).
 
     Logits are computed only at the positions that predict a label: with the prompt masked, that skips
-    the vocabulary projection (and its gradient) for every prompt token.
+    the vocabulary projection (and its gradient) for every prompt token. `lengths`: a packed row (data.pack).
     """
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     predicts_label = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # (B, T); the last position predicts nothing
-    logits = model(input_ids, logits_at=predicts_label)  # (N, vocab)
+    logits = model(input_ids, logits_at=predicts_label, lengths=lengths)  # (N, vocab)
     return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
 
 
@@ -165,8 +166,9 @@ def evaluate(fabric: "Fabric", model: nn.Module, tokenizer: Tokenizer, test_data
         local_examples = subset[fabric.global_rank::fabric.world_size]
         total, count = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
         for j in range(0, len(local_examples), args.micro_batch_size):
-            input_ids, labels = fabric.to_device(collate(local_examples[j:j + args.micro_batch_size], max_seq_length))
-            total += loss_sum(model, input_ids, labels)
+            input_ids, labels, lengths = micro_batch(local_examples[j:j + args.micro_batch_size], args, max_seq_length)
+            input_ids, labels = fabric.to_device((input_ids, labels))
+            total += loss_sum(model, input_ids, labels, lengths)
             count += (labels[:, 1:] != IGNORE_INDEX).sum()
         val_loss = float(fabric.all_reduce(total, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum"))
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
@@ -201,15 +203,26 @@ def plan_steps(fabric: "Fabric", args: TrainArgs, num_examples: int) -> tuple[in
 
 
 def micro_batches_of_step(step: int, train_data: list, args: TrainArgs, fabric: "Fabric",
-                          max_seq_length: int) -> tuple[list, int]:
-    """This process's share of the step's global batch, as right-padded micro batches, and the tokens of the
-    whole global batch (for tokens/s)."""
+                          max_seq_length: int) -> tuple[list, list, int]:
+    """This process's share of the step's global batch as micro batches (packed rows, or right-padded), and for
+    the progress figures the (tokens, label tokens) of each example of the global batch and the positions its
+    micro batches compute, padding included."""
     indices = global_batch_indices(step, len(train_data), args.global_batch_size, args.seed)
     per_device = args.global_batch_size // fabric.world_size
     local_indices = indices[fabric.global_rank * per_device:(fabric.global_rank + 1) * per_device]
-    micro_batches = [collate([train_data[i] for i in local_indices[j:j + args.micro_batch_size]], max_seq_length)
-                     for j in range(0, per_device, args.micro_batch_size)]
-    return micro_batches, sum(min(len(train_data[i]["input_ids"]), max_seq_length) for i in indices)
+    micro_batches = [micro_batch([train_data[i] for i in local_indices[j:j + args.micro_batch_size]], args,
+                                 max_seq_length) for j in range(0, per_device, args.micro_batch_size)]
+    examples = [(min(len(train_data[i]["input_ids"]), max_seq_length),
+                 int((train_data[i]["labels"][1:max_seq_length] != IGNORE_INDEX).sum())) for i in indices]
+    lengths = [tokens for tokens, _ in examples]
+    micro_lengths = [lengths[j:j + args.micro_batch_size] for j in range(0, len(lengths), args.micro_batch_size)]
+    positions = sum(sum(group) if args.packing else len(group) * max(group) for group in micro_lengths)
+    return micro_batches, examples, positions
+
+
+def micro_batch(examples: list[dict], args: TrainArgs, max_seq_length: int) -> tuple:
+    """(input_ids, labels, lengths): one packed row (data.pack), or right-padded rows (data.collate; lengths None)."""
+    return pack(examples, max_seq_length) if args.packing else (*collate(examples, max_seq_length), None)
 
 
 def learning_rate_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr: float = 0.0) -> float:

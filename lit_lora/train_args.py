@@ -36,6 +36,9 @@ class TrainArgs:
         weight_decay: AdamW's decoupled weight decay.
         global_batch_size: Examples per optimizer step, over all devices; gradient accumulation makes up the rest.
         micro_batch_size: Examples per forward/backward pass on one device.
+        packing: Run each micro batch as one row holding its examples end to end, each example's positions and
+            attention kept to itself: the same loss as right-padded rows (to rounding), without computing the padding.
+            false: right-padded rows. May change on resume.
         epochs: Passes over the training data (ignored when max_steps is given).
         max_steps: Optimizer steps to take; overrides epochs.
         warmup_steps: Optimizer steps of linear warmup, then cosine decay to min_lr.
@@ -73,6 +76,7 @@ class TrainArgs:
     weight_decay: float = 0.0
     global_batch_size: int = 128
     micro_batch_size: int = 4
+    packing: bool = True
     epochs: float = 3
     max_steps: Optional[int] = None
     warmup_steps: int = 100

@@ -197,9 +197,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
     calls = {"n": 0}
     real_loss_sum = train_module.loss_sum
 
-    def nan_at_step_3(model, input_ids, labels):
+    def nan_at_step_3(model, input_ids, labels, lengths=None):
         calls["n"] += 1
-        loss = real_loss_sum(model, input_ids, labels)
+        loss = real_loss_sum(model, input_ids, labels, lengths)
         return loss * float("nan") if calls["n"] > 4 else loss
 
     monkeypatch.setattr(train_module, "loss_sum", nan_at_step_3)
@@ -294,11 +294,11 @@ def test_adapter_end_to_end_and_resume(setup, monkeypatch):
 
     calls, real_loss_sum = {"n": 0}, train_module.loss_sum
 
-    def interrupt(model, input_ids, labels):
+    def interrupt(model, input_ids, labels, lengths=None):
         calls["n"] += 1
         if calls["n"] == 9:  # the first micro batch of step 5
             raise KeyboardInterrupt
-        return real_loss_sum(model, input_ids, labels)
+        return real_loss_sum(model, input_ids, labels, lengths)
 
     monkeypatch.setattr(train_module, "loss_sum", interrupt)
     with pytest.raises(SystemExit):
@@ -489,7 +489,7 @@ def test_gradients_are_synchronised_after_every_micro_batch_only_when_sharded():
 
     torch.manual_seed(0)
     model = LLaMA(Config.from_name("micro"))
-    micro_batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
+    micro_batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8)), None) for _ in range(3)]
     for sharded, expected in ((False, [True, True, False]), (True, [False, False, False])):
         fabric = RecordingFabric()
         loss = forward_backward(fabric, model, micro_batches, sync_every_micro_batch=sharded)
