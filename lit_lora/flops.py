@@ -80,14 +80,14 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float16 if precision.startswith("16") else torch.float32
 
 
-def matmul_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
     """The FLOP/s of this device multiplying two square matrices in `dtype`, measured now: the ceiling that the
-    matrix products of a training step can approach. The best of three products after a warm-up one (only the
-    warm-up where one product takes long: bf16 on a CPU without native bf16)."""
+    matrix products of a training step can approach. The fastest of the products that fit in `seconds` after a
+    warm-up one (the best, not the mean: a shared or throttled machine only ever slows a product down)."""
     n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
-    def seconds() -> float:
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -96,7 +96,8 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    best = seconds()
-    if best < 0.5:
-        best = min(seconds() for _ in range(3))
+    best = spent = timed()  # warm-up; where one product takes longer than `seconds` (emulated bf16), the only one
+    while spent < seconds:
+        duration = timed()
+        best, spent = min(best, duration), spent + duration
     return 2 * n ** 3 / best

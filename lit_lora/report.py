@@ -66,8 +66,6 @@ class Progress:
 
     def begin(self, start_step: int) -> None:
         """The loop starts (after start_step steps of an earlier run): times and tokens count from here."""
-        dtype = compute_dtype(self.setup.precision, self.fabric.device)
-        self.peak_flops, self.dtype_name = matmul_peak_flops(dtype, self.fabric.device), str(dtype).removeprefix("torch.")
         self.start_step, self.tokens_seen, self.positions_seen = start_step, 0, 0
         self.flops_seen, self.step_seconds = 0.0, 0.0
         self.start_time = self.last_line = time.perf_counter()
@@ -95,13 +93,16 @@ class Progress:
 
     def summary(self, final_loss: Optional[float], val_loss: Optional[float], out_dir: Path) -> dict:
         elapsed, steps = time.perf_counter() - self.start_time, self.max_steps - self.start_step
-        # FLOP/s per device, over the training steps only (not evaluation and saving)
+        # FLOP/s per device, over the training steps only (not evaluation and saving), against the peak measured
+        # now, for at most 5% of the steps' time
         flops_per_sec = self.flops_seen / max(self.step_seconds, 1e-9) / self.fabric.world_size
+        dtype = compute_dtype(self.setup.precision, self.fabric.device)
+        peak = matmul_peak_flops(dtype, self.fabric.device, seconds=min(0.5, 0.05 * self.step_seconds))
         summary = {
             "steps": steps, "time_s": elapsed, "tokens_per_sec": self.tokens_seen / elapsed,
             "time_per_step_s": elapsed / max(1, steps), "peak_memory_bytes": peak_memory_bytes(self.fabric.device),
             "padding": 1 - self.tokens_seen / max(1, self.positions_seen), "flops_per_sec": flops_per_sec,
-            "peak_flops_per_sec": self.peak_flops, "trainable_parameters": self.trainable,
+            "peak_flops_per_sec": peak, "trainable_parameters": self.trainable,
             "total_parameters": self.total, "final_loss": final_loss, "val_loss": val_loss,
             "weights_bytes": weights_size(out_dir),
         }
@@ -112,8 +113,8 @@ class Progress:
         if steps:
             self.fabric.print(
                 f"Compute: {flops_per_sec / 1e9:,.1f} GFLOP/s of real tokens per device, "
-                f"{100 * flops_per_sec / self.peak_flops:.0f}% of the {self.peak_flops / 1e9:,.0f} GFLOP/s this "
-                f"device multiplies {self.dtype_name} matrices at (measured at the start); padding "
+                f"{100 * flops_per_sec / peak:.0f}% of the {peak / 1e9:,.0f} GFLOP/s this device multiplies "
+                f"{str(dtype).removeprefix('torch.')} matrices at (measured now); padding "
                 f"{100 * summary['padding']:.0f}% of the positions computed")
         return summary
 

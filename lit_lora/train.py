@@ -3,7 +3,8 @@
 What differs between the three methods is which parameters are trainable and which file holds the result;
 the scripts in finetune/ set that up in a few lines and call `fit`. Everything else lives here once:
 
-- data: shuffled epochs, one global batch per optimizer step, split into micro batches per device;
+- data: shuffled epochs, one global batch per optimizer step, split into micro batches per device, each one row
+  of its examples end to end (packed: no padding computed, see data.pack and LLaMA.forward's `lengths`);
 - loss: cross-entropy over label tokens only, normalised by the label tokens of the whole global batch
   (so a micro batch with more response tokens counts more, exactly as one big batch would);
 - schedule: linear warmup, then cosine decay, counted in optimizer steps;
