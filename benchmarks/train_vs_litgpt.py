@@ -35,6 +35,11 @@ them: lit-lora's step_tokens, LitGPT's running `tokens`; the two draw their batc
 tokens per step differ), and the peak RSS of the training process up to its last step (VmHWM of /proc/<pid>/status,
 read by this script as each progress line arrives; the same for both, and before LitGPT's merge of the finetuned
 weights into a full copy after training). LitGPT's data loader workers are processes of their own, not counted.
+
+What differs by design: lit-lora runs each micro batch packed (its examples end to end, no padding computed) and
+computes logits only where there is a label; LitGPT pads each batch to its longest example and computes logits at every
+position. LitGPT is an optional peer: its pins (huggingface_hub < 1.4, jsonargparse <= 4.41) break this project's
+test extras, so install it in a virtual environment of its own and pass its `litgpt` with --litgpt.
 """
 
 import csv
@@ -210,11 +215,12 @@ def main(data_json: Path = DATA_JSON, checkpoint_dir: Path = ROOT / "checkpoints
         if not native:
             print("bf16-mixed not measured: this CPU has no native bf16 products (AVX512-BF16, AMX); give "
                   "--precisions '[32-true, bf16-mixed]' to measure it anyway")
-    litgpt = shutil.which(litgpt or "litgpt")
+    asked = litgpt or "litgpt"
+    litgpt = shutil.which(asked)
     versions = litgpt_versions(litgpt) if litgpt else None
     if versions is None:
-        print(f"LitGPT is not installed (no usable `{litgpt or 'litgpt'}` command: pip install litgpt==0.5.13 "
-              "requests, or give --litgpt): measuring lit-lora only")
+        print(f"LitGPT is not installed (no usable `{asked}` command: pip install litgpt==0.5.13 requests in a "
+              "virtual environment of its own, then give its litgpt with --litgpt): measuring lit-lora only")
         litgpt = None
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),

@@ -51,6 +51,7 @@ from typing import Literal, Optional
 from lit_lora.lora import LORA_TARGETS, LoRAConfig
 from lit_lora.model import Config
 from lit_lora.quantize import BLOCK_SIZE, QUANTIZE_MODES
+from lit_lora.report import format_bytes
 
 METHODS = ("lora", "qlora", "adapter", "full")
 # Bytes per 4-bit weight (QLoRA, lit_lora/quantize.py): the 4-bit index, 1/2 byte, plus its share of its block's
@@ -356,7 +357,6 @@ def largest_trainable_tensor(config: Config, setup: TrainingSetup) -> int:
 
 def format_estimates(estimates: dict[str, MemoryEstimate]) -> str:
     """A Markdown table: one row per part of the memory, one column per estimate."""
-    from lit_lora.report import format_bytes  # here: report.py reads this module (through flops.py) as it loads
     names = list(estimates)
     header = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
     lines = []

@@ -36,7 +36,7 @@ from lit_lora.data import IGNORE_INDEX, collate, global_batch_indices, pack
 from lit_lora.devices import checkpoint_activations, dtype_from_precision, is_sharded, reshard
 from lit_lora.generation import generate
 from lit_lora.prompts import encode_prompt, format_prompt, response_stop_ids
-from lit_lora.report import Progress
+from lit_lora.progress import Progress
 from lit_lora.resume import interrupt_held, run_identity, save_checkpoint, save_on_interrupt, start_or_resume, unlock_out_dir
 from lit_lora.tokenizer import Tokenizer
 from lit_lora.train_args import TrainArgs, load_training_data
