@@ -50,6 +50,7 @@ from lit_lora.devices import default_precision  # noqa: E402
 from lit_lora.files import atomic_write  # noqa: E402
 from lit_lora.flops import step_flops  # noqa: E402
 from lit_lora.memory import (  # noqa: E402
+    METHOD_HYPERPARAMETERS,
     MemoryEstimate,
     TrainingSetup,
     estimate_memory,
@@ -197,11 +198,10 @@ def data_facts(args: CompareArgs, config: Config) -> dict:
 def training_setup(method: str, args: CompareArgs, precision: str, device: str, data: dict) -> TrainingSetup:
     """The estimate's inputs, with each method's hyperparameters (LoRA r, targets, ...) as its script's defaults."""
     defaults = script_defaults(method)
-    hyperparameters = ("lora_r", "lora_targets", "lora_dropout", "adapter_prompt_length", "adapter_start_layer")
     return TrainingSetup(
         method=method, precision=precision, micro_batch_size=args.micro_batch_size, seq_length=data["seq_length"],
         label_fraction=data["label_fraction"], device=device, quantize=args.quantize,
-        **{name: defaults[name] for name in hyperparameters if name in defaults},
+        **{name: defaults[name] for name in METHOD_HYPERPARAMETERS if name in defaults},
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from lit_lora.memory import TrainingSetup, block_linear_parameters, linear_shapes
+from lit_lora.memory import METHOD_HYPERPARAMETERS, TrainingSetup, block_linear_parameters, linear_shapes
 from lit_lora.model import Config
 
 
@@ -61,9 +61,8 @@ def run_setup(args, precision: str) -> TrainingSetup:
     hyperparameters, for the FLOPs of its examples."""
     method = type(args).__name__.removesuffix("Args").lower()  # LoRAArgs -> lora
     method = "qlora" if method == "lora" and getattr(args, "quantize", None) else method
-    hyperparameters = ("lora_r", "lora_targets", "lora_dropout", "adapter_prompt_length", "adapter_start_layer")
     return TrainingSetup(method=method, precision=precision, micro_batch_size=1,
-                         **{name: getattr(args, name) for name in hyperparameters if hasattr(args, name)})
+                         **{name: getattr(args, name) for name in METHOD_HYPERPARAMETERS if hasattr(args, name)})
 
 
 def example_flops(config: Config, setup: TrainingSetup, tokens: int, label_tokens: int) -> float:

@@ -62,6 +62,10 @@ NF4_BYTES = {"bnb.nf4": 1 / 2 + 4 / BLOCK_SIZE, "bnb.nf4-dq": 1 / 2 + 1 / BLOCK_
 PRECISION_BYTES = {"32-true": (4, 4), "bf16-true": (2, 2), "bf16-mixed": (4, 2), "16-mixed": (4, 2)}
 
 
+# The fields of TrainingSetup that a method's script takes as flags of the same name (LoRAArgs, AdapterArgs)
+METHOD_HYPERPARAMETERS = ("lora_r", "lora_targets", "lora_dropout", "adapter_prompt_length", "adapter_start_layer")
+
+
 @dataclass
 class TrainingSetup:
     """What the memory of a training step depends on, besides the model's Config.
