@@ -18,8 +18,9 @@ Five measurements, each the best of `repeats` runs:
    and plain reads (a sum) of one 512 MB tensor and of the 33 weights (on some CPUs torch's products stream at half
    the memory's rate, and a compiled step beat a bound taken from them). Against it: the decoding steps alone
    (after the first token, which waits for the prefill), as the generate scripts report them.
-3. --compile: the time torch.compile takes for the decoding step (a first compilation: inductor's on-disk cache is
-   off here; benchmarks/real_model_decode.py measures a later run's too), apart from the decoding speed after it.
+3. --compile: the time compiling the decoding step ahead of time takes (a first compilation: inductor's on-disk
+   cache is off here and lit-lora's is an empty folder; benchmarks/real_model_decode.py measures a later run's
+   too), apart from the decoding speed after it.
 4. Batched: 8 prompts of different lengths at once (lit-lora pads on the right and keeps each row's positions;
    HF pads on the left with an attention mask), tokens/s counted over all rows.
 5. Prefill: the time to the first token of a 512-token prompt.
@@ -29,10 +30,12 @@ import copy
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # time a first compilation, not one read from disk
+os.environ["LIT_LORA_CACHE"] = tempfile.mkdtemp(prefix="lit-lora-cache-")  # and no compiled step kept from before
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,17 +7,12 @@ chat_template puts the prompt, as the user's message, in the checkpoint's own ch
 hand-written ones); --interactive true then keeps a conversation.
 """
 
-from lit_lora.chat import GenerateArgs, run_generation
-from lit_lora.checkpoint import load_model
+from lit_lora.chat import GenerateArgs, load_for_generation, run_generation
 from lit_lora.cli import cli
-from lit_lora.quantize import load_model_4bit
 
 
 def main(args: GenerateArgs) -> list[str]:
-    if args.quantize is None:  # meta device + memory-mapped weights: no second copy in RAM
-        model = load_model(args.checkpoint_dir)
-    else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
-        model = load_model_4bit(args.checkpoint_dir, args.quantize)
+    model = load_for_generation(args)  # memory-mapped, or --quantize: in 4 or 8 bits
     return run_generation(model, args)  # without a prompt style, the prompt is continued as it is
 
 

@@ -6,10 +6,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_lora.chat import GenerateArgs, run_generation
-from lit_lora.checkpoint import load_model
+from lit_lora.chat import GenerateArgs, load_for_generation, run_generation
 from lit_lora.cli import cli
-from lit_lora.quantize import load_model_4bit
 from lit_lora.tokenizer import check_utf8
 
 
@@ -31,10 +29,7 @@ class FullGenerateArgs(GenerateArgs):
 
 
 def main(args: FullGenerateArgs) -> list[str]:
-    if args.quantize is None:  # meta device + memory-mapped weights: no second copy in RAM
-        model = load_model(args.checkpoint_dir)
-    else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
-        model = load_model_4bit(args.checkpoint_dir, args.quantize)
+    model = load_for_generation(args)  # memory-mapped, or --quantize: in 4 or 8 bits
     return run_generation(model, args, input=args.input, default_style="alpaca")  # the recorded format (else alpaca), with --input
 
 

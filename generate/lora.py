@@ -5,17 +5,16 @@
 r, alpha and the targets are read from the LoRA file. LoRA is merged into the weights once before decoding
 (W = W0 + alpha/r B A), so the finetuned model decodes exactly as fast as the base model. With --quantize (a 4-bit
 base, as QLoRA trains on) LoRA stays unmerged: W0 + B A rounded to 4 bits again would lose most of B A, so every
-token pays the two thin LoRA matmuls (and the dequantization of W0). Any LoRA file loads with or without --quantize.
+token pays the two thin LoRA matmuls (and the dequantization of W0). With --quantize int8 the merged weights are
+stored in 8 bits. Any LoRA file loads with or without --quantize.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_lora.chat import GenerateArgs, run_generation
-from lit_lora.checkpoint import load_model
+from lit_lora.chat import GenerateArgs, load_for_generation, run_generation
 from lit_lora.cli import cli
 from lit_lora.method_files import load_lora
-from lit_lora.quantize import load_model_4bit
 from lit_lora.tokenizer import check_utf8
 
 
@@ -38,14 +37,12 @@ class LoRAGenerateArgs(GenerateArgs):
 
 
 def main(args: LoRAGenerateArgs) -> list[str]:
-    if args.quantize is None:  # meta device + memory-mapped weights: no second copy in RAM
-        model = load_model(args.checkpoint_dir)
-    else:  # the Blocks' weights stored in 4 bits, each quantized as it is read
-        model = load_model_4bit(args.checkpoint_dir, args.quantize)
+    model = load_for_generation(args)  # memory-mapped, or --quantize: in 4 or 8 bits
     load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
-    # merged once cast to the run's dtype; a 4-bit W0 cannot take B A exactly: on a quantized base LoRA stays unmerged
+    # merged once cast to the run's dtype (then --quantize int8 rounds W0 + B A to 8 bits once); a 4-bit W0 cannot
+    # take B A exactly: on a 4-bit base LoRA stays unmerged
     return run_generation(model, args, input=args.input, default_style="alpaca",  # the recorded format, else alpaca
-                          merge=args.quantize is None)
+                          merge=args.quantize in (None, "int8"))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterator, Literal, Optional
+from typing import Collection, Iterator, Literal, Optional, Union
 
 import torch
 
 from lit_lora.chat_template import CHARS_PER_TOKEN, TooLongForContext
 from lit_lora.cli import check_flag, config_flags
 from lit_lora.devices import default_precision, dtype_from_precision
+from lit_lora.checkpoint import load_model
 from lit_lora.generation import check_sampling, generate_stream, stream_text
-from lit_lora.inference import compile_decoding, fuse_for_inference
+from lit_lora.inference import compile_decoding, fuse_for_inference, worth_compiling
+from lit_lora.int8 import quantize_int8
 from lit_lora.lora import merge_lora
 from lit_lora.model import LLaMA
 from lit_lora.prompts import (
@@ -29,7 +31,7 @@ from lit_lora.prompts import (
     response_stop_ids,
     template_sha256,
 )
-from lit_lora.quantize import check_quantize
+from lit_lora.quantize import check_quantize, load_model_4bit
 from lit_lora.report import format_bytes, peak_memory_bytes
 from lit_lora.tokenizer import Tokenizer, check_utf8
 
@@ -48,9 +50,11 @@ class GenerateArgs:
         num_samples: How many answers to generate.
         seed: Random seed for sampling; sample i uses seed + i (null: different every run).
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
-        compile: torch.compile the decoding step: on a CPU about twice the speed. Its first step compiles (under a
-            minute the first time on a machine, seconds once torch's cache holds it; reported apart): see
-            howto/generate.md, "Speed".
+        compile: Decode with the one-token step compiled ahead of time (lit_lora/inference.py): on a CPU about
+            twice the speed. Compiled once per model shape, torch and CPU (its time reported), kept in
+            ~/.cache/lit_lora (or $LIT_LORA_CACHE) and loaded by every later run in a moment. auto: on a CPU, use a kept step, and
+            compile one for a model of 50M parameters or more (a smaller one decodes fast enough eagerly); true:
+            always (also on a GPU, untested there); false: never. See howto/generate.md, "Speed".
         fused: Decode with q/k/v and gate/up fused, weights transposed unless --compile (lit_lora/inference.py):
             the same tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
         interactive: Read prompts from the terminal in a loop instead of using --prompt; in a chat style the
@@ -60,8 +64,10 @@ class GenerateArgs:
             end of answer; null: the format the model was finetuned in, where it was recorded, else none.
         system_prompt: A system turn before the conversation (chat styles); null: the one the model was finetuned
             with, if any.
-        quantize: Store the Blocks' weights in 4 bits (bnb.nf4, or bnb.nf4-dq: see howto/finetune_qlora.md): about
-            a quarter of the memory of bf16, slower; null: in the precision's dtype. Needs pip install -e '.[quantize]'.
+        quantize: int8: every weight matrix and the embedding stored in 8 bits with a scale per 32 weights (llama.cpp's
+            Q8_0, lit_lora/int8.py), a quarter of fp32's memory, decoded from those bits (LoRA merged first; not for
+            an adapter). bnb.nf4, bnb.nf4-dq: the Blocks' weights in 4 bits, as QLoRA trains (see
+            howto/finetune_qlora.md; needs pip install -e '.[quantize]'), slower. null: in the precision's dtype.
     """
 
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")  # what README's download and convert_hf commands create
@@ -73,7 +79,7 @@ class GenerateArgs:
     num_samples: int = 1
     seed: Optional[int] = 1234
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None
-    compile: bool = False
+    compile: Union[bool, Literal["auto"]] = "auto"
     fused: bool = True
     interactive: bool = False
     prompt_style: Optional[str] = None
@@ -92,24 +98,42 @@ class GenerateArgs:
                    "must be from 0 to 2**63 - 1, or null for different answers every run")
         check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
                    f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
-        with config_flags():
-            check_quantize(self.quantize)
+        if self.quantize != "int8":
+            with config_flags():
+                check_quantize(self.quantize)
+        check_flag(self, "compile", not (self.compile is True and self.quantize not in (None, "int8")), "cannot "
+                   f"compile a 4-bit base (--quantize {self.quantize}): its bitsandbytes layers are not exported; "
+                   "leave --compile out, or decode from 8 bits (--quantize int8), which compiles")
 
 
-def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: bool = False,
-                           fused: bool = True, merge: bool = False) -> LLaMA:
+def load_for_generation(args: GenerateArgs) -> LLaMA:
+    """The checkpoint of args.checkpoint_dir as --quantize asks: its Blocks' weights in 4 bits (bnb.*), each
+    quantized as it is read; else as stored, on the meta device with memory-mapped weights (no second copy in RAM),
+    --quantize int8 storing them in 8 bits once a LoRA is merged (prepare_for_generation)."""
+    if args.quantize in (None, "int8"):
+        return load_model(args.checkpoint_dir)
+    return load_model_4bit(args.checkpoint_dir, args.quantize)
+
+
+def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: Union[bool, str] = False,
+                           fused: bool = True, merge: bool = False, int8: bool = False) -> LLaMA:
     """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `merge`, its
     LoRA merged (W = W0 + alpha/r B A) after that cast, so W is computed in fp32 and rounded once, to the dtype it
-    runs in; with `fused`, in the fused layout of lit_lora/inference.py (the same tokens, faster); with `compile`,
-    its decoding step compiled (lit_lora/inference.py: the first step is slow while it compiles)."""
+    runs in; with `fused`, in the fused layout of lit_lora/inference.py (the same tokens, faster); with `int8`, its
+    weight matrices stored in 8 bits (lit_lora/int8.py); with `compile` (True, or "auto": see GenerateArgs), its
+    decoding step compiled ahead of time (lit_lora/inference.py)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
     if merge:
         merge_lora(model)
+    quantized = any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
+    compiling = compile is True or (compile == "auto" and device == "cpu" and not quantized)
+    if int8:  # before fusing: each weight read once from the checkpoint, never copied in fp32
+        quantize_int8(model)
     if fused:
-        fuse_for_inference(model, for_compile=compile)
-    if compile:
-        compile_decoding(model)
+        fuse_for_inference(model, for_compile=compiling)
+    if compiling:
+        compile_decoding(model, build=compile is True or worth_compiling(model))
     return model
 
 
@@ -141,7 +165,7 @@ def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", default_st
     In a prompt style (prompt_format) each prompt is an instruction (with `input`, the instruction scripts' --input)
     put in that format, and an answer ends at the format's end of answer too; without one, the prompt is continued
     as it is, and shown before its continuation. An answer always ends at the tokenizer's stop ids."""
-    model = prepare_for_generation(model, args.precision, args.compile, args.fused, merge)
+    model = prepare_for_generation(model, args.precision, args.compile, args.fused, merge, args.quantize == "int8")
     tokenizer = Tokenizer(args.checkpoint_dir)
     style, system_prompt = prompt_format(model, tokenizer, args, default_style)
     stop_ids = tokenizer.stop_ids if style is None else response_stop_ids(tokenizer, style)
@@ -276,18 +300,18 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
     Each stops at any of `stop_ids` (None: tokenizer.stop_ids). The prompt is encoded as its prompt `style`
     writes it (lit_lora/prompts.py's encode_prompt). Returns the generated texts."""
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-    device = model.lm_head.weight.device
+    device = model.norm.weight.device
     encoded = encode_prompt(tokenizer, prompt, style).to(device)
     max_new_tokens = check_prompt_length(model, len(encoded), max_new_tokens)
     texts = []
-    compiled = hasattr(model, "compile_seconds")  # prepared with --compile (lit_lora/inference.py)
-    kv_length = len(encoded) + max_new_tokens
-    if compiled:  # a compiled step is compiled per KV cache length: round it up, so other prompts reuse it
-        kv_length = min(-(-kv_length // 256) * 256, model.config.block_size)
+    kv_length = kv_cache_length(model, len(encoded) + max_new_tokens)
     for i in range(num_samples):
         model.set_kv_cache(batch_size=1, max_seq_length=kv_length)
-        start, token_times, pieces = time.perf_counter(), [], []
         compile_seconds = getattr(model, "compile_seconds", 0.0)
+        if hasattr(model, "prepare_decoding_step"):  # --compile: the step loaded or compiled before the answer
+            model.prepare_decoding_step(batch_size=1)
+        compile_seconds = getattr(model, "compile_seconds", 0.0) - compile_seconds  # 0 unless it compiled now
+        start, token_times, pieces = time.perf_counter(), [], []
         if show_prompt:
             print(prompt, end="", flush=True)
         stream = generate_stream(model, [encoded], max_new_tokens, temperature, top_k, top_p, stop_ids,
@@ -300,10 +324,17 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
             model.clear_kv_cache()  # also when Ctrl-C stops the answer
         print(flush=True)
         texts.append("".join(pieces))
-        compile_seconds = getattr(model, "compile_seconds", 0.0) - compile_seconds  # 0 once compiled
         print(f"Sample {i + 1}: {timing_summary(start, token_times, compile_seconds)}; "
               f"peak memory {format_bytes(peak_memory_bytes(device))}", file=sys.stderr)
     return texts
+
+
+def kv_cache_length(model: LLaMA, needed: int) -> int:
+    """The KV cache to decode `needed` positions with: as many, or for a compiled step (compiled per cache length)
+    the next of 256, 512, 1024, ... so that other prompts and the turns of a conversation reuse a few steps."""
+    if not hasattr(model, "compile_seconds"):  # not prepared with --compile (lit_lora/inference.py)
+        return needed
+    return min(max(256, 1 << (needed - 1).bit_length()), model.config.block_size)
 
 
 def time_tokens(stream: Iterator[torch.Tensor], times: list[float]) -> Iterator[torch.Tensor]:
@@ -316,17 +347,12 @@ def time_tokens(stream: Iterator[torch.Tensor], times: list[float]) -> Iterator[
 def timing_summary(start: float, token_times: list[float], compile_seconds: float = 0.0) -> str:
     """'N tokens in T s, R tokens/s (first token after P s, then D tokens/s)': the first token waits for the
     prefill (the whole prompt at once), the others are decoding steps. Time spent compiling the decoding step
-    (--compile) is reported apart, so the speed after it is the speed of a long generation."""
+    before (--compile) is reported apart, so the speed is the speed of every later run."""
     n, elapsed = len(token_times), time.perf_counter() - start
     summary = f"{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s"
-    if n < 2:
-        return summary
-    phases = [f"first token after {token_times[0] - start:.2f} s"]
-    decoding_from = 0
-    if compile_seconds > 0:  # the first decoding step compiled
-        phases.append(f"compiling the decoding step {compile_seconds:.1f} s")
-        decoding_from = 1
-    if n - 1 > decoding_from:
-        steps = n - 1 - decoding_from
-        phases.append(f"then {steps / (token_times[-1] - token_times[decoding_from]):.1f} tokens/s")
-    return f"{summary} ({', '.join(phases)})"
+    if n >= 2:
+        summary += (f" (first token after {token_times[0] - start:.2f} s, "
+                    f"then {(n - 1) / (token_times[-1] - token_times[0]):.1f} tokens/s)")
+    if compile_seconds > 0:
+        summary += f", after compiling the decoding step in {compile_seconds:.1f} s (once: later runs load it)"
+    return summary

@@ -21,9 +21,10 @@ import math
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -171,7 +172,7 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     config = read_config(checkpoint_dir / "model_config.json")
     check_vocabulary(config, checkpoint_dir)
-    with torch.device("meta"):
+    with torch.device("meta"), no_random_init():
         model = LLaMA(config)
     weights_file = checkpoint_dir / "lit_model.pth"
     state_dict = load_tensors(weights_file)
@@ -189,6 +190,17 @@ def load_model(checkpoint_dir: Union[str, Path], dtype: Optional[torch.dtype] = 
     model.reset_rope_cache()  # cos/sin are not in the checkpoint: build them on the weights' device
     model.prompt_format = config.extra.get("prompt")  # a full finetune's format (finetune/full.py records it), or None
     return model
+
+
+@contextmanager
+def no_random_init() -> Iterator[None]:
+    """Skip the random fill of weights a checkpoint replaces: on the meta device its first call costs seconds of imports."""
+    init, saved = torch.nn.init, (torch.nn.init.normal_, torch.nn.init.kaiming_uniform_)
+    init.normal_ = init.kaiming_uniform_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        init.normal_, init.kaiming_uniform_ = saved
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -21,12 +21,25 @@ need the modules of model.py), so it is applied only where a model is prepared f
 merged (a merged LoRA layer is a plain x W^T again).
 """
 
+import hashlib
+import inspect
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
 import time
+from dataclasses import asdict
+from itertools import chain
+from operator import attrgetter
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_lora.int8 import Int8Linear
 from lit_lora.lora import LoRALinear
 from lit_lora.model import MLP, CausalSelfAttention, LLaMA, RMSNorm
 
@@ -71,13 +84,11 @@ class FusedAttention(CausalSelfAttention):
         nn.Module.__init__(self)  # not CausalSelfAttention.__init__: the weights come from `attention`
         self.n_head, self.n_query_groups, self.head_size = attention.n_head, attention.n_query_groups, attention.head_size
         self.kv_cache = attention.kv_cache
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        self.qkv = Projection(torch.cat([proj.weight for proj in projections]), transposed)
-        self.o = Projection(attention.o_proj.weight, transposed)  # (n_embd, n_embd)
+        self.qkv = stacked((attention.q_proj, attention.k_proj, attention.v_proj), transposed)
+        self.o = stacked((attention.o_proj,), transposed)  # (n_embd, n_embd)
         half = self.head_size // 2  # RoPE's sin with the sign of rotate-half folded in: (-1,..., -1, 1,..., 1)
-        weight = attention.o_proj.weight
-        self.register_buffer("rope_sign", torch.tensor([-1.0] * half + [1.0] * half, dtype=weight.dtype,
-                                                       device=weight.device), persistent=False)
+        device = next(chain(self.o.parameters(), self.o.buffers())).device  # W, or an Int8Linear's q
+        self.register_buffer("rope_sign", torch.tensor([-1.0] * half + [1.0] * half, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, input_pos=None,
                 lengths=None) -> torch.Tensor:
@@ -119,8 +130,8 @@ class FusedMLP(MLP):
 
     def __init__(self, mlp: MLP, transposed: bool = True):
         nn.Module.__init__(self)
-        self.gate_up = Projection(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), transposed)
-        self.down = Projection(mlp.down_proj.weight, transposed)
+        self.gate_up = stacked((mlp.gate_proj, mlp.up_proj), transposed)
+        self.down = stacked((mlp.down_proj,), transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # one product instead of two
@@ -144,42 +155,211 @@ def fuse_for_inference(model: LLaMA, for_compile: bool = False) -> LLaMA:
         if type(mlp) is MLP and all(map(computes_x_wt, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))):
             block.mlp = FusedMLP(mlp, transposed)
     model.norm = FusedRMSNorm(model.norm)
-    if computes_x_wt(model.lm_head):  # tied: a transposed copy would double the largest matrix's memory; share it
+    if computes_x_wt(model.lm_head) and not isinstance(model.lm_head, Int8Linear):  # tied: a transposed copy would
+        # double the largest matrix's memory; share it
         model.lm_head = Projection(model.lm_head.weight, transposed and not model.config.tie_embeddings)
     return model
 
 
 def computes_x_wt(module: nn.Module) -> bool:
-    """A plain nn.Linear without bias, or a LoRA layer merged into its weight: y = x W^T, so W can be fused."""
-    plain = type(module) is nn.Linear or (isinstance(module, LoRALinear) and module.merged)
-    return plain and module.bias is None
+    """A plain nn.Linear without bias, a LoRA layer merged into its weight, or its 8-bit form (int8.py): y = x W^T,
+    so W can be fused."""
+    plain = type(module) in (nn.Linear, Int8Linear) or (isinstance(module, LoRALinear) and module.merged)
+    return plain and getattr(module, "bias", None) is None
 
 
-def compile_decoding(model: LLaMA) -> LLaMA:
-    """torch.compile the one-token decoding step, in place; the prefill stays eager. Fuse the model with
+def stacked(layers: tuple[nn.Module, ...], transposed: bool) -> nn.Module:
+    """One layer computing what `layers` compute side by side: their weights stacked row after row (d_out adds up),
+    or for 8-bit layers their int8 rows and scales."""
+    if all(isinstance(layer, Int8Linear) for layer in layers):
+        return Int8Linear(torch.cat([layer.q for layer in layers]), torch.cat([layer.scale for layer in layers]))
+    return Projection(torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight, transposed)
+
+
+class CompiledStep:
+    """The one-token decoding step compiled ahead of time for one shape (batch size, KV cache length, dtype), kept
+    on disk and loaded by later runs; see compile_decoding."""
+
+    def __init__(self, package, step: "DecodingStep"):
+        self.package, self.step, self.bound_to = package, step, None
+
+    def bind(self) -> None:
+        """Point the package at the model's weights and KV cache (no copy: it reads them where they are)."""
+        named = {name: attrgetter(name)(self.step) for name in self.package.get_constant_fqns()}  # "model.embed.weight", ...
+        self.package.load_constants(named, False, True, True, False)  # the active set, all of them, user-managed, no copy
+        self.bound_to = self.step.model.blocks[0].attn.kv_cache
+
+    def __call__(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if self.bound_to is not self.step.model.blocks[0].attn.kv_cache:  # a new KV cache (set_kv_cache)
+            self.bind()
+        (logits,) = self.package.run([idx, input_pos])
+        return logits
+
+
+class DecodingStep(nn.Module):
+    """What is exported: the model's own forward for one new token, with a KV cache."""
+
+    def __init__(self, model: LLaMA, forward):
+        super().__init__()
+        self.model, self.forward_of_model = model, forward
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.forward_of_model(idx, input_pos),)
+
+
+def compile_decoding(model: LLaMA, build: bool = True) -> LLaMA:
+    """Decode with the one-token step compiled ahead of time, in place; the prefill stays eager. Fuse the model with
     fuse_for_inference(model, for_compile=True) first: its products of one row then compile into loops over the
     weights (matvec) rather than calls to the matrix-multiply library.
 
-    A decoding step has the same shapes at every token (the new token (B, 1), the KV cache), so one compilation
-    serves them all; a prompt of a new length would be a new compilation, so the prefill is not compiled. Each new
-    shape (batch size, KV cache length) compiles on its first step, which then takes seconds to minutes: the time
-    is added up in model.compile_seconds, so callers can report it apart from decoding."""
+    A decoding step has the same shapes at every token (the new token (B, 1), the KV cache), so one compiled step
+    serves them all. torch.export traces it into a graph, and AOTInductor turns the graph into C++ and compiles that
+    into a shared library, packaged in a .pt2 file that the next run loads in a moment, with no Python between the
+    operations of a step. The weights and the KV cache are not inside it: they are named inputs the package is
+    pointed at when it is loaded (user-managed constants), so one package serves every model of the same shapes
+    (the base model and each of its finetunes) and the eager prefill fills the same KV cache the step reads.
+
+    Packages are kept in the cache folder (LIT_LORA_CACHE, else ~/.cache/lit_lora), one folder per key: the torch
+    version, the CPU, the device, the model's config, the name, shape and dtype of every weight and buffer (the KV
+    cache's among them: batch size and length), the inputs' shapes and a hash of the code that is traced. The key
+    is written beside the package and compared on load. Where no package exists, `build` compiles one (seconds to
+    minutes, added to model.compile_seconds so callers can report it apart from decoding); without `build`, or
+    where compiling or saving fails, that shape decodes eagerly, said once."""
     eager = model.forward
-    step = torch.compile(eager, dynamic=False, fullgraph=True)
-    compiled_shapes = set()
+    steps = {}  # shapes -> CompiledStep, or None: eager
+
+    def step_for(idx: torch.Tensor, input_pos: torch.Tensor):
+        shapes = (idx.shape, idx.dtype, input_pos.shape, input_pos.dtype, model.blocks[0].attn.kv_cache.k.shape)
+        if shapes not in steps:
+            steps[shapes] = compiled_step(model, eager, idx, input_pos, build)
+        return steps[shapes]
 
     def forward(idx: torch.Tensor, input_pos=None, logits_at=None) -> torch.Tensor:
         if input_pos is None or idx.size(1) != 1 or logits_at is not None:
             return eager(idx, input_pos, logits_at)  # the prefill, or a plain forward
-        shapes = (idx.shape, model.blocks[0].attn.kv_cache.k.shape)
-        if shapes in compiled_shapes:
-            return step(idx, input_pos)
-        start = time.perf_counter()
-        logits = step(idx, input_pos)  # compiles for these shapes, then runs
-        model.compile_seconds += time.perf_counter() - start
-        compiled_shapes.add(shapes)
-        return logits
+        step = step_for(idx, input_pos)
+        return eager(idx, input_pos) if step is None else step(idx, input_pos)
 
-    model.forward = forward  # this model only (an instance attribute): nn.Module.__call__ calls it
-    model.compile_seconds = 0.0
+    def prepare_decoding_step(batch_size: int) -> None:
+        """Load or compile the step for the KV cache set now, before the prefill rather than at the first step."""
+        token, position = (torch.zeros(batch_size, 1, dtype=torch.long, device=model.norm.weight.device)
+                           for _ in range(2))  # as generate_stream's; two tensors: an export of one would alias them
+        step_for(token, position)
+
+    model.forward = forward  # this model only (instance attributes): nn.Module.__call__ calls it
+    model.prepare_decoding_step, model.compile_seconds = prepare_decoding_step, 0.0
     return model
+
+
+AUTO_COMPILE_PARAMETERS = 50_000_000  # --compile auto compiles a step for a model at least this large
+
+
+def worth_compiling(model: LLaMA) -> bool:
+    """--compile auto: whether to compile a step where none is kept. Compiling costs about the same for any size
+    (most of it is the C++ compiler's fixed work), while the time it saves per token grows with the model: below
+    AUTO_COMPILE_PARAMETERS a token takes milliseconds eagerly, and a compilation would pay only after many
+    thousands of tokens."""
+    weights = [*model.parameters(), *model.buffers()]  # an 8-bit model's matrices are buffers (int8.py)
+    return sum(w.numel() for w in {w.data_ptr(): w for w in weights}.values()) >= AUTO_COMPILE_PARAMETERS
+
+
+def cache_folder() -> Path:
+    """Where compiled decoding steps are kept: $LIT_LORA_CACHE, else $XDG_CACHE_HOME/lit_lora, else ~/.cache/lit_lora."""
+    if os.environ.get("LIT_LORA_CACHE"):
+        return Path(os.environ["LIT_LORA_CACHE"]) / "decoding"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit_lora" / "decoding"
+
+
+def decoding_key(model: LLaMA, idx: torch.Tensor, input_pos: torch.Tensor) -> dict:
+    """Everything a compiled step depends on: what it was compiled for (torch, the CPU or GPU), the computation
+    (the config, the module types, the traced code) and its inputs (every tensor's name, shape and dtype)."""
+    device = idx.device
+    if device.type == "cuda":
+        processor = torch.cuda.get_device_name(device)
+    else:
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+        processor = f"{names[0] if names else platform.processor()}, {torch.backends.cpu.get_cpu_capability()}"
+    config = {k: v for k, v in asdict(model.config).items() if k not in ("name", "extra")}
+    modules = {type(module) for module in model.modules()}
+    sources = sorted({inspect.getsourcefile(cls) for cls in modules if cls.__module__.startswith("lit_lora")})
+    code = hashlib.sha256(b"".join(Path(source).read_bytes() for source in sources + [__file__]))
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers()), "cos": model.cos, "sin": model.sin}
+    return {"format": 1, "torch": torch.__version__, "machine": platform.machine(), "device": device.type,
+            "processor": processor, "config": config, "code": code.hexdigest(),
+            "modules": sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in modules),
+            "inputs": [[list(t.shape), str(t.dtype)] for t in (idx, input_pos)],
+            "tensors": {name: [list(t.shape), str(t.dtype)] for name, t in tensors.items()}}
+
+
+def compiled_step(model: LLaMA, eager, idx: torch.Tensor, input_pos: torch.Tensor, build: bool):
+    """The compiled step for these shapes: loaded from the cache folder, else built and saved there (if `build`);
+    None where there is none: decode eagerly."""
+    key = decoding_key(model, idx, input_pos)
+    text = json.dumps(key, sort_keys=True, indent=1)
+    folder = cache_folder() / hashlib.sha256(text.encode()).hexdigest()[:24]
+    shape = f"batch {idx.size(0)}, {model.blocks[0].attn.kv_cache.k.size(2)} positions, {model.norm.weight.dtype}"
+    if folder.exists():
+        try:
+            if (folder / "key.json").read_text() != text:
+                raise ValueError("its key.json is not this model's key")
+            start = time.perf_counter()
+            step = CompiledStep(load_package(folder / "step.pt2"), DecodingStep(model, eager))
+            step.bind()  # every weight and buffer it names, with its shape: what a damaged package fails
+            print(f"Decoding with the compiled step for {shape} from {folder} (loaded in "
+                  f"{time.perf_counter() - start:.2f} s)", file=sys.stderr)
+            return step
+        except Exception as error:  # damaged, truncated, or not what it claims: never used, rebuilt
+            print(f"Warning: the compiled decoding step in {folder} cannot be used ({first_line(error)}); "
+                  + ("compiling it again." if build else "decoding eagerly."), file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+    if not build:
+        print(f"Decoding eagerly: no compiled step is kept for {shape}, and this model is small enough to decode "
+              "fast without one (--compile true compiles it)", file=sys.stderr)
+        return None
+    print(f"Compiling the decoding step for {shape}, once for this model's shapes, this torch and this "
+          f"{key['device'].upper()}; later runs load it from {folder.parent} (--compile false skips it)...",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        step = DecodingStep(model, eager)
+        package = build_package(step, idx, input_pos, folder, text)
+    except Exception as error:  # no C++ compiler, a full disk, an operation AOTInductor cannot compile, ...
+        print(f"Warning: could not compile the decoding step ({first_line(error)}); decoding eagerly, "
+              "about half the speed.", file=sys.stderr)
+        return None
+    finally:
+        model.compile_seconds += time.perf_counter() - start
+    return CompiledStep(package, step)
+
+
+def build_package(step: DecodingStep, idx: torch.Tensor, input_pos: torch.Tensor, folder: Path, key: str):
+    """Export and compile `step`, save it as folder/step.pt2 with folder/key.json, and load it. Written into a
+    temporary folder renamed into place at the end: an interrupted or failed build leaves nothing behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        with torch.no_grad():
+            program = torch.export.export(step, (idx, input_pos), strict=False)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(temporary / "step.pt2"),
+                                                     inductor_configs={"aot_inductor.package_constants_in_so": False})
+        (temporary / "key.json").write_text(key)
+        try:
+            temporary.rename(folder)
+        except OSError:  # another run saved the same step meanwhile: keep theirs
+            if not (folder / "key.json").exists():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return load_package(folder / "step.pt2")
+
+
+def load_package(path: Path):
+    """The compiled step in a .pt2 file, loaded by torch's C++ loader (what torch._inductor.aoti_load_package
+    wraps, without importing torch._inductor: seconds of Python imports a run that compiles nothing never needs)."""
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)  # one runner, on the CPU
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

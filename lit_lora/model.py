@@ -191,7 +191,9 @@ class LLaMA(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:  # one matrix maps ids to vectors (embed) and vectors to scores (lm_head)
             self.lm_head.weight = self.embed.weight
-        cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base, scaling=config.rope_scaling)
+        on_meta = self.norm.weight.is_meta  # built for its shapes (load_model): cos/sin computed on the CPU instead
+        cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base, "cpu" if on_meta else None,
+                                    config.rope_scaling)
         self.register_buffer("cos", cos, persistent=False)  # not in checkpoints: derived from the config
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -249,7 +251,7 @@ class LLaMA(nn.Module):
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} is longer than the context ({self.config.block_size})")
-        config, weight = self.config, self.lm_head.weight
+        config, weight = self.config, self.norm.weight  # the dtype computed in, however lm_head is stored
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, config.n_query_groups, max_seq_length, config.head_size,
                                           device or weight.device, dtype or weight.dtype)

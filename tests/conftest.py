@@ -40,6 +40,16 @@ def make_corpus(n: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoding_cache(tmp_path_factory) -> Path:
+    """Compiled decoding steps (lit_lora/inference.py) go to a folder of this test session, never to the user's
+    ~/.cache; scripts run in a subprocess inherit it."""
+    folder = tmp_path_factory.mktemp("lit_lora_cache")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LIT_LORA_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tokenizer")

@@ -1,6 +1,11 @@
 """The fused, transposed layout for decoding (lit_lora/inference.py) computes what model.py computes."""
 
+import contextlib
 import copy
+import io
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from lit_lora.inference import (
     FusedRMSNorm,
     Projection,
     compile_decoding,
+    decoding_key,
     fuse_for_inference,
     matvec,
     rope_rolled,
@@ -84,21 +90,6 @@ def test_what_is_not_model_py_s_own_is_left_unfused_and_still_decodes_the_same()
     assert isinstance(merged.blocks[0].attn, FusedAttention)  # merged: plain linear weights again, fused
 
 
-def test_generate_scripts_decode_the_same_text_fused_compiled_or_not(checkpoint_dir, capsys):
-    from lit_lora.chat import GenerateArgs, run_generation
-    from lit_lora.checkpoint import load_model
-
-    texts = {(fused, compile): run_generation(load_model(checkpoint_dir), GenerateArgs(
-        checkpoint_dir=checkpoint_dir, prompt="The model", max_new_tokens=20, temperature=0.0, precision="32-true",
-        fused=fused, compile=compile, num_samples=2 if compile else 1)) for fused, compile in
-        ((True, False), (False, False), (True, True))}
-    assert texts[True, False] == texts[False, False] == texts[True, True][:1] and texts[True, False][0]
-    err = capsys.readouterr().err
-    assert "first token after" in err and "then " in err  # the prefill and the decoding steps timed apart
-    # --compile: the first sample's first step compiles, reported apart; the second sample reuses it
-    assert err.count("compiling the decoding step") == 1 and "Sample 2: " in err
-
-
 def test_a_linear_with_a_bias_is_left_unfused():
     """The fused forms compute x W^T only: a layer with a bias (none in LLaMA, but a model may be given one) stays."""
     model = random_model(CONFIGS["grouped-query (micro)"])
@@ -148,25 +139,6 @@ def test_the_cache_writes_each_row_at_its_positions_in_either_form_of_input_pos(
         assert torch.equal(shared_k[:, :, positions], k.to(dtype)) and shared.k.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["grouped-query (micro)", "tied, Llama 3 RoPE"])
-def test_a_compiled_decoding_step_decodes_the_same_tokens_and_reports_its_compilation(name):
-    """--compile: torch.compile of the one-token step only (the prefill stays eager), its one-row products as loops
-    over the weights (matvec); the same greedy tokens as model.py, for two prompt lengths with one KV cache length
-    (one compilation), and the time it took is counted apart."""
-    plain = random_model(CONFIGS[name])
-    compiled = compile_decoding(fuse_for_inference(copy.deepcopy(plain), for_compile=True))
-    for prompt in (torch.tensor([1, 5, 9, 13]), torch.tensor([2, 4, 6, 8, 10, 12])):
-        expected = generate(plain, [prompt], max_new_tokens=20)[0].tolist()
-        compiled.set_kv_cache(batch_size=1, max_seq_length=32)
-        tokens = [int(t) for t in generate_stream(compiled, [prompt], max_new_tokens=20)]
-        compiled.clear_kv_cache()
-        assert tokens == expected
-        if len(prompt) == 4:
-            first_compilation = compiled.compile_seconds
-            assert first_compilation > 0
-    assert compiled.compile_seconds == first_compilation  # same shapes: compiled once
-
-
 @pytest.mark.parametrize("d_in", [64, 40])  # 16 lanes; 40 is not a multiple of 16: one running sum per row
 def test_matvec_compiled_is_x_w_transposed(d_in):
     """matvec, as torch.compile runs it, is the product F.linear computes (to fp32 rounding: it adds in another
@@ -179,3 +151,192 @@ def test_matvec_compiled_is_x_w_transposed(d_in):
         expected = torch.nn.functional.linear(x, weight)
         actual = compiled(x, weight)
         assert actual.shape == expected.shape and torch.allclose(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decoding step compiled ahead of time and kept (--compile): one real compilation, shared by the tests below
+
+KV = Config.from_name("micro").block_size  # the KV cache the generate scripts give the micro model: its context
+
+
+def decode(model, prompt: torch.Tensor, kv_length: int, n: int = 12) -> list[int]:
+    """Greedy tokens as the generate scripts decode them: a KV cache of `kv_length`, the prefill, then steps."""
+    model.set_kv_cache(batch_size=1, max_seq_length=kv_length)
+    try:
+        with torch.no_grad():
+            return [int(t) for t in generate_stream(model, [prompt], max_new_tokens=n)]
+    finally:
+        model.clear_kv_cache()
+
+
+@pytest.fixture(scope="module")
+def kept_step(tmp_path_factory, tokenizer_path):
+    """generate with --compile true, two samples, into an empty cache folder: (checkpoint, cache, texts, stderr)."""
+    from tests.conftest import make_checkpoint
+    from lit_lora.chat import GenerateArgs, run_generation
+    from lit_lora.checkpoint import load_model
+
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("compiled") / "checkpoint", tokenizer_path)
+    cache, err = tmp_path_factory.mktemp("cache"), io.StringIO()
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        env.setenv("LIT_LORA_CACHE", str(cache))
+        texts = run_generation(load_model(checkpoint), GenerateArgs(
+            checkpoint_dir=checkpoint, prompt="The model", max_new_tokens=20, temperature=0.0, precision="32-true",
+            compile=True, num_samples=2))
+    return checkpoint, cache, texts, err.getvalue()
+
+
+def test_generate_scripts_decode_the_same_text_compiled_eager_or_unfused(kept_step, capsys):
+    from lit_lora.chat import GenerateArgs, run_generation
+    from lit_lora.checkpoint import load_model
+
+    checkpoint, cache, compiled_texts, err = kept_step
+    texts = {fused: run_generation(load_model(checkpoint), GenerateArgs(
+        checkpoint_dir=checkpoint, prompt="The model", max_new_tokens=20, temperature=0.0, precision="32-true",
+        fused=fused, compile=False)) for fused in (True, False)}
+    assert texts[True] == texts[False] == compiled_texts[:1] == compiled_texts[1:] and texts[True][0]
+    eager_err = capsys.readouterr().err
+    assert "first token after" in eager_err and "then " in eager_err  # the prefill and the decoding steps timed apart
+    assert "ompil" not in eager_err  # --compile false: nothing compiled, nothing said about it
+    # --compile true: announced, compiled once (the first sample's first step, its time reported apart), kept
+    assert err.count(f"Compiling the decoding step for batch 1, {KV} positions, torch.float32") == 1
+    assert err.count("after compiling the decoding step in") == 1 and "Sample 2: " in err
+    (folder,) = (cache / "decoding").iterdir()  # one package, no temporary folder left
+    assert sorted(path.name for path in folder.iterdir()) == ["key.json", "step.pt2"]
+    key = json.loads((folder / "key.json").read_text())
+    assert key["torch"] == torch.__version__ and key["tensors"]["blocks.0.attn.kv_cache.k"][0][2] == KV
+
+
+def test_a_kept_step_is_loaded_by_a_later_run_and_serves_other_weights(kept_step, monkeypatch, capsys):
+    """The package holds no weights: a model of the same shapes with other weights (another finetune) loads it,
+    compiles nothing, and decodes its own tokens: the eager model's, for prompts of two lengths (one package)."""
+    from lit_lora.checkpoint import load_model
+
+    checkpoint, cache, _, _ = kept_step
+    monkeypatch.setenv("LIT_LORA_CACHE", str(cache))
+    other = load_model(checkpoint).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # weights large enough that a step reading the old ones would decode other tokens
+        for param in other.parameters():
+            param.normal_(0, 0.2) if param.dim() > 1 else param.fill_(1.0)
+    compiled = compile_decoding(fuse_for_inference(copy.deepcopy(other), for_compile=True), build=False)
+    for prompt in (torch.tensor([1, 5, 9, 13]), torch.tensor([2, 4, 6, 8, 10, 12, 14])):
+        assert decode(compiled, prompt, KV) == decode(other, prompt, KV)
+    assert decode(load_model(checkpoint).eval(), prompt, KV) != decode(other, prompt, KV)  # other tokens indeed
+    assert compiled.compile_seconds == 0.0
+    err = capsys.readouterr().err
+    assert err.count(f"Decoding with the compiled step for batch 1, {KV} positions") == 1 and "loaded in" in err
+    assert "Warning" not in err and len(list((cache / "decoding").iterdir())) == 1
+
+
+def fake_build(good_folder: Path, calls: list):
+    """In place of build_package: copy a package built earlier (as a rebuild would write it) and load it."""
+    import lit_lora.inference as inference
+
+    def build(step, idx, input_pos, folder, key):
+        calls.append(folder)
+        shutil.copytree(good_folder, folder)
+        assert (folder / "key.json").read_text() == key
+        return inference.load_package(folder / "step.pt2")
+    return build
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other torch", "missing key"])
+def test_a_damaged_or_foreign_kept_step_is_never_used_and_is_rebuilt_with_one_warning(kept_step, damage, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import lit_lora.inference as inference
+    from lit_lora.checkpoint import load_model
+
+    checkpoint, cache, _, _ = kept_step
+    (good,) = (cache / "decoding").iterdir()
+    shutil.copytree(good, tmp_path / "decoding" / good.name)
+    bad = tmp_path / "decoding" / good.name
+    if damage == "truncated":
+        data = (bad / "step.pt2").read_bytes()
+        (bad / "step.pt2").write_bytes(data[: len(data) // 2])
+    elif damage == "other torch":  # a folder whose key says it was made by another torch (a copied cache)
+        key = json.loads((bad / "key.json").read_text())
+        (bad / "key.json").write_text(json.dumps({**key, "torch": "2.0.0"}, sort_keys=True, indent=1))
+    else:
+        (bad / "key.json").unlink()
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(inference, "build_package", fake_build(good, calls))
+    model = load_model(checkpoint).eval()
+    compiled = compile_decoding(fuse_for_inference(copy.deepcopy(model), for_compile=True))
+    prompt = torch.tensor([1, 5, 9, 13])
+    assert decode(compiled, prompt, KV) == decode(compiled, prompt, KV) == decode(model, prompt, KV)
+    err = capsys.readouterr().err
+    assert err.count("Warning") == 1 and f"the compiled decoding step in {bad} cannot be used" in err
+    assert "compiling it again" in err and calls == [bad]  # rebuilt once, then used
+    assert (bad / "key.json").read_text() == (good / "key.json").read_text()
+
+
+def test_the_key_names_torch_the_cpu_the_code_and_the_shapes_but_not_the_weights(kept_step, monkeypatch):
+    import lit_lora.inference as inference
+    from lit_lora.checkpoint import load_model
+
+    checkpoint = kept_step[0]
+
+    def key(model, kv_length=KV, batch=1):
+        model.set_kv_cache(batch_size=batch, max_seq_length=kv_length)
+        return json.dumps(decoding_key(model, torch.zeros(batch, 1, dtype=torch.long),
+                                       torch.zeros(batch, 1, dtype=torch.long)), sort_keys=True)
+
+    model = fuse_for_inference(load_model(checkpoint).eval(), for_compile=True)
+    reference = key(model)
+    other_weights = copy.deepcopy(model)
+    with torch.no_grad():
+        other_weights.blocks[0].mlp.down.stored.add_(1.0)
+    assert key(other_weights) == reference  # weights are bound on load, never compiled in
+    assert key(model, kv_length=KV // 2) != reference and key(model, batch=2) != reference
+    assert key(copy.deepcopy(model).to(torch.bfloat16)) != reference
+    assert key(fuse_for_inference(load_model(checkpoint).eval(), for_compile=False)) != reference  # another layout
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert key(model) != reference  # another CPU
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    assert key(model) != reference
+    monkeypatch.undo()
+    monkeypatch.setattr(inference, "__file__", __file__)  # inference.py's code is hashed into the key
+    assert key(model) != reference  # other code
+
+
+def test_a_build_that_fails_leaves_nothing_behind_and_decodes_eagerly_said_once(checkpoint_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """A full disk (or no C++ compiler) while compiling: no half-written package, one warning, the eager tokens."""
+    from lit_lora.checkpoint import load_model
+
+    def full_disk(program, package_path, **kwargs):
+        Path(package_path).write_bytes(b"PK\x03\x04 half a package")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("LIT_LORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", full_disk)
+    model = load_model(checkpoint_dir).eval()
+    compiled = compile_decoding(fuse_for_inference(copy.deepcopy(model), for_compile=True))
+    prompt = torch.tensor([1, 5, 9, 13])
+    assert decode(compiled, prompt, 64) == decode(compiled, prompt, 64) == decode(model, prompt, 64)
+    err = capsys.readouterr().err
+    assert err.count("Warning: could not compile the decoding step (OSError: [Errno 28] No space left") == 1
+    assert list((tmp_path / "decoding").iterdir()) == []  # the temporary folder removed
+
+
+def test_compile_auto_uses_a_kept_step_and_compiles_none_for_a_small_model(kept_step, tmp_path, monkeypatch, capsys):
+    """--compile auto (the default): a kept step is used; where none is kept, a model below 50M parameters decodes
+    eagerly, said in one line, and nothing is compiled or written."""
+    from lit_lora.chat import GenerateArgs, prepare_for_generation
+    from lit_lora.checkpoint import load_model
+
+    checkpoint, cache, _, _ = kept_step
+    assert GenerateArgs().compile == "auto"
+    prompt = torch.tensor([1, 5, 9, 13])
+    expected = decode(load_model(checkpoint).eval(), prompt, KV)
+    for folder, said in ((cache, "Decoding with the compiled step"), (tmp_path, "Decoding eagerly: no compiled step")):
+        monkeypatch.setenv("LIT_LORA_CACHE", str(folder))
+        model = prepare_for_generation(load_model(checkpoint), "32-true", compile="auto")
+        assert decode(model, prompt, KV) == decode(model, prompt, KV) == expected
+        assert capsys.readouterr().err.count(said) == 1 and model.compile_seconds == 0.0
+    assert not (tmp_path / "decoding").exists()
+    with pytest.raises(ValueError, match="--compile True: cannot compile a 4-bit base"):
+        GenerateArgs(compile=True, quantize="bnb.nf4")
