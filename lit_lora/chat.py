@@ -20,7 +20,6 @@ from lit_lora.devices import default_precision, dtype_from_precision
 from lit_lora.checkpoint import load_model
 from lit_lora.generation import check_sampling, generate_stream, stream_text
 from lit_lora.inference import compile_decoding, fuse_for_inference, worth_compiling
-from lit_lora.int8 import quantize_int8
 from lit_lora.lora import merge_lora
 from lit_lora.model import LLaMA
 from lit_lora.prompts import (
@@ -64,10 +63,8 @@ class GenerateArgs:
             end of answer; null: the format the model was finetuned in, where it was recorded, else none.
         system_prompt: A system turn before the conversation (chat styles); null: the one the model was finetuned
             with, if any.
-        quantize: int8: every weight matrix and the embedding stored in 8 bits with a scale per 32 weights (llama.cpp's
-            Q8_0, lit_lora/int8.py), a quarter of fp32's memory, decoded from those bits (LoRA merged first; not for
-            an adapter). bnb.nf4, bnb.nf4-dq: the Blocks' weights in 4 bits, as QLoRA trains (see
-            howto/finetune_qlora.md; needs pip install -e '.[quantize]'), slower. null: in the precision's dtype.
+        quantize: Store the Blocks' weights in 4 bits (bnb.nf4, or bnb.nf4-dq: see howto/finetune_qlora.md): about
+            a quarter of the memory of bf16, slower; null: in the precision's dtype. Needs pip install -e '.[quantize]'.
     """
 
     checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")  # what README's download and convert_hf commands create
@@ -98,38 +95,32 @@ class GenerateArgs:
                    "must be from 0 to 2**63 - 1, or null for different answers every run")
         check_flag(self, "prompt_style", self.prompt_style is None or self.prompt_style in PROMPT_STYLES,
                    f"is not a prompt style; choose one of {', '.join(PROMPT_STYLES)} (see lit_lora/prompts.py)")
-        if self.quantize != "int8":
-            with config_flags():
-                check_quantize(self.quantize)
-        check_flag(self, "compile", not (self.compile is True and self.quantize not in (None, "int8")), "cannot "
-                   f"compile a 4-bit base (--quantize {self.quantize}): its bitsandbytes layers are not exported; "
-                   "leave --compile out, or decode from 8 bits (--quantize int8), which compiles")
+        with config_flags():
+            check_quantize(self.quantize)
+        check_flag(self, "compile", not (self.compile is True and self.quantize), "cannot compile a 4-bit base "
+                   f"(--quantize {self.quantize}): its bitsandbytes layers are not exported; leave --compile out")
 
 
 def load_for_generation(args: GenerateArgs) -> LLaMA:
-    """The checkpoint of args.checkpoint_dir as --quantize asks: its Blocks' weights in 4 bits (bnb.*), each
-    quantized as it is read; else as stored, on the meta device with memory-mapped weights (no second copy in RAM),
-    --quantize int8 storing them in 8 bits once a LoRA is merged (prepare_for_generation)."""
-    if args.quantize in (None, "int8"):
+    """The checkpoint of args.checkpoint_dir as --quantize asks: its Blocks' weights in 4 bits, each quantized as it
+    is read; else as stored, on the meta device with memory-mapped weights (no second copy in RAM)."""
+    if args.quantize is None:
         return load_model(args.checkpoint_dir)
     return load_model_4bit(args.checkpoint_dir, args.quantize)
 
 
 def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compile: Union[bool, str] = False,
-                           fused: bool = True, merge: bool = False, int8: bool = False) -> LLaMA:
+                           fused: bool = True, merge: bool = False) -> LLaMA:
     """Move a loaded model to the GPU if there is one, in the precision asked for, in eval mode; with `merge`, its
     LoRA merged (W = W0 + alpha/r B A) after that cast, so W is computed in fp32 and rounded once, to the dtype it
-    runs in; with `fused`, in the fused layout of lit_lora/inference.py (the same tokens, faster); with `int8`, its
-    weight matrices stored in 8 bits (lit_lora/int8.py); with `compile` (True, or "auto": see GenerateArgs), its
-    decoding step compiled ahead of time (lit_lora/inference.py)."""
+    runs in; with `fused`, in the fused layout of lit_lora/inference.py (the same tokens, faster); with `compile`
+    (True, or "auto": see GenerateArgs), its decoding step compiled ahead of time (lit_lora/inference.py)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
     if merge:
         merge_lora(model)
     quantized = any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
     compiling = compile is True or (compile == "auto" and device == "cpu" and not quantized)
-    if int8:  # before fusing: each weight read once from the checkpoint, never copied in fp32
-        quantize_int8(model)
     if fused:
         fuse_for_inference(model, for_compile=compiling)
     if compiling:
@@ -165,7 +156,7 @@ def run_generation(model: LLaMA, args: GenerateArgs, input: str = "", default_st
     In a prompt style (prompt_format) each prompt is an instruction (with `input`, the instruction scripts' --input)
     put in that format, and an answer ends at the format's end of answer too; without one, the prompt is continued
     as it is, and shown before its continuation. An answer always ends at the tokenizer's stop ids."""
-    model = prepare_for_generation(model, args.precision, args.compile, args.fused, merge, args.quantize == "int8")
+    model = prepare_for_generation(model, args.precision, args.compile, args.fused, merge)
     tokenizer = Tokenizer(args.checkpoint_dir)
     style, system_prompt = prompt_format(model, tokenizer, args, default_style)
     stop_ids = tokenizer.stop_ids if style is None else response_stop_ids(tokenizer, style)
@@ -300,7 +291,7 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
     Each stops at any of `stop_ids` (None: tokenizer.stop_ids). The prompt is encoded as its prompt `style`
     writes it (lit_lora/prompts.py's encode_prompt). Returns the generated texts."""
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-    device = model.norm.weight.device
+    device = model.lm_head.weight.device
     encoded = encode_prompt(tokenizer, prompt, style).to(device)
     max_new_tokens = check_prompt_length(model, len(encoded), max_new_tokens)
     texts = []

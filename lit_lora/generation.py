@@ -96,7 +96,7 @@ def generate_stream(model: LLaMA, prompts: list[torch.Tensor], max_new_tokens: i
         raise ValueError(f"vocab_size {vocab_size}: must be at least 1 (the tokenizer's vocab_size), or None")
     # The logits have config.padded_vocab_size columns: pick none past the model's or the tokenizer's vocabulary
     vocab_size = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
-    device = model.norm.weight.device
+    device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
     B, T = len(prompts), int(lengths.max())

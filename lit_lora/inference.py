@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 
@@ -39,7 +38,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_lora.int8 import Int8Linear
 from lit_lora.lora import LoRALinear
 from lit_lora.model import MLP, CausalSelfAttention, LLaMA, RMSNorm
 
@@ -84,11 +82,13 @@ class FusedAttention(CausalSelfAttention):
         nn.Module.__init__(self)  # not CausalSelfAttention.__init__: the weights come from `attention`
         self.n_head, self.n_query_groups, self.head_size = attention.n_head, attention.n_query_groups, attention.head_size
         self.kv_cache = attention.kv_cache
-        self.qkv = stacked((attention.q_proj, attention.k_proj, attention.v_proj), transposed)
-        self.o = stacked((attention.o_proj,), transposed)  # (n_embd, n_embd)
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        self.qkv = Projection(torch.cat([proj.weight for proj in projections]), transposed)
+        self.o = Projection(attention.o_proj.weight, transposed)  # (n_embd, n_embd)
         half = self.head_size // 2  # RoPE's sin with the sign of rotate-half folded in: (-1,..., -1, 1,..., 1)
-        device = next(chain(self.o.parameters(), self.o.buffers())).device  # W, or an Int8Linear's q
-        self.register_buffer("rope_sign", torch.tensor([-1.0] * half + [1.0] * half, device=device), persistent=False)
+        weight = attention.o_proj.weight
+        self.register_buffer("rope_sign", torch.tensor([-1.0] * half + [1.0] * half, dtype=weight.dtype,
+                                                       device=weight.device), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, input_pos=None,
                 lengths=None) -> torch.Tensor:
@@ -130,8 +130,8 @@ class FusedMLP(MLP):
 
     def __init__(self, mlp: MLP, transposed: bool = True):
         nn.Module.__init__(self)
-        self.gate_up = stacked((mlp.gate_proj, mlp.up_proj), transposed)
-        self.down = stacked((mlp.down_proj,), transposed)
+        self.gate_up = Projection(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), transposed)
+        self.down = Projection(mlp.down_proj.weight, transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # one product instead of two
@@ -155,25 +155,15 @@ def fuse_for_inference(model: LLaMA, for_compile: bool = False) -> LLaMA:
         if type(mlp) is MLP and all(map(computes_x_wt, (mlp.gate_proj, mlp.up_proj, mlp.down_proj))):
             block.mlp = FusedMLP(mlp, transposed)
     model.norm = FusedRMSNorm(model.norm)
-    if computes_x_wt(model.lm_head) and not isinstance(model.lm_head, Int8Linear):  # tied: a transposed copy would
-        # double the largest matrix's memory; share it
+    if computes_x_wt(model.lm_head):  # tied: a transposed copy would double the largest matrix's memory; share it
         model.lm_head = Projection(model.lm_head.weight, transposed and not model.config.tie_embeddings)
     return model
 
 
 def computes_x_wt(module: nn.Module) -> bool:
-    """A plain nn.Linear without bias, a LoRA layer merged into its weight, or its 8-bit form (int8.py): y = x W^T,
-    so W can be fused."""
-    plain = type(module) in (nn.Linear, Int8Linear) or (isinstance(module, LoRALinear) and module.merged)
-    return plain and getattr(module, "bias", None) is None
-
-
-def stacked(layers: tuple[nn.Module, ...], transposed: bool) -> nn.Module:
-    """One layer computing what `layers` compute side by side: their weights stacked row after row (d_out adds up),
-    or for 8-bit layers their int8 rows and scales."""
-    if all(isinstance(layer, Int8Linear) for layer in layers):
-        return Int8Linear(torch.cat([layer.q for layer in layers]), torch.cat([layer.scale for layer in layers]))
-    return Projection(torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight, transposed)
+    """A plain nn.Linear without bias, or a LoRA layer merged into its weight: y = x W^T, so W can be fused."""
+    plain = type(module) is nn.Linear or (isinstance(module, LoRALinear) and module.merged)
+    return plain and module.bias is None
 
 
 class CompiledStep:
@@ -242,7 +232,7 @@ def compile_decoding(model: LLaMA, build: bool = True) -> LLaMA:
 
     def prepare_decoding_step(batch_size: int) -> None:
         """Load or compile the step for the KV cache set now, before the prefill rather than at the first step."""
-        token, position = (torch.zeros(batch_size, 1, dtype=torch.long, device=model.norm.weight.device)
+        token, position = (torch.zeros(batch_size, 1, dtype=torch.long, device=model.lm_head.weight.device)
                            for _ in range(2))  # as generate_stream's; two tensors: an export of one would alias them
         step_for(token, position)
 
@@ -259,8 +249,7 @@ def worth_compiling(model: LLaMA) -> bool:
     (most of it is the C++ compiler's fixed work), while the time it saves per token grows with the model: below
     AUTO_COMPILE_PARAMETERS a token takes milliseconds eagerly, and a compilation would pay only after many
     thousands of tokens."""
-    weights = [*model.parameters(), *model.buffers()]  # an 8-bit model's matrices are buffers (int8.py)
-    return sum(w.numel() for w in {w.data_ptr(): w for w in weights}.values()) >= AUTO_COMPILE_PARAMETERS
+    return sum(p.numel() for p in model.parameters()) >= AUTO_COMPILE_PARAMETERS
 
 
 def cache_folder() -> Path:
@@ -298,7 +287,7 @@ def compiled_step(model: LLaMA, eager, idx: torch.Tensor, input_pos: torch.Tenso
     key = decoding_key(model, idx, input_pos)
     text = json.dumps(key, sort_keys=True, indent=1)
     folder = cache_folder() / hashlib.sha256(text.encode()).hexdigest()[:24]
-    shape = f"batch {idx.size(0)}, {model.blocks[0].attn.kv_cache.k.size(2)} positions, {model.norm.weight.dtype}"
+    shape = f"batch {idx.size(0)}, {model.blocks[0].attn.kv_cache.k.size(2)} positions, {model.lm_head.weight.dtype}"
     if folder.exists():
         try:
             if (folder / "key.json").read_text() != text:

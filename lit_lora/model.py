@@ -251,7 +251,7 @@ class LLaMA(nn.Module):
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} is longer than the context ({self.config.block_size})")
-        config, weight = self.config, self.norm.weight  # the dtype computed in, however lm_head is stored
+        config, weight = self.config, self.lm_head.weight
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, config.n_query_groups, max_seq_length, config.head_size,
                                           device or weight.device, dtype or weight.dtype)
