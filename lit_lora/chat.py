@@ -49,11 +49,11 @@ class GenerateArgs:
         num_samples: How many answers to generate.
         seed: Random seed for sampling; sample i uses seed + i (null: different every run).
         precision: Weights' precision: 32-true, bf16-true or 16-true; default bf16-true on a GPU that supports it, else 32-true.
-        compile: Decode with the one-token step compiled ahead of time (lit_lora/inference.py): on a CPU about
-            twice the speed. Compiled once per model shape, torch and CPU (its time reported), kept in
-            ~/.cache/lit_lora (or $LIT_LORA_CACHE) and loaded by every later run in a moment. auto: on a CPU, use a kept step, and
-            compile one for a model of 50M parameters or more (a smaller one decodes fast enough eagerly); true:
-            always (also on a GPU, untested there); false: never. See howto/generate.md, "Speed".
+        compile: Decode with the one-token step compiled ahead of time (lit_lora/inference.py), faster on a CPU.
+            Compiled once per model shape, torch and CPU (its time reported), kept in ~/.cache/lit_lora (or
+            $LIT_LORA_CACHE) and loaded by every later run in a moment. auto: on a CPU, for a model of 50M
+            parameters or more (a smaller one decodes fast enough eagerly); true: always (on a GPU too, untested
+            there); false: never. See howto/generate.md, "Speed".
         fused: Decode with q/k/v and gate/up fused, weights transposed unless --compile (lit_lora/inference.py):
             the same tokens, faster; false: the layers exactly as lit_lora/model.py defines them.
         interactive: Read prompts from the terminal in a loop instead of using --prompt; in a chat style the
@@ -120,11 +120,11 @@ def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compil
     if merge:
         merge_lora(model)
     quantized = any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
-    compiling = compile is True or (compile == "auto" and device == "cpu" and not quantized)
+    compiling = compile is True or (compile == "auto" and device == "cpu" and not quantized and worth_compiling(model))
     if fused:
         fuse_for_inference(model, for_compile=compiling)
     if compiling:
-        compile_decoding(model, build=compile is True or worth_compiling(model))
+        compile_decoding(model)
     return model
 
 

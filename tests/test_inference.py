@@ -322,21 +322,24 @@ def test_a_build_that_fails_leaves_nothing_behind_and_decodes_eagerly_said_once(
     assert list((tmp_path / "decoding").iterdir()) == []  # the temporary folder removed
 
 
-def test_compile_auto_uses_a_kept_step_and_compiles_none_for_a_small_model(kept_step, tmp_path, monkeypatch, capsys):
-    """--compile auto (the default): a kept step is used; where none is kept, a model below 50M parameters decodes
-    eagerly, said in one line, and nothing is compiled or written."""
+def test_compile_auto_decodes_a_small_model_eagerly_and_a_large_one_with_its_kept_step(kept_step, monkeypatch, capsys):
+    """--compile auto (the default): a model below 50M parameters decodes eagerly, as with --compile false, nothing
+    said or compiled; a large one (here: every model, the threshold lowered) loads the step kept for its shapes."""
+    import lit_lora.inference as inference
     from lit_lora.chat import GenerateArgs, prepare_for_generation
     from lit_lora.checkpoint import load_model
 
     checkpoint, cache, _, _ = kept_step
     assert GenerateArgs().compile == "auto"
+    monkeypatch.setenv("LIT_LORA_CACHE", str(cache))
     prompt = torch.tensor([1, 5, 9, 13])
     expected = decode(load_model(checkpoint).eval(), prompt, KV)
-    for folder, said in ((cache, "Decoding with the compiled step"), (tmp_path, "Decoding eagerly: no compiled step")):
-        monkeypatch.setenv("LIT_LORA_CACHE", str(folder))
-        model = prepare_for_generation(load_model(checkpoint), "32-true", compile="auto")
-        assert decode(model, prompt, KV) == decode(model, prompt, KV) == expected
-        assert capsys.readouterr().err.count(said) == 1 and model.compile_seconds == 0.0
-    assert not (tmp_path / "decoding").exists()
+    small = prepare_for_generation(load_model(checkpoint), "32-true", compile="auto")
+    assert not hasattr(small, "compile_seconds") and small.blocks[0].attn.qkv.transposed  # the eager layout
+    assert decode(small, prompt, KV) == expected and capsys.readouterr().err == ""
+    monkeypatch.setattr(inference, "AUTO_COMPILE_PARAMETERS", 1)
+    large = prepare_for_generation(load_model(checkpoint), "32-true", compile="auto")
+    assert decode(large, prompt, KV) == decode(large, prompt, KV) == expected and large.compile_seconds == 0.0
+    assert capsys.readouterr().err.count("Decoding with the compiled step") == 1
     with pytest.raises(ValueError, match="--compile True: cannot compile a 4-bit base"):
         GenerateArgs(compile=True, quantize="bnb.nf4")
