@@ -11,8 +11,9 @@ reading the weights from memory. Three things make that reading faster without c
   product reads a weight stored (d_in, d_out) and computed as x @ W faster on the CPUs this was measured on, most
   for a wide matrix such as a small model's lm_head.
 - Compiled decoding (compile_decoding, at the end): W kept (d_out, d_in) and the product of one row written as a
-  sum of elementwise products, y_j = sum_i x_i W_ji, which torch.compile turns into one loop that streams W once.
-  No matrix-multiply library call is involved: torch.compile writes the loop, vectorized for the CPU it runs on.
+  sum of elementwise products, y_j = sum_i x_i W_ji, which torch's compiler (inductor) turns into one loop that
+  streams W once. No matrix-multiply library call is involved: the compiler writes the loop, vectorized for the
+  CPU it runs on. The step is compiled ahead of time, once, and kept on disk for every later run.
 
 RoPE and RMSNorm take fewer operations as well (below). What all this gains, measured against Hugging Face, against
 llama.cpp and against the memory-bandwidth bound, is printed by benchmarks/generate_throughput.py and
@@ -314,8 +315,8 @@ def compiled_step(model: LLaMA, eager, idx: torch.Tensor, input_pos: torch.Tenso
         step = DecodingStep(model, eager)
         package = build_package(step, idx, input_pos, folder, text)
     except Exception as error:  # no C++ compiler, a full disk, an operation AOTInductor cannot compile, ...
-        print(f"Warning: could not compile the decoding step ({first_line(error)}); decoding eagerly, "
-              "about half the speed.", file=sys.stderr)
+        print(f"Warning: could not compile the decoding step ({first_line(error)}); decoding eagerly (slower).",
+              file=sys.stderr)
         return None
     finally:
         model.compile_seconds += time.perf_counter() - start
