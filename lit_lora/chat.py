@@ -15,9 +15,9 @@ from typing import Collection, Iterator, Literal, Optional, Union
 import torch
 
 from lit_lora.chat_template import CHARS_PER_TOKEN, TooLongForContext
+from lit_lora.checkpoint import load_model
 from lit_lora.cli import check_flag, config_flags
 from lit_lora.devices import default_precision, dtype_from_precision
-from lit_lora.checkpoint import load_model
 from lit_lora.generation import check_sampling, generate_stream, stream_text
 from lit_lora.inference import compile_decoding, fuse_for_inference, worth_compiling
 from lit_lora.lora import merge_lora
@@ -30,7 +30,7 @@ from lit_lora.prompts import (
     response_stop_ids,
     template_sha256,
 )
-from lit_lora.quantize import check_quantize, load_model_4bit
+from lit_lora.quantize import check_quantize, is_4bit, load_model_4bit
 from lit_lora.report import format_bytes, peak_memory_bytes
 from lit_lora.tokenizer import Tokenizer, check_utf8
 
@@ -119,7 +119,7 @@ def prepare_for_generation(model: LLaMA, precision: Optional[str] = None, compil
     model = model.to(device=device, dtype=dtype_from_precision(precision or default_precision())).eval()
     if merge:
         merge_lora(model)
-    quantized = any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
+    quantized = any(is_4bit(weight) for weight in model.parameters())  # a 4-bit base: its layers are not exported
     compiling = compile is True or (compile == "auto" and device == "cpu" and not quantized and worth_compiling(model))
     if fused:
         fuse_for_inference(model, for_compile=compiling)
@@ -298,10 +298,9 @@ def generate_and_print(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_
     kv_length = kv_cache_length(model, len(encoded) + max_new_tokens)
     for i in range(num_samples):
         model.set_kv_cache(batch_size=1, max_seq_length=kv_length)
-        compile_seconds = getattr(model, "compile_seconds", 0.0)
-        if hasattr(model, "prepare_decoding_step"):  # --compile: the step loaded or compiled before the answer
-            model.prepare_decoding_step(batch_size=1)
-        compile_seconds = getattr(model, "compile_seconds", 0.0) - compile_seconds  # 0 unless it compiled now
+        compile_seconds = 0.0  # --compile: the step loaded (or compiled, this long) before the answer
+        if hasattr(model, "prepare_decoding_step"):
+            compile_seconds = model.prepare_decoding_step(batch_size=1)
         start, token_times, pieces = time.perf_counter(), [], []
         if show_prompt:
             print(prompt, end="", flush=True)

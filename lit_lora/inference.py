@@ -198,7 +198,7 @@ class DecodingStep(nn.Module):
         return (self.forward_of_model(idx, input_pos),)
 
 
-def compile_decoding(model: LLaMA, build: bool = True) -> LLaMA:
+def compile_decoding(model: LLaMA) -> LLaMA:
     """Decode with the one-token step compiled ahead of time, in place; the prefill stays eager. Fuse the model with
     fuse_for_inference(model, for_compile=True) first: its products of one row then compile into loops over the
     weights (matvec) rather than calls to the matrix-multiply library.
@@ -213,16 +213,16 @@ def compile_decoding(model: LLaMA, build: bool = True) -> LLaMA:
     Packages are kept in the cache folder (LIT_LORA_CACHE, else ~/.cache/lit_lora), one folder per key: the torch
     version, the CPU, the device, the model's config, the name, shape and dtype of every weight and buffer (the KV
     cache's among them: batch size and length), the inputs' shapes and a hash of the code that is traced. The key
-    is written beside the package and compared on load. Where no package exists, `build` compiles one (seconds to
-    minutes, added to model.compile_seconds so callers can report it apart from decoding); without `build`, or
-    where compiling or saving fails, that shape decodes eagerly, said once."""
+    is written beside the package and compared on load. Where no package exists one is compiled (seconds to
+    minutes, added to model.compile_seconds so callers can report it apart from decoding); where compiling or
+    saving fails, that shape decodes eagerly, said once."""
     eager = model.forward
     steps = {}  # shapes -> CompiledStep, or None: eager
 
     def step_for(idx: torch.Tensor, input_pos: torch.Tensor):
         shapes = (idx.shape, idx.dtype, input_pos.shape, input_pos.dtype, model.blocks[0].attn.kv_cache.k.shape)
         if shapes not in steps:
-            steps[shapes] = compiled_step(model, eager, idx, input_pos, build)
+            steps[shapes] = compiled_step(model, eager, idx, input_pos)
         return steps[shapes]
 
     def forward(idx: torch.Tensor, input_pos=None, logits_at=None) -> torch.Tensor:
@@ -231,11 +231,14 @@ def compile_decoding(model: LLaMA, build: bool = True) -> LLaMA:
         step = step_for(idx, input_pos)
         return eager(idx, input_pos) if step is None else step(idx, input_pos)
 
-    def prepare_decoding_step(batch_size: int) -> None:
-        """Load or compile the step for the KV cache set now, before the prefill rather than at the first step."""
+    def prepare_decoding_step(batch_size: int) -> float:
+        """Load or compile the step for the KV cache set now, before the prefill rather than at the first step;
+        the seconds spent compiling it (0 when it was kept)."""
         token, position = (torch.zeros(batch_size, 1, dtype=torch.long, device=model.lm_head.weight.device)
                            for _ in range(2))  # as generate_stream's; two tensors: an export of one would alias them
+        compiled_before = model.compile_seconds
         step_for(token, position)
+        return model.compile_seconds - compiled_before
 
     model.forward = forward  # this model only (instance attributes): nn.Module.__call__ calls it
     model.prepare_decoding_step, model.compile_seconds = prepare_decoding_step, 0.0
@@ -246,7 +249,7 @@ AUTO_COMPILE_PARAMETERS = 50_000_000  # --compile auto compiles a step for a mod
 
 
 def worth_compiling(model: LLaMA) -> bool:
-    """--compile auto: whether to compile a step where none is kept. Compiling costs about the same for any size
+    """--compile auto: whether to decode with a compiled step at all. Compiling costs about the same for any size
     (most of it is the C++ compiler's fixed work), while the time it saves per token grows with the model: below
     AUTO_COMPILE_PARAMETERS a token takes milliseconds eagerly, and a compilation would pay only after many
     thousands of tokens."""
@@ -282,9 +285,9 @@ def decoding_key(model: LLaMA, idx: torch.Tensor, input_pos: torch.Tensor) -> di
             "tensors": {name: [list(t.shape), str(t.dtype)] for name, t in tensors.items()}}
 
 
-def compiled_step(model: LLaMA, eager, idx: torch.Tensor, input_pos: torch.Tensor, build: bool):
-    """The compiled step for these shapes: loaded from the cache folder, else built and saved there (if `build`);
-    None where there is none: decode eagerly."""
+def compiled_step(model: LLaMA, eager, idx: torch.Tensor, input_pos: torch.Tensor):
+    """The compiled step for these shapes: loaded from the cache folder, else built and saved there; None where it
+    cannot be built: decode eagerly."""
     key = decoding_key(model, idx, input_pos)
     text = json.dumps(key, sort_keys=True, indent=1)
     folder = cache_folder() / hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -301,12 +304,8 @@ def compiled_step(model: LLaMA, eager, idx: torch.Tensor, input_pos: torch.Tenso
             return step
         except Exception as error:  # damaged, truncated, or not what it claims: never used, rebuilt
             print(f"Warning: the compiled decoding step in {folder} cannot be used ({first_line(error)}); "
-                  + ("compiling it again." if build else "decoding eagerly."), file=sys.stderr)
+                  "compiling it again.", file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
-    if not build:
-        print(f"Decoding eagerly: no compiled step is kept for {shape}, and this model is small enough to decode "
-              "fast without one (--compile true compiles it)", file=sys.stderr)
-        return None
     print(f"Compiling the decoding step for {shape}, once for this model's shapes, this torch and this "
           f"{key['device'].upper()}; later runs load it from {folder.parent} (--compile false skips it)...",
           file=sys.stderr, flush=True)

@@ -219,7 +219,7 @@ def test_a_kept_step_is_loaded_by_a_later_run_and_serves_other_weights(kept_step
     with torch.no_grad():  # weights large enough that a step reading the old ones would decode other tokens
         for param in other.parameters():
             param.normal_(0, 0.2) if param.dim() > 1 else param.fill_(1.0)
-    compiled = compile_decoding(fuse_for_inference(copy.deepcopy(other), for_compile=True), build=False)
+    compiled = compile_decoding(fuse_for_inference(copy.deepcopy(other), for_compile=True))
     for prompt in (torch.tensor([1, 5, 9, 13]), torch.tensor([2, 4, 6, 8, 10, 12, 14])):
         assert decode(compiled, prompt, KV) == decode(other, prompt, KV)
     assert decode(load_model(checkpoint).eval(), prompt, KV) != decode(other, prompt, KV)  # other tokens indeed
@@ -343,3 +343,15 @@ def test_compile_auto_decodes_a_small_model_eagerly_and_a_large_one_with_its_kep
     assert capsys.readouterr().err.count("Decoding with the compiled step") == 1
     with pytest.raises(ValueError, match="--compile True: cannot compile a 4-bit base"):
         GenerateArgs(compile=True, quantize="bnb.nf4")
+
+
+def test_compile_auto_decodes_a_4bit_base_eagerly(checkpoint_dir, monkeypatch):
+    """--compile auto never compiles a 4-bit base (its layers are not exported), however large the model."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e '.[quantize]')")
+    import lit_lora.inference as inference
+    from lit_lora.chat import prepare_for_generation
+    from lit_lora.quantize import load_model_4bit
+
+    monkeypatch.setattr(inference, "AUTO_COMPILE_PARAMETERS", 1)  # every model large enough
+    model = prepare_for_generation(load_model_4bit(checkpoint_dir, "bnb.nf4"), "32-true", compile="auto")
+    assert not hasattr(model, "compile_seconds")
