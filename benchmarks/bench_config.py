@@ -123,12 +123,14 @@ def best_time(fn, repeats: int, name: str = "a measurement") -> tuple[float, obj
     return min(times), result
 
 
-def decode_rate(model: LLaMA, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+def decode_rate(model: LLaMA, prompt: torch.Tensor, new_tokens: int, repeats: int,
+                kv_length: Optional[int] = None) -> float:
     """Tokens/s of the decoding steps alone (after the first token, which waits for the prefill), as the generate
-    scripts report them: the figure to hold against the bound, which is the cost of one decoding step."""
+    scripts report them: the figure to hold against the bound, which is the cost of one decoding step. The KV
+    cache holds `kv_length` positions (default: the prompt and the new tokens)."""
     best = 0.0
     for _ in range(repeats + 1):
-        model.set_kv_cache(batch_size=1, max_seq_length=len(prompt) + new_tokens)
+        model.set_kv_cache(batch_size=1, max_seq_length=kv_length or len(prompt) + new_tokens)
         times = []  # when each token was ready, as the generate scripts note them
         with torch.inference_mode():
             list(time_tokens(generate_stream(model, [prompt], new_tokens), times))

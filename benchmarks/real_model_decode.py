@@ -53,12 +53,11 @@ from benchmarks.bench_config import (  # noqa: E402
 )
 from lit_lora.checkpoint import load_model  # noqa: E402
 from lit_lora.cli import cli  # noqa: E402
-from lit_lora.generation import generate  # noqa: E402
 from lit_lora.chat import kv_cache_length, prepare_for_generation, time_tokens  # noqa: E402
-from lit_lora.generation import generate_stream  # noqa: E402
+from lit_lora.generation import generate, generate_stream  # noqa: E402
 from lit_lora.inference import fuse_for_inference  # noqa: E402
-from lit_lora.report import peak_memory_bytes  # noqa: E402
 from lit_lora.prompts import encode_prompt, format_prompt  # noqa: E402
+from lit_lora.report import peak_memory_bytes  # noqa: E402
 from lit_lora.tokenizer import Tokenizer  # noqa: E402
 
 QUESTION = "What is the capital of France? Answer in one sentence, then name two famous sights there."
@@ -102,27 +101,10 @@ def default_path_run(checkpoint_dir: str, prompt: torch.Tensor, new_tokens: int,
     with torch.inference_mode():
         call(first_times)
     seconds, tokens = best_time(lambda: call([]), repeats, "compiled")
-    steps = 0.0
-    for _ in range(repeats):
-        times = []
-        with torch.inference_mode():
-            call(times)
-        steps = max(steps, (len(times) - 1) / (times[-1] - times[0]))
-    return dict(compile_s=model.compile_seconds, first_token_s=first_times[0] - start,
+    return dict(compile_s=getattr(model, "compile_seconds", 0.0), first_token_s=first_times[0] - start,
                 second_token_s=first_times[1] - start, tokens_per_s=new_tokens / seconds,
-                decoding_tokens_per_s=steps, tokens=tokens, peak_bytes=peak_memory_bytes())
-
-
-def run_twice(checkpoint_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, dtype: torch.dtype) -> list:
-    """default_path_run with empty cache folders (a first run on a machine), then again with what it kept there
-    (every later run)."""
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="lit-lora-cache-") as cache_dir:
-        for _ in range(2):
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                runs.append(pool.submit(default_path_run, str(checkpoint_dir), prompt, new_tokens, repeats, cache_dir,
-                                        dtype, torch.get_num_threads()).result())
-    return runs
+                decoding_tokens_per_s=decode_rate(model, prompt, new_tokens, repeats, kv_length), tokens=tokens,
+                peak_bytes=peak_memory_bytes())
 
 
 def in_a_process(function, *args) -> dict:
@@ -130,6 +112,14 @@ def in_a_process(function, *args) -> dict:
     else), so that its peak memory is its own."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def run_twice(checkpoint_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, dtype: torch.dtype) -> list:
+    """default_path_run with empty cache folders (a first run on a machine), then again with what it kept there
+    (every later run)."""
+    with tempfile.TemporaryDirectory(prefix="lit-lora-cache-") as cache_dir:
+        return [in_a_process(default_path_run, str(checkpoint_dir), prompt, new_tokens, repeats, cache_dir, dtype,
+                             torch.get_num_threads()) for _ in range(2)]
 
 
 def llama_cpp_run(gguf_path: Path, prompt: torch.Tensor, new_tokens: int, repeats: int, threads: int) -> dict:
