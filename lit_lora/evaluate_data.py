@@ -15,11 +15,13 @@ import torch
 
 from lit_lora.chat import prepare_for_generation
 from lit_lora.cli import check_flag, config_flags
-from lit_lora.data import IGNORE_INDEX, collate, load_prepared
+from lit_lora.data import IGNORE_INDEX, collate, load_prepared, read_prepare_config
+from lit_lora.dpo import sequence_log_probs
 from lit_lora.evaluate import generate_texts, prefix_token_id, rolling_windows, run_harness, score_continuations
 from lit_lora.evaluate import write_results
 from lit_lora.files import atomic_write, read_json
 from lit_lora.model import LLaMA
+from lit_lora.preference import load_pairs
 from lit_lora.prompts import response_stop_ids
 from lit_lora.quantize import check_quantize
 from lit_lora.tokenizer import Tokenizer, check_utf8
@@ -106,7 +108,10 @@ def run_evaluation(model: LLaMA, args: EvaluateArgs, merge: bool = False) -> dic
         results["test_split"] = evaluate_test_split(model, tokenizer, args)
         split = results["test_split"]
         line = (f"{args.data_dir} test split ({split['examples']} examples, {split['response_tokens']:,} response "
-                f"tokens): loss {split['loss']:.4f}, perplexity {split['perplexity']:.2f}")
+                f"tokens): loss {split['loss']:.4f}, perplexity {split['perplexity']:.2f}") if "loss" in split else (
+            f"{args.data_dir} test split ({split['pairs']} preference pairs): the chosen answer is the likelier in "
+            f"{split['preferred']} ({100 * split['accuracy']:.0f}%), log-probability margin "
+            f"log p(chosen) - log p(rejected) {split['margin']:.3f} on average")
         if args.generate:
             right = sum(answer["correct"] for answer in split["generated"])
             line += f"; greedy answers right: {right} of {split['answers']} (exact match {split['exact_match']:.3f})"
@@ -144,6 +149,9 @@ def run_evaluation(model: LLaMA, args: EvaluateArgs, merge: bool = False) -> dic
 def evaluate_test_split(model: LLaMA, tokenizer: Tokenizer, args: EvaluateArgs) -> dict:
     """The loss and perplexity over the response tokens of the whole test split (as training's evaluation computes
     them), and with --generate the share of greedy answers that match their references."""
+    if (Path(args.data_dir) / "prepare_config.json").is_file() and \
+            read_prepare_config(args.data_dir).get("kind") == "preference":
+        return evaluate_pairs(model, tokenizer, args)
     _, test, config = load_prepared(args.data_dir, tokenizer)
     if not test:
         raise ValueError(f"{args.data_dir}/test.pt holds no examples: prepare the data with a test split "
@@ -160,6 +168,30 @@ def evaluate_test_split(model: LLaMA, tokenizer: Tokenizer, args: EvaluateArgs) 
     if args.generate:
         stop_ids = response_stop_ids(tokenizer, config.get("prompt_style", "alpaca"))
         result.update(score_answers(model, tokenizer, test, args, stop_ids))
+    return result
+
+
+def evaluate_pairs(model: LLaMA, tokenizer: Tokenizer, args: EvaluateArgs) -> dict:
+    """Preference pairs (prepare_data/preference.py): how often the model finds the chosen answer likelier than the
+    rejected one, and by how much (the mean of log p(chosen) - log p(rejected), in nats); with --generate, its greedy
+    answers to the prompts against the chosen answers."""
+    _, test, config = load_pairs(args.data_dir, tokenizer)
+    if not test:
+        raise ValueError(f"{args.data_dir}/test.pt holds no pairs: prepare them with a test split (--test_split_size)")
+    max_seq_length = min(config["max_seq_length"], model.config.block_size)
+    device = model.lm_head.weight.device
+    margins = []
+    for start in range(0, len(test), args.batch_size):
+        batch = test[start:start + args.batch_size]
+        chosen, rejected = (sequence_log_probs(model, *(t.to(device) for t in collate([p[k] for p in batch],
+                                                                                        max_seq_length)))
+                            for k in ("chosen", "rejected"))
+        margins += (chosen - rejected).tolist()
+    result = {"pairs": len(test), "preferred": sum(m > 0 for m in margins), "accuracy": sum(m > 0 for m in margins)
+              / len(test), "margin": sum(margins) / len(test)}
+    if args.generate:
+        stop_ids = response_stop_ids(tokenizer, config.get("prompt_style", "alpaca"))
+        result.update(score_answers(model, tokenizer, [p["chosen"] for p in test], args, stop_ids))
     return result
 
 

@@ -52,16 +52,18 @@ def step_flops(config: Config, setup: TrainingSetup) -> dict[str, float]:
         backward_weight = R * L * block_linear + N * head
     else:  # only A and B (LoRA), or the prompts (whose gradient is per layer, not per row: negligible)
         backward_weight = R * L * lora_in_blocks + N * lora.get("head", 0)  # dA and dB
+    reference = forward if setup.reference_forward else 0  # DPO's reference: the same forward, LoRA off (about)
     return {"forward": forward, "backward_input": backward_input, "backward_weight": backward_weight,
-            "total": forward + backward_input + backward_weight}
+            "reference": reference, "total": forward + backward_input + backward_weight + reference}
 
 
 def run_setup(args, precision: str) -> TrainingSetup:
     """The setup of a finetuning run from its flags (LoRAArgs, AdapterArgs, FullArgs): its method and its
     hyperparameters, for the FLOPs of its examples."""
     method = type(args).__name__.removesuffix("Args").lower()  # LoRAArgs -> lora
-    method = "qlora" if method == "lora" and getattr(args, "quantize", None) else method
-    return TrainingSetup(method=method, precision=precision, micro_batch_size=1,
+    dpo = method == "dpo"  # LoRA, with a reference forward pass (lit_lora/dpo.py)
+    method = "qlora" if method in ("lora", "dpo") and getattr(args, "quantize", None) else "lora" if dpo else method
+    return TrainingSetup(method=method, precision=precision, micro_batch_size=1, reference_forward=dpo,
                          **{name: getattr(args, name) for name in METHOD_HYPERPARAMETERS if hasattr(args, name)})
 
 

@@ -23,6 +23,7 @@ lit_lora/method_files.py. This file is the method alone.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -59,12 +60,12 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)  # B = 0, so B A = 0: the model starts as the base model
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        self.merged = False
+        self.merged, self.disabled = False, False  # disabled: W0 x alone (lora_disabled)
         self.train(linear.training)  # the model's train/eval mode (dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = super().forward(x)  # W0 x, the wrapped layer's own product (once merged: W x, with W = W0 + dW)
-        if self.merged:
+        if self.merged or self.disabled:
             return h
         # scaling * B(A(dropout(x))): two thin matmuls, never the full d_out x d_in product; the scaling is
         # applied to the r-wide middle, the cheapest place for it
@@ -156,6 +157,22 @@ def apply_lora(model: LLaMA, r: int = 8, alpha: float = 16, dropout: float = 0.0
 
 def lora_modules(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model is its base, W0 x everywhere, without a copy of a weight: DPO's reference policy
+    (lit_lora/dpo.py). Only an unmerged LoRA can be switched off; a merged one is part of W."""
+    modules = lora_modules(model)
+    if any(module.merged for module in modules):
+        raise ValueError("LoRA is merged into W: switch it off unmerged (model.train() unmerges)")
+    for module in modules:
+        module.disabled = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.disabled = False
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> None:

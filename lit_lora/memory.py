@@ -87,6 +87,7 @@ class TrainingSetup:
     adapter_prompt_length: int = 10
     adapter_start_layer: int = 2
     quantize: str = "bnb.nf4-dq"  # QLoRA's 4-bit format (method "qlora" only)
+    reference_forward: bool = False  # DPO (lit_lora/dpo.py): a forward pass with LoRA off per sequence, no grad
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -53,7 +53,11 @@ def save_lora(model: LLaMA, path: Union[str, Path], state_dict: Optional[dict] =
 
 def read_lora_file(path: Union[str, Path]) -> dict:
     """A LoRA file's dict ({"lora": tensors, "lora_config", "base_config", ...}), every field and tensor checked."""
-    data = read_method_file(path, "lora", LoRAConfig, "a LoRA file", LORA_WRITER, optional=("quantization", "prompt"))
+    data = read_method_file(path, "lora", LoRAConfig, "a LoRA file", LORA_WRITER,
+                            optional=("quantization", "prompt", "training"))
+    if not isinstance(data.get("training", {}), dict):  # how it was trained (finetune/dpo.py records it)
+        raise ValueError(f"{path}: training is {data['training']!r}, not a record of how it was trained. Write the "
+                         f"file again with {LORA_WRITER}.")
     if data.get("quantization") not in (None, *QUANTIZE_MODES):
         raise ValueError(f"{path}: quantization is {data['quantization']!r}, not one of {', '.join(QUANTIZE_MODES)} "
                          f"or none. Write the file again with {LORA_WRITER}.")

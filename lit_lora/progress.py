@@ -30,9 +30,9 @@ class Progress:
         self.start_time = self.last_line = time.perf_counter()
 
     def log(self, completed: int, loss: float, lr: float, step_time: float, examples: list[tuple[int, int]],
-            positions: int) -> None:
-        """examples: (tokens, label tokens) of each example of the step's global batch; positions: what its micro
-        batches computed, padding included."""
+            positions: int, figures: Optional[dict] = None) -> None:
+        """examples: (tokens, label tokens) of each sequence of the step's global batch; positions: what its micro
+        batches computed, padding included; figures: the objective's own (DPO's rewards), logged and printed."""
         step_tokens = sum(tokens for tokens, _ in examples)
         self.tokens_seen, self.positions_seen, self.step_seconds = (self.tokens_seen + step_tokens,
                                                                     self.positions_seen + positions,
@@ -40,14 +40,15 @@ class Progress:
         self.flops_seen += sum(example_flops(self.config, self.setup, *example) for example in examples)
         elapsed = time.perf_counter() - self.start_time
         self.fabric.log_dict({"loss": loss, "lr": lr, "step_time_s": step_time, "step_tokens": step_tokens,
-                              "padding": 1 - step_tokens / positions, "tokens_per_sec": self.tokens_seen / elapsed},
-                             step=completed)
+                              "padding": 1 - step_tokens / positions, "tokens_per_sec": self.tokens_seen / elapsed,
+                              **(figures or {})}, step=completed)
         # every log_interval steps, and also after the first step and at least every 30 s: progress within seconds
         if completed % self.log_interval == 0 or completed in (self.start_step + 1, self.max_steps) \
                 or time.perf_counter() - self.last_line > 30:
             self.last_line = time.perf_counter()
             eta = elapsed / (completed - self.start_step) * (self.max_steps - completed)
-            self.fabric.print(f"step {completed}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            shown = "".join(f" | {name} {value:.4f}" for name, value in (figures or {}).items())
+            self.fabric.print(f"step {completed}/{self.max_steps} | loss {loss:.4f}{shown} | lr {lr:.2e} | "
                               f"{self.tokens_seen / elapsed:,.0f} tokens/s | ETA {format_duration(eta)}")
 
     def summary(self, final_loss: Optional[float], val_loss: Optional[float], out_dir: Path) -> dict:

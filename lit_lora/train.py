@@ -26,7 +26,7 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -49,8 +49,21 @@ if TYPE_CHECKING:  # named in annotations only: Lightning is imported by the scr
 # The loop
 
 
-def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
-        save_weights: Callable[[nn.Module, Path, dict], None]) -> dict:
+class Objective(NamedTuple):
+    """What the loop minimises: `loss(model, input_ids, labels, lengths)` gives a micro batch's summed loss and
+    figures summed alike (a dict), both divided by the global batch's `units(labels, lengths)`: label tokens for the
+    cross-entropy of supervised finetuning, pairs for DPO (lit_lora/dpo.py), whose records are preference pairs."""
+    loss: Callable
+    units: Callable
+    pairs: bool = False
+
+
+SUPERVISED = Objective(loss=lambda model, input_ids, labels, lengths: (loss_sum(model, input_ids, labels, lengths), {}),
+                       units=lambda labels, lengths: int((labels[:, 1:] != IGNORE_INDEX).sum()))
+
+
+def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs, save_weights: Callable[[nn.Module, Path, dict], None],
+        objective: Objective = SUPERVISED) -> dict:
     """Train the parameters of `model` that require grad; return the run's figures.
 
     `save_weights(model, folder, trained)` writes the method's result into a folder (the final one is
@@ -60,7 +73,7 @@ def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
     out_dir, rank = Path(args.out_dir), fabric.global_rank
     tokenizer = Tokenizer(args.checkpoint_dir)
     train_data, test_data, max_seq_length, prompt_format = load_training_data(fabric, args, tokenizer,
-                                                                              model.config.block_size)
+                                                                              model.config.block_size, objective.pairs)
     max_steps, warmup_steps = plan_steps(fabric, args, len(train_data))
     model = model.to(dtype_from_precision(args.precision))  # fp32 master weights unless *-true (module docstring)
     model.prompt_format = prompt_format  # the format it learns: evaluated in, and recorded with the weights
@@ -72,8 +85,9 @@ def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay))
     sharded = is_sharded(fabric)
     progress = Progress(fabric, model, args, max_steps)
-    fabric.print(f"{len(train_data):,} training examples, {max_steps} optimizer steps of {args.global_batch_size} "
-                 f"examples ({args.global_batch_size // fabric.world_size // args.micro_batch_size} micro batches of "
+    unit = "preference pairs" if objective.pairs else "examples"
+    fabric.print(f"{len(train_data):,} training {unit}, {max_steps} optimizer steps of {args.global_batch_size} "
+                 f"{unit} ({args.global_batch_size // fabric.world_size // args.micro_batch_size} micro batches of "
                  f"{args.micro_batch_size} on each of {fabric.world_size} devices)")
     start_step = start_or_resume(fabric, args, model.module, optimizer.optimizer, run, sharded)
     progress.begin(start_step)
@@ -92,7 +106,7 @@ def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
                 group["lr"] = lr
             micro_batches, examples, positions = micro_batches_of_step(step, train_data, args, fabric, max_seq_length)
 
-            loss = forward_backward(fabric, model, micro_batches, sync_every_micro_batch=sharded)
+            loss, figures = forward_backward(fabric, model, micro_batches, sharded, objective)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"The loss is {loss} at step {step + 1}; stopping. The last good checkpoint is in {out_dir}. "
@@ -104,13 +118,13 @@ def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
                 optimizer.zero_grad(set_to_none=True)
                 completed = step + 1
 
-            progress.log(completed, loss, lr, time.perf_counter() - step_start, examples, positions)
+            progress.log(completed, loss, lr, time.perf_counter() - step_start, examples, positions, figures)
             if args.eval_interval and completed % args.eval_interval == 0 and completed < max_steps:
-                evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, completed)
+                evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, completed, objective)
             if args.save_interval and completed % args.save_interval == 0 and completed < max_steps:
                 save(completed, out_dir / f"step-{completed:06d}")
                 fabric.print(f"Saved step {completed} to {out_dir / f'step-{completed:06d}'} and the resumable state")
-        val_loss = evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, max_steps)
+        val_loss = evaluate(fabric, model, tokenizer, test_data, args, max_seq_length, max_steps, objective)
     except KeyboardInterrupt:  # the last completed step is saved, even if it was the run's last
         save_on_interrupt(fabric, model.module, optimizer.optimizer, completed, run, out_dir, sharded)
     with interrupt_held():  # the final files are written whole; a Ctrl-C meanwhile waits for them
@@ -119,31 +133,41 @@ def fit(fabric: "Fabric", model: nn.Module, args: TrainArgs,
     return progress.summary(final_loss=loss, val_loss=val_loss, out_dir=out_dir)
 
 
-def forward_backward(fabric: "Fabric", model: nn.Module, micro_batches: list, sync_every_micro_batch: bool) -> float:
-    """Accumulate the gradient of one optimizer step over its micro batches; return the step's loss.
+def forward_backward(fabric: "Fabric", model: nn.Module, micro_batches: list, sync_every_micro_batch: bool,
+                     objective: Objective = SUPERVISED) -> tuple[float, dict]:
+    """Accumulate the gradient of one optimizer step over its micro batches; return the step's loss and figures.
 
-    The loss is the sum of cross-entropies over the label tokens of the *global* batch divided by their
-    number, so every label token weighs the same however the batch is split into micro batches and devices.
-    DDP averages gradients over devices, hence the factor world_size. DDP synchronises gradients only after the
-    last micro batch; FSDP must reduce-scatter after every one, or each device would hold the whole, unsharded
+    The loss is the sum over the *global* batch divided by its units (label tokens: the cross-entropy over every
+    label token; pairs for DPO), so every unit weighs the same however the batch is split into micro batches and
+    devices. DDP averages gradients over devices, hence the factor world_size. DDP synchronises gradients only after
+    the last micro batch; FSDP must reduce-scatter after every one, or each device would hold the whole, unsharded
     gradient meanwhile.
     """
-    local_label_tokens = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _ in micro_batches)
-    label_tokens = int(fabric.all_reduce(torch.tensor(local_label_tokens, device=fabric.device), reduce_op="sum"))
-    step_loss = torch.zeros((), device=fabric.device)
+    local_units = sum(objective.units(labels, lengths) for _, labels, lengths in micro_batches)
+    units = int(fabric.all_reduce(torch.tensor(local_units, device=fabric.device), reduce_op="sum"))
+    sums = {}  # the loss, then the objective's figures, summed over the micro batches
     for j, (input_ids, labels, lengths) in enumerate(micro_batches):
         input_ids, labels = fabric.to_device((input_ids, labels))
         last = j == len(micro_batches) - 1
         with fabric.no_backward_sync(model, enabled=not (last or sync_every_micro_batch)):
-            total = loss_sum(model, input_ids, labels, lengths)
-            fabric.backward(total * fabric.world_size / label_tokens)
-        step_loss += total.detach()
-    return float(fabric.all_reduce(step_loss, reduce_op="sum")) / label_tokens
+            total, figures = objective.loss(model, input_ids, labels, lengths)
+            fabric.backward(total * fabric.world_size / units)
+        for name, value in {"loss": total, **figures}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+    totals = fabric.all_reduce(torch.stack(list(sums.values())), reduce_op="sum") / units  # one reduction for all
+    figures = dict(zip(sums, totals.tolist()))
+    return figures.pop("loss"), figures
 
 
 def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
              lengths: Optional[list[int]] = None) -> torch.Tensor:
-    """Summed cross-entropy of predicting token t+1 from positions <= t, over label tokens (not -100).
+    """Summed cross-entropy of predicting token t+1 from positions <= t, over label tokens (not -100)."""
+    return -label_log_probs(model, input_ids, labels, lengths).sum()
+
+
+def label_log_probs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                    lengths: Optional[list[int]] = None) -> torch.Tensor:
+    """log p(label | the tokens before it) of every label token (not -100), row by row: (N,).
 
     Logits are computed only at the positions that predict a label: with the prompt masked, that skips
     the vocabulary projection (and its gradient) for every prompt token. `lengths`: a packed row (data.pack).
@@ -151,29 +175,35 @@ def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     predicts_label = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # (B, T); the last position predicts nothing
     logits = model(input_ids, logits_at=predicts_label, lengths=lengths)  # (N, vocab)
-    return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+    return -F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="none")
 
 
 @torch.no_grad()
 def evaluate(fabric: "Fabric", model: nn.Module, tokenizer: Tokenizer, test_data: list, args: TrainArgs,
-             max_seq_length: int, step: int) -> Optional[float]:
-    """Validation loss and perplexity on the first `eval_examples` of test.pt (shared out over devices),
-    and one sample answer to `eval_instruction` (LoRA stays unmerged: no drift of the frozen weights).
-    None when there is no test data."""
+             max_seq_length: int, step: int, objective: Objective = SUPERVISED) -> Optional[float]:
+    """Validation loss (with perplexity, or the objective's figures) on the first `eval_examples` of test.pt (shared
+    out over devices), and one sample answer to `eval_instruction` (LoRA stays unmerged: no drift of the frozen
+    weights). None when there is no test data."""
     model.eval()
     val_loss = None
     subset = test_data[: args.eval_examples]
     if subset:
         local_examples = subset[fabric.global_rank::fabric.world_size]
-        total, count = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
+        sums, units = {}, 0
         for j in range(0, len(local_examples), args.micro_batch_size):
             input_ids, labels, lengths = micro_batch(local_examples[j:j + args.micro_batch_size], args, max_seq_length)
             input_ids, labels = fabric.to_device((input_ids, labels))
-            total += loss_sum(model, input_ids, labels, lengths)
-            count += (labels[:, 1:] != IGNORE_INDEX).sum()
-        val_loss = float(fabric.all_reduce(total, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum"))
-        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=step)
-        fabric.print(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
+            total, figures = objective.loss(model, input_ids, labels, lengths)
+            for name, value in {"loss": total, **figures}.items():
+                sums[name] = sums.get(name, 0.0) + value
+            units += objective.units(labels, lengths)
+        totals = fabric.all_reduce(torch.stack(list(sums.values())), reduce_op="sum")
+        figures = dict(zip(sums, (totals / fabric.all_reduce(torch.tensor(float(units), device=fabric.device), reduce_op="sum")).tolist()))
+        val_loss = figures.pop("loss")
+        figures = figures or {"ppl": math.exp(min(val_loss, 50))}  # cross-entropy: its perplexity
+        fabric.log_dict({"val_loss": val_loss, **{f"val_{name}": value for name, value in figures.items()}}, step=step)
+        fabric.print(f"step {step} | val loss {val_loss:.4f} | "
+                     + " | ".join(f"val {name} {value:.4f}" for name, value in figures.items()))
     prompt_format = model.module.prompt_format  # what it learns
     style, system_prompt = prompt_format["style"], prompt_format["system_prompt"]
     prompt = encode_prompt(tokenizer, format_prompt(args.eval_instruction, args.eval_input, style, tokenizer,
@@ -213,16 +243,26 @@ def micro_batches_of_step(step: int, train_data: list, args: TrainArgs, fabric: 
     local_indices = indices[fabric.global_rank * per_device:(fabric.global_rank + 1) * per_device]
     micro_batches = [micro_batch([train_data[i] for i in local_indices[j:j + args.micro_batch_size]], args,
                                  max_seq_length) for j in range(0, per_device, args.micro_batch_size)]
-    examples = [(min(len(train_data[i]["input_ids"]), max_seq_length),
-                 int((train_data[i]["labels"][1:max_seq_length] != IGNORE_INDEX).sum())) for i in indices]
-    lengths = [tokens for tokens, _ in examples]
-    micro_lengths = [lengths[j:j + args.micro_batch_size] for j in range(0, len(lengths), args.micro_batch_size)]
-    positions = sum(sum(group) if args.packing else len(group) * max(group) for group in micro_lengths)
+    # for the progress figures: (tokens, label tokens) of every sequence, grouped as the micro batches hold them
+    groups = [[(min(len(e["input_ids"]), max_seq_length), int((e["labels"][1:max_seq_length] != IGNORE_INDEX).sum()))
+               for e in sequences([train_data[i] for i in indices[j:j + args.micro_batch_size]])]
+              for j in range(0, len(indices), args.micro_batch_size)]
+    examples = [example for group in groups for example in group]
+    positions = sum(sum(t for t, _ in g) if args.packing else len(g) * max(t for t, _ in g) for g in groups)
     return micro_batches, examples, positions
+
+
+def sequences(records: list[dict]) -> list[dict]:
+    """What a micro batch computes: its examples, or for preference pairs (lit_lora/dpo.py) every chosen answer,
+    then every rejected one, so that the policy reads both in one batch."""
+    if "chosen" not in records[0]:
+        return records
+    return [pair["chosen"] for pair in records] + [pair["rejected"] for pair in records]
 
 
 def micro_batch(examples: list[dict], args: TrainArgs, max_seq_length: int) -> tuple:
     """(input_ids, labels, lengths): one packed row (data.pack), or right-padded rows (data.collate; lengths None)."""
+    examples = sequences(examples)
     return pack(examples, max_seq_length) if args.packing else (*collate(examples, max_seq_length), None)
 
 

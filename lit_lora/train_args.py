@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from lit_lora.cli import check_flag, config_flags
-from lit_lora.data import IGNORE_INDEX, load_prepared, prepared_prompt_format
+from lit_lora.data import IGNORE_INDEX, load_prepared, prepared_prompt_format, read_prepare_config
+from lit_lora.preference import load_pairs
 from lit_lora.quantize import check_quantize
 from lit_lora.resume import refuse_to_start_over
 from lit_lora.tokenizer import Tokenizer
@@ -125,21 +126,30 @@ class TrainArgs:
                    "use one device or --strategy ddp")
 
 
-def load_training_data(fabric: "Fabric", args: TrainArgs, tokenizer: Tokenizer,
-                       block_size: int) -> tuple[list, list, int, dict]:
-    """train and test examples, the length they are cut to, and the prompt format they were prepared in. An example
-    whose labels are all cut away (its prompt fills max_seq_length) would train nothing: it is left out, and a run
-    with none left is an error."""
-    train_data, test_data, data_config = load_prepared(args.data_dir, tokenizer)
+def load_training_data(fabric: "Fabric", args: TrainArgs, tokenizer: Tokenizer, block_size: int,
+                       pairs: bool = False) -> tuple[list, list, int, dict]:
+    """train and test examples (preference pairs if `pairs`: DPO), the length they are cut to, and the prompt format
+    they were prepared in. An example whose labels are all cut away (its prompt fills max_seq_length) would train
+    nothing: it is left out (a pair, when either answer is), and a run with none left is an error."""
+    check_data_kind(args.data_dir, pairs)
+    if pairs:
+        train_data, test_data, data_config = load_pairs(args.data_dir, tokenizer)
+    else:
+        train_data, test_data, data_config = load_prepared(args.data_dir, tokenizer)
     max_seq_length = args.max_seq_length if args.max_seq_length is not None else data_config["max_seq_length"]
     if max_seq_length > block_size:
         fabric.print(f"Warning: examples of up to {max_seq_length} tokens are cut to the model's context ({block_size})")
         max_seq_length = block_size
 
     def has_labels(example: dict) -> bool:  # position t predicts token t + 1, so a label at 1..max_seq_length-1
+        if "chosen" in example:
+            return has_labels(example["chosen"]) and has_labels(example["rejected"])
         return bool((example["labels"][1:max_seq_length] != IGNORE_INDEX).any())
 
     kept_train, kept_test = [e for e in train_data if has_labels(e)], [e for e in test_data if has_labels(e)]
+    if not kept_train and pairs:
+        raise ValueError(f"No preference pair of {args.data_dir} has both answers within --max_seq_length "
+                         f"{max_seq_length}: raise it, or prepare the data again with a larger one.")
     if not kept_train:
         if not any((e["labels"][1:] != IGNORE_INDEX).any() for e in train_data):
             raise ValueError(f"No training example of {args.data_dir} has a label token: every label is {IGNORE_INDEX} "
@@ -156,3 +166,13 @@ def load_training_data(fabric: "Fabric", args: TrainArgs, tokenizer: Tokenizer,
     if not kept_test:
         fabric.print(f"Note: {args.data_dir} has no test examples: no validation loss will be computed")
     return kept_train, kept_test, max_seq_length, prepared_prompt_format(args.data_dir)
+
+
+def check_data_kind(data_dir: Path, pairs: bool) -> None:
+    """Preference pairs for DPO, examples for the other methods: the other kind is refused with what to run."""
+    if not (Path(data_dir) / "prepare_config.json").is_file():
+        return  # loading says what is missing
+    if (read_prepare_config(data_dir).get("kind") == "preference") != pairs:
+        raise ValueError(f"{data_dir} holds preference pairs (prepare_data/preference.py): train on them with "
+                         "finetune/dpo.py" if not pairs else f"{data_dir} holds instruction examples, not preference "
+                         "pairs: prepare pairs of a chosen and a rejected answer with prepare_data/preference.py")

@@ -2,6 +2,7 @@
 
     python prepare_data/inspect_data.py --data_dir data/alpaca --index 3
 
+A preference pair (prepare_data/preference.py) is shown as its chosen, then its rejected answer after the prompt.
 With mask_inputs (the default), only the response and its EOS (or the prompt style's end of response, such as
 <|eot_id|>) carry loss: the model learns to answer, not to predict the prompt. Loss tokens are shown [[like this]] (and in green on a terminal).
 """
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lit_lora.cli import cli
-from lit_lora.data import IGNORE_INDEX, load_prepared
+from lit_lora.data import IGNORE_INDEX, load_prepared, read_prepare_config
+from lit_lora.preference import load_pairs
 from lit_lora.tokenizer import Tokenizer
 
 
@@ -59,20 +61,25 @@ def main(data_dir: Path = Path("data/alpaca"), index: int = 0, split: Literal["t
         split: train or test.
         checkpoint_dir: The model folder whose tokenizer made the data (default: the one recorded at preparation).
     """
-    train, test, config = load_prepared(data_dir)
+    pairs = (data_dir / "prepare_config.json").is_file() and read_prepare_config(data_dir).get("kind") == "preference"
+    train, test, config = load_pairs(data_dir) if pairs else load_prepared(data_dir)
     tokenizer = Tokenizer(checkpoint_dir or config["checkpoint_dir"])
     examples = train if split == "train" else test
+    kind = "preference pairs" if pairs else "examples"
     if not 0 <= index < len(examples):
-        raise IndexError(f"--index {index} is out of range: {data_dir} has {len(examples)} {split} examples")
-    example = examples[index]
-    labels = example["labels"].clone()
-    labels[0] = IGNORE_INDEX  # the first token is never predicted (nothing comes before it)
-    n_loss = int((labels != IGNORE_INDEX).sum())
-    text = render(tokenizer, example["input_ids"], labels, color=sys.stdout.isatty())
-    print(f"{split} example {index} of {data_dir}: {len(example['input_ids'])} tokens, {n_loss} carry loss "
-          f"(marked {'in green' if sys.stdout.isatty() else '[[like this]]'})\n")
-    print(text)
-    return text
+        raise IndexError(f"--index {index} is out of range: {data_dir} has {len(examples)} {split} {kind}")
+    shown = [("chosen", examples[index]["chosen"]), ("rejected", examples[index]["rejected"])] if pairs \
+        else [("example", examples[index])]
+    texts = []
+    for name, example in shown:  # a pair: the same prompt, then each answer
+        labels = example["labels"].clone()
+        labels[0] = IGNORE_INDEX  # the first token is never predicted (nothing comes before it)
+        n_loss = int((labels != IGNORE_INDEX).sum())
+        texts.append(render(tokenizer, example["input_ids"], labels, color=sys.stdout.isatty()))
+        print(f"{split} {name} {index} of {data_dir}: {len(example['input_ids'])} tokens, {n_loss} carry loss "
+              f"(marked {'in green' if sys.stdout.isatty() else '[[like this]]'})\n")
+        print(texts[-1] + ("\n" if pairs else ""))
+    return "\n".join(texts)
 
 
 if __name__ == "__main__":

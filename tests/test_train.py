@@ -492,8 +492,8 @@ def test_gradients_are_synchronised_after_every_micro_batch_only_when_sharded():
     micro_batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8)), None) for _ in range(3)]
     for sharded, expected in ((False, [True, True, False]), (True, [False, False, False])):
         fabric = RecordingFabric()
-        loss = forward_backward(fabric, model, micro_batches, sync_every_micro_batch=sharded)
-        assert fabric.skipped_sync == expected and math.isfinite(loss)
+        loss, figures = forward_backward(fabric, model, micro_batches, sync_every_micro_batch=sharded)
+        assert fabric.skipped_sync == expected and math.isfinite(loss) and figures == {}
 
 
 # One table of bad training flags and the words their errors must contain. Every value is refused while the
