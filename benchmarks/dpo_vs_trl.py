@@ -22,6 +22,7 @@ tokens; TRL pads each batch to its longest pair and computes logits at every pos
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def lit_command(kind: str, checkpoint_dir: Path, out_dir: Path, micro: int, batc
 
 def run(name: str, command: list[str], out_dir: Path, steps: int, first_timed_step: int) -> dict:
     """One run in its own process: per-step times and real tokens, and the peak RSS at its last step."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a log of an earlier run must not be read as this one's
+    out_dir.mkdir(parents=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     peak, lines = 0, []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
@@ -87,7 +89,7 @@ def run(name: str, command: list[str], out_dir: Path, steps: int, first_timed_st
     if process.returncode != 0:
         sys.exit(f"error: {name} failed (exit code {process.returncode}):\n{''.join(lines[-15:])}")
     if name == "TRL":  # the worker's own JSON line: per-step seconds and real tokens
-        steps_seen = json.loads(next(line for line in lines if line.startswith("{")))["steps"]
+        steps_seen = json.loads(next(line for line in lines if line.startswith("{\"steps\"")))["steps"]
     else:
         steps_seen = [(float(r["step_time_s"]), int(r["step_tokens"]))
                       for r in log_rows(out_dir, "logs/version_*/metrics.csv", "step_time_s")]
@@ -146,8 +148,8 @@ def trl_worker(micro: int, batch: int, steps: int) -> None:
     print(f"trl step {len(step_seconds)}", flush=True)
 
 
-def main(checkpoint_dir: Path = ROOT / "checkpoints/smollm2", micro: int = 4, batch: int = 8, steps: int = 12,
-         first_timed_step: int = 3, repeats: int = 2, worker: bool = False) -> dict:
+def main(checkpoint_dir: Path = ROOT / "checkpoints/smollm2", micro: int = 4, batch: int = 8, steps: int = 6,
+         first_timed_step: int = 2, repeats: int = 2, worker: bool = False) -> dict:
     """Run and print the comparison.
 
     Args:
@@ -187,7 +189,7 @@ def main(checkpoint_dir: Path = ROOT / "checkpoints/smollm2", micro: int = 4, ba
                 command = lit_command("dpo" if "DPO" in name else "sft", checkpoint_dir, out_dir, micro, batch, steps)
             runs[name].append(run(name, command, out_dir, steps, first_timed_step))
             print(f"  {name}, run {repeat + 1}: {runs[name][-1]['tokens_per_s']:,.0f} tokens/s, "
-                  f"{runs[name][-1]['step_s']:.2f} s a step, peak RSS {format_bytes(runs[name][-1]['peak_rss'])}")
+                  f"{runs[name][-1]['step_s']:.2f} s a step, peak RSS {format_bytes(runs[name][-1]['peak_rss'])}", flush=True)
     median = {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
               for name, results in runs.items()}
     print("\n| run | real tokens/s | s a step | peak RSS |\n|---|---:|---:|---:|")

@@ -1,6 +1,6 @@
 """Preference-tune a LLaMA with DPO and LoRA: the chosen answer of each pair made likelier than the rejected one.
 
-    python finetune/dpo.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data_dir data/pairs
+    python finetune/dpo.py --checkpoint_dir checkpoints/smollm2 --data_dir data/pairs
 
 The data are pairs prepared by prepare_data/preference.py. The loss and why the reference model costs no memory:
 lit_lora/dpo.py. With --init_lora_path the supervised LoRA is merged first (the reference is the supervised model)

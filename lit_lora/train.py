@@ -6,7 +6,8 @@ the scripts in finetune/ set that up in a few lines and call `fit`. Everything e
 - data: shuffled epochs, one global batch per optimizer step, split into micro batches per device, each one row
   of its examples end to end (packed: no padding computed, see data.pack and LLaMA.forward's `lengths`);
 - loss: cross-entropy over label tokens only, normalised by the label tokens of the whole global batch
-  (so a micro batch with more response tokens counts more, exactly as one big batch would);
+  (so a micro batch with more response tokens counts more, exactly as one big batch would); or DPO's loss over
+  preference pairs (lit_lora/dpo.py), normalised by the pairs: what is minimised is fit's `objective`;
 - schedule: linear warmup, then cosine decay, counted in optimizer steps;
 - precision: the parameters the optimizer updates are fp32 unless the precision is `*-true` (then everything
   is in that dtype), so mixed precision keeps fp32 master weights as Fabric intends;

@@ -1,6 +1,6 @@
 """Prepare preference pairs for DPO (finetune/dpo.py): a JSON list or a JSONL file of {prompt, chosen, rejected}.
 
-    python prepare_data/preference.py --data_file pairs.jsonl --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+    python prepare_data/preference.py --data_file pairs.jsonl --checkpoint_dir checkpoints/smollm2 \
         --prompt_style chat_template --destination_path data/pairs
 
 A record is three strings (the prompt is an instruction, written in --prompt_style), or TRL's conversational format:
