@@ -385,3 +385,22 @@ def test_evaluate_scores_pairs_by_the_models_own_preference(pair_setup):
                          sequence_log_probs(model, *collate([p["rejected"]], 256))) for p in test]
     assert result["pairs"] == 4 and result["preferred"] == sum(m > 0 for m in margins)
     assert result["margin"] == pytest.approx(sum(margins) / 4, abs=1e-4)
+
+
+def test_dpo_on_a_4bit_base_switches_its_lora_off_too(pair_setup, tmp_path):
+    """QLoRA's LoRA layer (lit_lora/quantize.py) is LoRALinear's subclass: the reference is the 4-bit base itself."""
+    from finetune.dpo import main
+    from lit_lora.quantize import load_model_4bit
+
+    checkpoint, data_dir = pair_setup
+    base, model = load_model_4bit(checkpoint, "bnb.nf4"), load_model_4bit(checkpoint, "bnb.nf4")
+    apply_lora(model, r=2, alpha=4, dropout=0.0, targets=("q", "v"))
+    for module in lora_modules(model):
+        torch.nn.init.normal_(module.lora_B, std=0.2)
+    idx = torch.randint(0, 64, (1, 9))
+    with torch.no_grad(), lora_disabled(model):
+        assert torch.equal(model(idx), base(idx))
+    main(dpo_args(checkpoint, data_dir, tmp_path / "out", quantize="bnb.nf4", max_steps=2, eval_interval=0))
+    assert logged(tmp_path / "out", "loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    data = read_lora_file(tmp_path / "out" / "lit_lora_finetuned.pth")
+    assert data["quantization"] == "bnb.nf4" and data["training"]["method"] == "dpo"
