@@ -25,12 +25,7 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
     that is not a string, is an error naming the record (and line) and the field.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No data file at {path}")
-    raw = parse_json_records(path, read_utf8(path))
-    if not raw:
-        raise ValueError(f"{path} holds no records: an empty dataset cannot be prepared")
-
+    raw = read_records(path)
     records = []
     for where, record in raw:
         if not isinstance(record, dict):
@@ -56,6 +51,17 @@ def load_records(path: Union[str, Path], instruction_key: str = "instruction", i
             out[field] = value
         records.append(out)
     return records
+
+
+def read_records(path: Path) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON or JSONL data file (parse_json_records); a missing file or one
+    with no records is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No data file at {path}")
+    raw = parse_json_records(path, read_utf8(path))
+    if not raw:
+        raise ValueError(f"{path} holds no records: an empty dataset cannot be prepared")
+    return raw
 
 
 # The roles of a conversation's turns, as OpenAI's layout (role) and ShareGPT's (from) name them

@@ -28,7 +28,7 @@ from lit_lora.data import (
     tokenize_example,
     write_prepared,
 )
-from lit_lora.data_files import conversation, parse_json_records, read_utf8
+from lit_lora.data_files import conversation, read_records
 from lit_lora.files import load_torch_file
 from lit_lora.prompts import prompt_style, render_chat, template_sha256, template_writes_bos
 from lit_lora.tokenizer import Tokenizer, check_utf8
@@ -41,12 +41,7 @@ def load_preference_records(path: Union[str, Path]) -> list[dict]:
     prompt's turns, then the assistant's answer in each of chosen and rejected). A record that cannot be a pair (a
     missing field, an empty answer, chosen equal to rejected) is one error naming the file, the record and its line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No data file at {path}")
-    raw = parse_json_records(path, read_utf8(path))
-    if not raw:
-        raise ValueError(f"{path} holds no records: an empty dataset cannot be prepared")
-    return [preference_record(record, f"{path}, {where}") for where, record in raw]
+    return [preference_record(record, f"{path}, {where}") for where, record in read_records(path)]
 
 
 def preference_record(record: object, where: str) -> dict:
